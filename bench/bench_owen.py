@@ -1,0 +1,176 @@
+"""Owen engine throughput: plan building and aggregation, every backend beside the dense matmul.
+
+    python bench/bench_owen.py [--games 4096] [--json bench/results/owen.json]
+
+Workloads (a batch of games sharing one structure, as in a GRPO batch of short responses):
+  exact   3 unions x 4 players  (176 coalitions per game)
+  sampled 4 unions x 4 players, K=64 Owen-consistent orders (antithetic)
+Rows: plan building (cold: caches cleared; warm: cached), PlanBatch building for mixed structures, and
+aggregation with each backend available and with ``values @ W`` (the dense Owen weight matrix) — the
+obvious alternative. Ratios are measured side by side in this one process. Where the bundled MiniLM
+reward is installed, the aggregation time is also set beside the encoder time of the same coalitions
+(one short coalition text per value), to show its share of an attribution step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch.utils import benchmark
+
+import ospo_fast as of
+from ospo_fast import _extension
+from ospo_fast import plans as plans_module
+
+
+def median_seconds(fn, min_run_time: float = 0.5) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def cuda_synced(fn):
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def backends_to_time(device: torch.device) -> list[str]:
+    names = ["torch"]
+    if device.type == "cpu" and _extension.has_cpp():
+        names.append("cpp")
+    if device.type == "cuda" and _extension.has_cuda_kernels():
+        names.append("cuda")
+    if device.type == "cuda" and _extension.has_triton():
+        names.append("triton")  # the CPU interpreter is for tests, not timings
+    return names
+
+
+def bench_workload(name, plan, games, device, dtype, rows):
+    values = torch.randn(games, plan.num_coalitions, device=device, dtype=dtype)
+    W = plan.weight_matrix(dtype).to(device)
+    dense = median_seconds(cuda_synced(lambda: values @ W))
+    rows.append(dict(workload=name, step="aggregate", provider="dense values @ W", device=device.type,
+                     dtype=str(dtype).replace("torch.", ""), games=games, coalitions=plan.num_coalitions,
+                     seconds=dense, vs_dense=1.0))
+    reference = of.owen_from_values(plan, values.double(), backend="torch")
+    for backend in backends_to_time(device):
+        out = of.owen_from_values(plan, values, backend=backend)  # warm-up: builds the cached PlanBatch
+        err = (out.double() - reference).abs().max().item()
+        seconds = median_seconds(cuda_synced(lambda: of.owen_from_values(plan, values, backend=backend)))
+        rows.append(dict(workload=name, step="aggregate", provider=f"ospo_fast {backend}", device=device.type,
+                         dtype=str(dtype).replace("torch.", ""), games=games, coalitions=plan.num_coalitions,
+                         seconds=seconds, vs_dense=dense / seconds, max_abs_err=err))
+
+
+def bench_plans(rows, games):
+    def cold(build):
+        def run():
+            plans_module._exact_plan_cached.cache_clear()
+            plans_module._sampled_plan_cached.cache_clear()
+            return build()
+
+        return run
+
+    s_exact = of.CoalitionStructure.from_sizes([4, 4, 4])
+    s_sampled = of.CoalitionStructure.from_sizes([4, 4, 4, 4])
+    for label, build in [
+        ("exact 3x4", lambda: of.exact_plan(s_exact)),
+        ("sampled 4x4 K=64", lambda: of.sampled_plan(s_sampled, 64, seed=0)),
+    ]:
+        rows.append(dict(workload=label, step="plan (cold)", provider="ospo_fast", device="cpu",
+                         seconds=median_seconds(cold(build), 0.3)))
+        build()
+        rows.append(dict(workload=label, step="plan (cached)", provider="ospo_fast", device="cpu",
+                         seconds=median_seconds(build, 0.2)))
+    # A GRPO batch with one segmentation per response: mixed structures, one PlanBatch.
+    g = torch.Generator().manual_seed(0)
+    structures = [
+        of.CoalitionStructure.from_sizes(torch.randint(1, 5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist())
+        for _ in range(games)
+    ]
+    plans = [of.make_plan(s, "auto", budget=64) for s in structures]
+    rows.append(dict(workload=f"{games} mixed structures", step="PlanBatch", provider="ospo_fast", device="cpu",
+                     games=games, seconds=median_seconds(lambda: of.PlanBatch(plans), 0.3)))
+
+
+def encoder_seconds_per_coalition() -> float | None:
+    """Seconds MiniLM takes per short coalition text on this machine (batched), or None when not installed."""
+    try:
+        from ospo_fast.rewards.encoder import SentenceEncoder
+    except ImportError:
+        return None
+    try:
+        encoder = SentenceEncoder()
+    except (ImportError, OSError):
+        return None
+    texts = [f"soft cotton tee for summer number {i} navy blue slim fit" for i in range(256)]
+    encoder.encode(texts[:32])
+    start = time.perf_counter()
+    encoder.encode(texts)
+    return (time.perf_counter() - start) / len(texts)
+
+
+def print_table(rows):
+    print(f"{'workload':<24} {'step':<14} {'provider':<22} {'device':<6} {'dtype':<8} {'median':>11} {'vs dense':>9}")
+    for r in rows:
+        vs = f"{r['vs_dense']:.2f}x" if "vs_dense" in r else ""
+        print(f"{r['workload']:<24} {r['step']:<14} {r['provider']:<22} {r['device']:<6} {r.get('dtype', ''):<8} "
+              f"{r['seconds'] * 1e3:>9.3f}ms {vs:>9}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--games", type=int, default=4096)
+    parser.add_argument("--json", default="bench/results/owen.json")
+    parser.add_argument("--no-encoder", action="store_true", help="skip the encoder-share row")
+    args = parser.parse_args(argv)
+
+    rows: list[dict] = []
+    bench_plans(rows, args.games)
+    workloads = [
+        ("exact 3x4", of.exact_plan(of.CoalitionStructure.from_sizes([4, 4, 4]))),
+        ("sampled 4x4 K=64", of.sampled_plan(of.CoalitionStructure.from_sizes([4, 4, 4, 4]), 64, seed=0)),
+    ]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        for dtype in (torch.float32, torch.float64):
+            for name, plan in workloads:
+                bench_workload(name, plan, args.games, device, dtype, rows)
+    print_table(rows)
+
+    summary = {}
+    per_coalition = None if args.no_encoder else encoder_seconds_per_coalition()
+    if per_coalition is not None:
+        plan = workloads[0][1]
+        agg = min(r["seconds"] for r in rows if r["workload"] == "exact 3x4" and r["provider"].startswith("ospo_fast")
+                  and r.get("device") == "cpu" and r.get("dtype") == "float32")
+        encode = per_coalition * plan.num_coalitions * args.games
+        summary = dict(encoder_seconds_per_coalition=per_coalition, aggregation_share_of_attribution=agg / (agg + encode))
+        print(f"\nMiniLM: {per_coalition * 1e3:.3f} ms per coalition text here; evaluating {args.games} games x "
+              f"{plan.num_coalitions} coalitions would take {encode:.1f} s, aggregation {agg * 1e3:.2f} ms "
+              f"= {100 * summary['aggregation_share_of_attribution']:.4f}% of the step.")
+
+    meta = dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
+                torch=torch.__version__, threads=torch.get_num_threads(), python=sys.version.split()[0],
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, summary=summary), f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

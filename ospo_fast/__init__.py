@@ -1,0 +1,38 @@
+"""ospo_fast: Owen-Shapley Policy Optimization, fast.
+
+The data flows one way: text -> structure -> plan -> batched evaluation -> values -> Owen values ->
+token advantages -> loss. This package exposes each stage; see README.md for a tour.
+"""
+
+from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
+from .plans import (
+    MAX_EXACT_COALITIONS,
+    CoalitionPlan,
+    PlanBatch,
+    exact_plan,
+    make_plan,
+    num_exact_coalitions,
+    owen_orders,
+    sampled_plan,
+)
+from .structure import MAX_PLAYERS, CoalitionStructure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "MAX_EXACT_COALITIONS",
+    "MAX_PLAYERS",
+    "CoalitionPlan",
+    "CoalitionStructure",
+    "PlanBatch",
+    "exact_plan",
+    "make_plan",
+    "num_exact_coalitions",
+    "owen_aggregate_reference",
+    "owen_from_values",
+    "owen_orders",
+    "owen_values",
+    "resolve_backend",
+    "sampled_plan",
+]

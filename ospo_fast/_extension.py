@@ -1,0 +1,52 @@
+"""Loads the compiled extension ``ospo_fast._C`` and says which backends this install has.
+
+The package works without the extension (pure torch reference); a missing build is reported once, as a
+warning, only when a backend that needs it is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    try:
+        from . import _C  # noqa: F401  (importing registers torch.ops.ospo_fast.*)
+    except ImportError as exc:
+        return None, str(exc)
+
+    @torch.library.register_fake("ospo_fast::owen_aggregate")
+    def _(values, row_value_base, row_term_begin, row_term_end, term_plus, term_minus, term_weight):
+        return values.new_empty(row_value_base.shape)
+
+    return _C, None
+
+
+def extension_error() -> str | None:
+    """Why ``ospo_fast._C`` could not be imported, or None when it was."""
+    return _load()[1]
+
+
+def has_cpp() -> bool:
+    """The C++ CPU operators are built."""
+    return _load()[0] is not None
+
+
+def has_cuda_kernels() -> bool:
+    """The CUDA operators are built and a CUDA device is visible."""
+    module = _load()[0]
+    return module is not None and bool(module.with_cuda) and torch.cuda.is_available()
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels run on CPU tensors in the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,195 @@
+"""Owen values from coalition values, on any device, with the backend chosen in one place.
+
+Every backend computes the same thing for each output row ``r`` (one player of one game)::
+
+    phi[r] = sum over the row's terms t of  weight[t] * (values[base[r] + plus[t]] - values[base[r] + minus[t]])
+
+* ``torch``: the reference, plain gathers and ``index_add_`` (float64 where the values are float64);
+* ``cpp``: ``torch.ops.ospo_fast.owen_aggregate`` on the CPU, parallel over rows;
+* ``cuda``: the same operator's CUDA kernel (``csrc/owen_aggregate.cu``);
+* ``triton``: ``ospo_fast.kernels.owen_aggregate`` (GPU, or the CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import _extension
+from .plans import CoalitionPlan, PlanBatch, make_plan
+from .structure import CoalitionStructure
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+
+def owen_aggregate_reference(
+    values: torch.Tensor,
+    row_value_base: torch.Tensor,
+    row_term_begin: torch.Tensor,
+    row_term_end: torch.Tensor,
+    term_plus: torch.Tensor,
+    term_minus: torch.Tensor,
+    term_weight: torch.Tensor,
+) -> torch.Tensor:
+    """The torch reference of the aggregation kernel (see the module docstring); any device and float dtype."""
+    num_rows = row_value_base.numel()
+    counts = row_term_end - row_term_begin
+    row_of_term = torch.repeat_interleave(torch.arange(num_rows, device=values.device), counts)
+    first_of_row = torch.cumsum(counts, 0) - counts
+    term = row_term_begin[row_of_term] + torch.arange(row_of_term.numel(), device=values.device) - first_of_row[row_of_term]
+    base = row_value_base[row_of_term]
+    gain = values[base + term_plus[term]] - values[base + term_minus[term]]
+    out = torch.zeros(num_rows, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, row_of_term, term_weight[term] * gain)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The one place that decides which implementation runs; explicit requests are checked here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    on_cuda = device.type == "cuda"
+    if backend == "auto":
+        if on_cuda:
+            if _extension.has_cuda_kernels():
+                return "cuda"
+            return "triton" if _extension.has_triton() else "torch"
+        return "cpp" if device.type == "cpu" and _extension.has_cpp() else "torch"
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors; values are on {device}")
+        if not _extension.has_cpp():
+            raise ValueError(
+                "backend='cpp': the extension ospo_fast._C is not built "
+                f"({_extension.extension_error()}); reinstall with `pip install --no-build-isolation -e .`"
+            )
+    elif backend == "cuda":
+        if not on_cuda:
+            raise ValueError(f"backend='cuda' runs on CUDA tensors; values are on {device}")
+        if not _extension.has_cuda_kernels():
+            raise ValueError(
+                "backend='cuda': ospo_fast._C was built without CUDA kernels; rebuild with a CUDA torch "
+                "and nvcc (or OSPO_FAST_BUILD_CUDA=1)"
+            )
+    elif backend == "triton":
+        if not _extension.has_triton():
+            raise ValueError("backend='triton': triton is not installed (pip install triton)")
+        if not on_cuda and not _extension.triton_interpreted():
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; values are on {device}"
+            )
+    return backend
+
+
+def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Tensor:
+    """Flat values ``[batch.num_values]`` -> flat Owen values ``[batch.num_rows]`` with ``backend``."""
+    indices = batch.index_tensors(values.device, values.dtype)
+    if backend == "torch":
+        return owen_aggregate_reference(values, *indices)
+    if backend in ("cpp", "cuda"):
+        return torch.ops.ospo_fast.owen_aggregate(values, *indices)
+    from .kernels.owen_aggregate import owen_aggregate as triton_owen_aggregate
+
+    return triton_owen_aggregate(values, *indices, max_terms=batch.max_terms_per_row)
+
+
+def _as_float_values(values, name: str = "values") -> torch.Tensor:
+    if not isinstance(values, torch.Tensor):
+        try:
+            values = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{name}: expected a float tensor, got {type(values).__name__} ({exc})") from None
+    if values.dtype == torch.bool or values.is_complex():
+        raise ValueError(f"{name}: expected real numbers, got dtype {values.dtype}")
+    if values.dtype != torch.float64:
+        # Kernels accumulate in float32 or float64; integers keep full precision in float64.
+        values = values.to(torch.float32 if values.is_floating_point() else torch.float64)
+    return values.contiguous()
+
+
+def owen_from_values(
+    plan: CoalitionPlan | PlanBatch, values: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Owen values from the values of a plan's coalitions.
+
+    Args:
+        plan: a :class:`CoalitionPlan`, or a :class:`PlanBatch` of games with different plans.
+        values: for a plan, float ``[C]`` (one game) or ``[B, C]`` (B games sharing the plan), in the order
+            of ``plan.masks``; for a batch, float ``[batch.num_values]`` (games concatenated).
+        backend: ``"auto"`` (the fastest available for the device) or one of ``"torch"``, ``"cpp"``,
+            ``"cuda"``, ``"triton"``.
+
+    Returns:
+        ``[n]``, ``[B, n]`` or ``[batch.num_rows]``; float64 for float64 values, float32 otherwise.
+        Only shapes and dtypes are checked here, nothing that needs the values on the host, so the call
+        never synchronises a GPU stream.
+    """
+    values = _as_float_values(values)
+    if isinstance(plan, PlanBatch):
+        if values.dim() != 1 or values.shape[0] != plan.num_values:
+            raise ValueError(
+                f"values: expected shape ({plan.num_values},) for a PlanBatch (its games' coalitions, "
+                f"concatenated), got {tuple(values.shape)}"
+            )
+        return _aggregate(plan, values, resolve_backend(backend, values.device))
+    if not isinstance(plan, CoalitionPlan):
+        raise ValueError(f"plan: expected a CoalitionPlan or a PlanBatch, got {type(plan).__name__}")
+    C = plan.num_coalitions
+    if values.dim() not in (1, 2) or values.shape[-1] != C:
+        raise ValueError(
+            f"values: expected shape ({C},) or (B, {C}) - one value per row of plan.masks - got {tuple(values.shape)}"
+        )
+    games = values.reshape(-1, C)
+    batch = _repeated_batch(plan, games.shape[0])
+    phi = _aggregate(batch, games.reshape(-1), resolve_backend(backend, values.device))
+    return phi.reshape(*values.shape[:-1], plan.num_players)
+
+
+def _repeated_batch(plan: CoalitionPlan, num_games: int) -> PlanBatch:
+    """The batch of ``num_games`` games sharing ``plan``; kept on the plan, so a repeated call builds nothing."""
+    cache = plan._device_cache
+    batch = cache.get(("repeat", num_games))
+    if batch is None:
+        if len(cache) > 16:  # a training run sees few batch sizes; bound the memory anyway
+            cache.clear()
+        batch = cache[("repeat", num_games)] = PlanBatch.repeat(plan, num_games)
+    return batch
+
+
+def owen_values(
+    value_fn: Callable[[torch.Tensor], torch.Tensor],
+    structure: CoalitionStructure,
+    method: str = "exact",
+    *,
+    budget: int = 256,
+    num_permutations: int | None = None,
+    seed: int = 0,
+    antithetic: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Owen values of the game ``value_fn`` over ``structure``.
+
+    ``value_fn(masks)`` gets every coalition the plan needs at once (bool ``[C, n]``) and returns their
+    values (float ``[C]``); it is called exactly once. ``method`` is ``"exact"``, ``"sampled"``
+    (``num_permutations`` Owen-consistent orders, default 64, from ``seed``) or ``"auto"`` (exact when it
+    needs at most ``budget`` coalitions). Returns float ``[n]``: float64 when the values are float64.
+    """
+    if not callable(value_fn):
+        raise ValueError(f"value_fn: expected a callable masks -> values, got {type(value_fn).__name__}")
+    plan = make_plan(
+        structure, method, budget=budget, num_permutations=num_permutations, seed=seed, antithetic=antithetic
+    )
+    values = _as_float_values(value_fn(plan.masks), name="value_fn(masks)")
+    if tuple(values.shape) != (plan.num_coalitions,):
+        raise ValueError(
+            f"value_fn(masks): returned shape {tuple(values.shape)}, expected ({plan.num_coalitions},): "
+            f"one value per row of masks [{plan.num_coalitions}, {plan.num_players}]"
+        )
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"value_fn(masks): returned NaN or infinite values for coalitions {bad} (e.g. masks[{bad[0]}]); "
+            "every coalition needs a finite value"
+        )
+    return owen_from_values(plan, values, backend=backend)

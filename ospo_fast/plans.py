@@ -1,0 +1,437 @@
+"""Which coalitions to evaluate, and how their values combine into Owen values.
+
+A :class:`CoalitionPlan` is a game-independent recipe for one coalition structure:
+
+* ``masks``: bool ``[C, n]``, the distinct coalitions whose values are needed, each once;
+* a list of *terms* ``(player, plus, minus, weight)`` grouped by player (CSR ``player_ptr``), so that
+
+      phi[i] = sum over the terms t of player i of  weight[t] * (v[plus[t]] - v[minus[t]])
+
+  where ``v[c]`` is the value of coalition ``masks[c]``.
+
+The exact plan enumerates the Owen formula; the sampled plan averages marginal contributions over
+Owen-consistent orders. Both are aggregated by the same kernel (``owen.py``).
+
+Coalitions are built as 64-bit masks (bit ``i`` = player ``i``), which is why structures stop at
+:data:`~ospo_fast.structure.MAX_PLAYERS` players.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .structure import CoalitionStructure
+
+#: The exact plan refuses structures that would need more coalitions than this; use the sampled plan.
+MAX_EXACT_COALITIONS = 1 << 20
+
+_U64 = np.uint64
+
+
+@dataclass(frozen=True, eq=False)
+class CoalitionPlan:
+    """The coalitions to evaluate for one structure and the terms that turn their values into Owen values.
+
+    Attributes:
+        structure: the coalition structure the plan is for.
+        masks: bool ``[C, n]``, distinct coalitions; row ``empty_index`` is the empty coalition and row
+            ``full_index`` the grand coalition (both always present when ``n > 0``).
+        player_ptr: int64 ``[n + 1]``, terms of player ``i`` are ``player_ptr[i]:player_ptr[i + 1]``.
+        term_plus, term_minus: int64 ``[T]``, coalition rows with and without the player.
+        term_weight: float64 ``[T]``.
+        method: ``"exact"`` or ``"sampled"``.
+        num_permutations: orders drawn (sampled plans), else 0.
+    """
+
+    structure: CoalitionStructure
+    masks: torch.Tensor
+    player_ptr: torch.Tensor
+    term_plus: torch.Tensor
+    term_minus: torch.Tensor
+    term_weight: torch.Tensor
+    method: str
+    num_permutations: int = 0
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_coalitions(self) -> int:
+        return self.masks.shape[0]
+
+    @property
+    def num_players(self) -> int:
+        return self.structure.num_players
+
+    @property
+    def num_terms(self) -> int:
+        return self.term_plus.shape[0]
+
+    @property
+    def empty_index(self) -> int:
+        return 0  # coalitions are sorted by size, so the empty one comes first
+
+    @property
+    def full_index(self) -> int:
+        return self.num_coalitions - 1  # ... and the grand coalition last
+
+    @property
+    def term_player(self) -> torch.Tensor:
+        """int64 ``[T]``: the player of each term."""
+        counts = self.player_ptr.diff()
+        return torch.repeat_interleave(torch.arange(self.num_players), counts)
+
+    def weight_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense Owen weight matrix ``W`` (``[C, n]``) with ``phi = values @ W``."""
+        W = torch.zeros(self.num_coalitions, self.num_players, dtype=torch.float64)
+        player = self.term_player
+        W.index_put_((self.term_plus, player), self.term_weight, accumulate=True)
+        W.index_put_((self.term_minus, player), -self.term_weight, accumulate=True)
+        return W.to(dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"CoalitionPlan(method={self.method!r}, players={self.num_players}, "
+            f"coalitions={self.num_coalitions}, terms={self.num_terms})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared construction: from (player, plus-mask, minus-mask, weight) terms given as 64-bit masks.
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(x).astype(np.int64)
+
+
+def _plan_from_terms(
+    structure: CoalitionStructure,
+    player: np.ndarray,
+    plus: np.ndarray,
+    minus: np.ndarray,
+    weight: np.ndarray,
+    method: str,
+    num_permutations: int = 0,
+) -> CoalitionPlan:
+    """Deduplicate coalitions and terms, order coalitions by size, group terms by player."""
+    n = structure.num_players
+    full = _U64((1 << n) - 1) if n < 64 else ~_U64(0)
+    # Empty and grand coalitions are always in a plan: callers use them as v(empty) and v(N).
+    keys = np.concatenate([plus, minus, np.array([0, full], dtype=_U64)])
+    keys = np.unique(keys)
+    keys = keys[np.lexsort((keys, _popcount(keys)))]  # by size, then by mask
+    lookup = np.argsort(keys)  # keys is a permutation of the sorted unique keys
+    sorted_keys = keys[lookup]
+    plus_idx = lookup[np.searchsorted(sorted_keys, plus)]
+    minus_idx = lookup[np.searchsorted(sorted_keys, minus)]
+
+    # Merge identical (player, plus, minus) terms; sort terms by player for the CSR layout.
+    C = len(keys)
+    term_key = (player.astype(np.int64) * C + plus_idx) * C + minus_idx
+    term_key, inverse = np.unique(term_key, return_inverse=True)
+    merged_weight = np.zeros(len(term_key), dtype=np.float64)
+    np.add.at(merged_weight, inverse.reshape(-1), weight)
+    term_player, rest = np.divmod(term_key, C * C)
+    term_plus, term_minus = np.divmod(rest, C)
+    player_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(term_player, minlength=n), out=player_ptr[1:])
+
+    bits = (keys[:, None] >> np.arange(n, dtype=_U64)) & _U64(1)
+    return CoalitionPlan(
+        structure=structure,
+        masks=torch.from_numpy(bits.astype(bool)),
+        player_ptr=torch.from_numpy(player_ptr),
+        term_plus=torch.from_numpy(term_plus.astype(np.int64)),
+        term_minus=torch.from_numpy(term_minus.astype(np.int64)),
+        term_weight=torch.from_numpy(merged_weight),
+        method=method,
+        num_permutations=num_permutations,
+    )
+
+
+def _union_masks(structure: CoalitionStructure) -> np.ndarray:
+    """uint64 ``[m]``: the mask of each union."""
+    out = np.zeros(structure.num_unions, dtype=_U64)
+    for k, union in enumerate(structure.unions):
+        for p in union:
+            out[k] |= _U64(1) << _U64(p)
+    return out
+
+
+def _subset_masks(element_masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All unions of subsets of ``element_masks`` (uint64 ``[e]``): masks ``[2^e]`` and subset sizes."""
+    e = len(element_masks)
+    subsets = np.arange(1 << e, dtype=np.int64)
+    chosen = ((subsets[:, None] >> np.arange(e)) & 1).astype(bool)
+    masks = np.bitwise_or.reduce(np.where(chosen, element_masks[None, :], _U64(0)), axis=1)
+    return masks.astype(_U64), chosen.sum(axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact plan
+
+
+def num_exact_coalitions(structure: CoalitionStructure) -> int:
+    """Distinct coalitions the exact Owen value needs: ``2^m + sum_k 2^(m-1) (2^(p_k) - 2)``."""
+    m = structure.num_unions
+    return (1 << m) + sum((1 << (m - 1)) * ((1 << p) - 2) for p in structure.union_sizes)
+
+
+def exact_plan(structure: CoalitionStructure) -> CoalitionPlan:
+    """Every coalition the exact Owen value needs, each once, with the Owen weights.
+
+    For player ``i`` in union ``P_k`` the terms are, for every set ``R`` of other unions and every
+    ``T ⊆ P_k \\ {i}``: weight ``r!(m-r-1)!/m! * t!(p-t-1)!/p!`` on ``v(Q_R ∪ T ∪ {i}) - v(Q_R ∪ T)``.
+    Plans are cached per structure.
+    """
+    _check_structure(structure)
+    count = num_exact_coalitions(structure)
+    if count > MAX_EXACT_COALITIONS:
+        raise ValueError(
+            f"structure: the exact Owen value of {structure} needs {count} coalitions, above the limit of "
+            f"{MAX_EXACT_COALITIONS}; use method='sampled' (or 'auto' with a budget)"
+        )
+    return _exact_plan_cached(structure)
+
+
+@functools.lru_cache(maxsize=4096)
+def _exact_plan_cached(structure: CoalitionStructure) -> CoalitionPlan:
+    m = structure.num_unions
+    union_masks = _union_masks(structure)
+    players, plus, minus, weight = [], [], [], []
+    for k, union in enumerate(structure.unions):
+        p = len(union)
+        others = np.delete(union_masks, k)
+        outer_masks, r = _subset_masks(others)  # Q_R for R ⊆ M \ {k}
+        outer_weight = 1.0 / (m * np.array([math.comb(m - 1, int(x)) for x in r]))
+        member_masks = np.array([_U64(1) << _U64(q) for q in union], dtype=_U64)
+        for j, player in enumerate(union):
+            inner_masks, t = _subset_masks(np.delete(member_masks, j))  # T ⊆ P_k \ {i}
+            inner_weight = 1.0 / (p * np.array([math.comb(p - 1, int(x)) for x in t]))
+            without = (outer_masks[:, None] | inner_masks[None, :]).reshape(-1)
+            players.append(np.full(without.shape, player, dtype=np.int64))
+            minus.append(without)
+            plus.append(without | member_masks[j])
+            weight.append(np.outer(outer_weight, inner_weight).reshape(-1))
+    return _plan_from_terms(structure, *_concat(players, plus, minus, weight), method="exact")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampled plan
+
+
+def owen_orders(
+    structure: CoalitionStructure, num_permutations: int, seed: int = 0, antithetic: bool = True
+) -> np.ndarray:
+    """int64 ``[K, n]``: Owen-consistent orders of the players.
+
+    Unions arrive in a uniformly random order; the players of a union arrive together, in a uniformly
+    random order. With ``antithetic`` every second order is the reverse of the one before it (the reverse
+    of an Owen-consistent order is one too), which lowers the variance of the estimate.
+    The draw uses numpy's PCG64 from ``seed``: the same seed gives the same orders on any machine.
+    """
+    n, m = structure.num_players, structure.num_unions
+    K = num_permutations
+    rng = np.random.Generator(np.random.PCG64(seed))
+    drawn = (K + 1) // 2 if antithetic else K
+    union_rank = np.argsort(np.argsort(rng.random((drawn, m)), axis=1, kind="stable"), axis=1)
+    inner_key = rng.random((drawn, n))
+    union_of = np.asarray(structure.union_of, dtype=np.int64)
+    # Sort players by (rank of their union, random key inside the union).
+    sort_key = union_rank[:, union_of] + inner_key
+    orders = np.argsort(sort_key, axis=1, kind="stable")
+    if antithetic:
+        orders = np.stack([orders, orders[:, ::-1]], axis=1).reshape(-1, n)[:K]
+    return orders
+
+
+def sampled_plan(
+    structure: CoalitionStructure, num_permutations: int = 64, seed: int = 0, antithetic: bool = True
+) -> CoalitionPlan:
+    """An unbiased Monte Carlo estimate of the Owen value from ``num_permutations`` Owen-consistent orders.
+
+    Each order contributes the marginal contribution of every player to the players before it; its
+    ``n - 1`` inner prefixes are coalitions to evaluate, the empty and grand coalitions are shared, and a
+    coalition met in several orders is evaluated once. Plans are cached per (structure, K, seed, antithetic).
+    """
+    _check_structure(structure)
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
+        raise ValueError(f"num_permutations: expected a positive int, got {num_permutations!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    return _sampled_plan_cached(structure, num_permutations, seed, bool(antithetic))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sampled_plan_cached(structure: CoalitionStructure, K: int, seed: int, antithetic: bool) -> CoalitionPlan:
+    n = structure.num_players
+    orders = owen_orders(structure, K, seed, antithetic)
+    bits = _U64(1) << orders.astype(_U64)
+    prefixes = np.cumsum(np.concatenate([np.zeros((K, 1), _U64), bits], axis=1), axis=1, dtype=_U64)
+    # prefix[:, j] is the coalition of the first j players: disjoint bits, so the sum is the union.
+    return _plan_from_terms(
+        structure,
+        player=orders.reshape(-1),
+        plus=prefixes[:, 1:].reshape(-1),
+        minus=prefixes[:, :-1].reshape(-1),
+        weight=np.full(K * n, 1.0 / K),
+        method="sampled",
+        num_permutations=K,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Choosing a plan
+
+
+def make_plan(
+    structure: CoalitionStructure,
+    method: str = "auto",
+    *,
+    budget: int = 256,
+    num_permutations: int | None = None,
+    seed: int = 0,
+    antithetic: bool = True,
+) -> CoalitionPlan:
+    """The plan for ``method`` in ``"exact" | "sampled" | "auto"``.
+
+    ``auto`` is exact when the exact plan needs at most ``budget`` coalitions, and otherwise sampled with
+    as many orders as fit the budget (each order adds at most ``n - 1`` coalitions). ``num_permutations``
+    fixes K for ``sampled`` (default 64).
+    """
+    if method == "exact":
+        return exact_plan(structure)
+    if method == "sampled":
+        return sampled_plan(structure, 64 if num_permutations is None else num_permutations, seed, antithetic)
+    if method == "auto":
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
+            raise ValueError(f"budget: expected an int >= 2 (coalitions per response), got {budget!r}")
+        _check_structure(structure)
+        if num_exact_coalitions(structure) <= budget:
+            return exact_plan(structure)
+        per_order = max(structure.num_players - 1, 1)
+        K = num_permutations or max(1, (budget - 2) // per_order)
+        return sampled_plan(structure, K, seed, antithetic)
+    raise ValueError(f"method: expected 'exact', 'sampled' or 'auto', got {method!r}")
+
+
+def _check_structure(structure) -> None:
+    if not isinstance(structure, CoalitionStructure):
+        raise ValueError(
+            f"structure: expected a CoalitionStructure, got {type(structure).__name__}; "
+            "build one with CoalitionStructure([[0, 1], [2, 3]])"
+        )
+
+
+def _concat(*columns):
+    out = []
+    for parts, dtype in zip(columns, (np.int64, _U64, _U64, np.float64)):
+        out.append(np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Many games at once
+
+
+class PlanBatch:
+    """Many games, each with its own plan, aggregated by one kernel launch.
+
+    Game ``g`` owns ``values[value_offsets[g]:value_offsets[g+1]]`` (its plan's coalitions, in plan order)
+    and ``phi[player_offsets[g]:player_offsets[g+1]]``. Each output row (one player of one game) reads the
+    terms of its plan; distinct plans are stored once however many games share them.
+
+    >>> batch = PlanBatch([exact_plan(s1), exact_plan(s2), exact_plan(s1)])
+    >>> phi = owen_from_values(batch, values)      # values float [batch.num_values] -> float [batch.num_rows]
+    >>> batch.split(phi)                           # list of float [n_g]
+    """
+
+    def __init__(self, plans):
+        plans = list(plans)
+        for g, plan in enumerate(plans):
+            if not isinstance(plan, CoalitionPlan):
+                raise ValueError(f"plans[{g}]: expected a CoalitionPlan, got {type(plan).__name__}")
+        self.plans = plans
+        unique: dict[int, int] = {}
+        distinct: list[CoalitionPlan] = []
+        for plan in plans:
+            if id(plan) not in unique:
+                unique[id(plan)] = len(distinct)
+                distinct.append(plan)
+        slot = np.array([unique[id(p)] for p in plans], dtype=np.int64)
+
+        coalitions = np.array([p.num_coalitions for p in plans], dtype=np.int64)
+        players = np.array([p.num_players for p in plans], dtype=np.int64)
+        self.value_offsets = np.concatenate([[0], np.cumsum(coalitions)])
+        self.player_offsets = np.concatenate([[0], np.cumsum(players)])
+
+        # Terms of the distinct plans, concatenated; the CSR pointers shifted accordingly.
+        term_base = np.concatenate([[0], np.cumsum([p.num_terms for p in distinct])])
+        ptrs = [p.player_ptr.numpy() + term_base[j] for j, p in enumerate(distinct)]
+        self.term_plus = _cat_tensors([p.term_plus for p in distinct], torch.int64)
+        self.term_minus = _cat_tensors([p.term_minus for p in distinct], torch.int64)
+        self.term_weight = _cat_tensors([p.term_weight for p in distinct], torch.float64)
+
+        # One row per (game, player): where its values start and which terms it sums.
+        game_of_row = np.repeat(np.arange(len(plans)), players)
+        player_of_row = np.arange(int(self.player_offsets[-1])) - self.player_offsets[:-1][game_of_row]
+        no_rows = [np.zeros(0, np.int64)]
+        begins = np.concatenate(no_rows + [ptr[:-1] for ptr in ptrs])
+        ends = np.concatenate(no_rows + [ptr[1:] for ptr in ptrs])
+        first_row_of_plan = np.concatenate([[0], np.cumsum([p.num_players for p in distinct])])
+        row_in_distinct = first_row_of_plan[slot[game_of_row]] + player_of_row
+        self.row_value_base = torch.from_numpy(self.value_offsets[:-1][game_of_row].astype(np.int64))
+        self.row_term_begin = torch.from_numpy(begins[row_in_distinct])
+        self.row_term_end = torch.from_numpy(ends[row_in_distinct])
+        counts = self.row_term_end - self.row_term_begin
+        self.max_terms_per_row = int(counts.max()) if len(counts) else 0
+        self._device_cache: dict = {}
+
+    @classmethod
+    def repeat(cls, plan: CoalitionPlan, num_games: int) -> "PlanBatch":
+        """``num_games`` games sharing one plan (values laid out as ``[num_games, C]``)."""
+        return cls([plan] * num_games)
+
+    @property
+    def num_games(self) -> int:
+        return len(self.plans)
+
+    @property
+    def num_values(self) -> int:
+        return int(self.value_offsets[-1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.player_offsets[-1])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Cut a flat per-row tensor ``[num_rows, ...]`` into the games' pieces ``[n_g, ...]``."""
+        return list(torch.split(flat, np.diff(self.player_offsets).tolist()))
+
+    def split_values(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Cut a flat per-coalition tensor ``[num_values, ...]`` into the games' pieces ``[C_g, ...]``."""
+        return list(torch.split(flat, np.diff(self.value_offsets).tolist()))
+
+    def index_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The kernel's index and weight tensors on ``device`` (weights in ``dtype``), copied once."""
+        key = (str(device), dtype)
+        if key not in self._device_cache:
+            self._device_cache[key] = tuple(
+                t.to(device, non_blocking=True)
+                for t in (
+                    self.row_value_base,
+                    self.row_term_begin,
+                    self.row_term_end,
+                    self.term_plus,
+                    self.term_minus,
+                    self.term_weight.to(dtype),
+                )
+            )
+        return self._device_cache[key]
+
+
+def _cat_tensors(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(tensors).to(dtype) if tensors else torch.zeros(0, dtype=dtype)
