@@ -5,9 +5,10 @@
 Workloads (a batch of games sharing one structure, as in a GRPO batch of short responses):
   exact   3 unions x 4 players  (176 coalitions per game)
   sampled 4 unions x 4 players, K=64 Owen-consistent orders (antithetic)
+  mixed   every game its own random structure (1-3 sentences of 1-4 phrases), as in a real GRPO batch
 Rows: plan building (cold: caches cleared; warm: cached), PlanBatch building for mixed structures, and
 aggregation with each backend available and with ``values @ W`` (the dense Owen weight matrix) — the
-obvious alternative. Ratios are measured side by side in this one process. Where the bundled MiniLM
+obvious alternative; for mixed structures, one dense matmul per distinct plan. Ratios are measured side by side in this one process. Where the bundled MiniLM
 reward is installed, the aggregation time is also set beside the encoder time of the same coalitions
 (one short coalition text per value), to show its share of an attribution step.
 """
@@ -74,6 +75,47 @@ def bench_workload(name, plan, games, device, dtype, rows):
                          seconds=seconds, vs_dense=dense / seconds, max_abs_err=err))
 
 
+def bench_mixed(plans, device, dtype, rows):
+    """A GRPO batch where every response has its own segmentation: one PlanBatch, one launch, against the
+    obvious dense alternative (group the games by plan, one ``values @ W`` per group)."""
+    batch = of.PlanBatch(plans)
+    values = torch.randn(batch.num_values, device=device, dtype=dtype)
+    groups: dict[int, list[int]] = {}
+    for g, plan in enumerate(plans):
+        groups.setdefault(id(plan), []).append(g)
+    offsets = torch.as_tensor(batch.value_offsets[:-1], device=device)
+    dense_groups = []
+    for members in groups.values():
+        plan = plans[members[0]]
+        index = offsets[members][:, None] + torch.arange(plan.num_coalitions, device=device)
+        dense_groups.append((index, plan.weight_matrix(dtype).to(device)))
+
+    def dense():
+        return [values[index] @ W for index, W in dense_groups]
+
+    name = f"mixed ({len(groups)} plans)"
+    base = dict(workload=name, step="aggregate", device=device.type, dtype=str(dtype).replace("torch.", ""),
+                games=len(plans), coalitions=batch.num_values // len(plans))
+    dense_seconds = median_seconds(cuda_synced(dense))
+    rows.append(dict(base, provider="dense per-plan matmuls", seconds=dense_seconds, vs_dense=1.0))
+    for backend in backends_to_time(device):
+        if backend == "torch":
+            continue  # the reference is timed on the uniform workloads; it is slow by design
+        of.owen_from_values(batch, values, backend=backend)
+        seconds = median_seconds(cuda_synced(lambda: of.owen_from_values(batch, values, backend=backend)))
+        rows.append(dict(base, provider=f"ospo_fast {backend}", seconds=seconds, vs_dense=dense_seconds / seconds))
+
+
+def mixed_plans(games: int, seed: int = 0) -> list:
+    """Plans of random short responses: 1-3 sentences of 1-4 phrases, exact when <= 64 coalitions."""
+    g = torch.Generator().manual_seed(seed)
+    plans = []
+    for _ in range(games):
+        sizes = torch.randint(1, 5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+        plans.append(of.make_plan(of.CoalitionStructure.from_sizes(sizes), "auto", budget=64))
+    return plans
+
+
 def bench_plans(rows, games):
     def cold(build):
         def run():
@@ -94,13 +136,7 @@ def bench_plans(rows, games):
         build()
         rows.append(dict(workload=label, step="plan (cached)", provider="ospo_fast", device="cpu",
                          seconds=median_seconds(build, 0.2)))
-    # A GRPO batch with one segmentation per response: mixed structures, one PlanBatch.
-    g = torch.Generator().manual_seed(0)
-    structures = [
-        of.CoalitionStructure.from_sizes(torch.randint(1, 5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist())
-        for _ in range(games)
-    ]
-    plans = [of.make_plan(s, "auto", budget=64) for s in structures]
+    plans = mixed_plans(games)
     rows.append(dict(workload=f"{games} mixed structures", step="PlanBatch", provider="ospo_fast", device="cpu",
                      games=games, seconds=median_seconds(lambda: of.PlanBatch(plans), 0.3)))
 
@@ -148,6 +184,7 @@ def main(argv=None):
         for dtype in (torch.float32, torch.float64):
             for name, plan in workloads:
                 bench_workload(name, plan, args.games, device, dtype, rows)
+            bench_mixed(mixed_plans(args.games), device, dtype, rows)
     print_table(rows)
 
     summary = {}

@@ -1,4 +1,5 @@
 // Registers the ospo_fast::owen_aggregate operator and its CPU implementation.
+//
 // Argument checks live in Python (ospo_fast/owen.py); the TORCH_CHECKs here only guard memory safety
 // against calls that bypass it (dtype, device, contiguity), never the index ranges.
 #include <Python.h>
@@ -6,66 +7,260 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "owen_aggregate.h"
+
+// The tile kernel is compiled for several instruction sets and picked at load time, so one wheel runs
+// with AVX-512 where the CPU has it and with SSE2 where it has nothing better. It uses GCC's vector
+// extension (GCC and Clang).
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define OSPO_FAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define OSPO_FAST_VECTOR_CLONES
+#endif
+#define OSPO_FAST_INLINE inline __attribute__((always_inline))
+
 namespace ospo_fast {
 
 namespace {
 
-void check_aggregate_args(const at::Tensor& values, const at::Tensor& row_value_base, const at::Tensor& row_term_begin,
-                          const at::Tensor& row_term_end, const at::Tensor& term_plus, const at::Tensor& term_minus,
-                          const at::Tensor& term_weight) {
+// Games per tile: one 512-bit vector of values.
+template <typename scalar_t>
+constexpr int64_t kLanes = 64 / sizeof(scalar_t);
+
+// A tile's transposed values must stay cache-resident; games with larger plans take the per-game path.
+constexpr int64_t kMaxTileCoalitions = 2048;
+
+// One game, one player at a time.
+template <typename scalar_t>
+OSPO_FAST_INLINE void aggregate_game(const scalar_t* values, const scalar_t* weight, const OwenBatch& b, int64_t g,
+                                     scalar_t* out) {
+  const scalar_t* v = values + b.value_offsets[g];
+  const int64_t* ptr = b.player_ptr + b.game_ptr_base[g];
+  const int64_t n = b.row_offsets[g + 1] - b.row_offsets[g];
+  scalar_t* o = out + b.row_offsets[g];
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t acc = 0;
+    for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t) acc += weight[t] * (v[b.term_plus[t]] - v[b.term_minus[t]]);
+    o[i] = acc;
+  }
+}
+
+// Two-source shuffle patterns for an in-register transpose: stage s swaps bit s of the row and column
+// index, so four stages (three for doubles) turn 16 rows of 16 floats (8 of 8 doubles) into columns.
+#define OSPO_FAST_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define OSPO_FAST_F32_LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define OSPO_FAST_F32_HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define OSPO_FAST_F32_LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define OSPO_FAST_F32_HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define OSPO_FAST_F32_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define OSPO_FAST_F32_HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define OSPO_FAST_F32_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define OSPO_FAST_F32_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define OSPO_FAST_F64_LO1 0, 8, 2, 10, 4, 12, 6, 14
+#define OSPO_FAST_F64_HI1 1, 9, 3, 11, 5, 13, 7, 15
+#define OSPO_FAST_F64_LO2 0, 1, 8, 9, 4, 5, 12, 13
+#define OSPO_FAST_F64_HI2 2, 3, 10, 11, 6, 7, 14, 15
+#define OSPO_FAST_F64_LO4 0, 1, 2, 3, 8, 9, 10, 11
+#define OSPO_FAST_F64_HI4 4, 5, 6, 7, 12, 13, 14, 15
+#define OSPO_FAST_TRANSPOSE_STAGE(x, lanes, s, LO, HI)            \
+  for (int r = 0; r < lanes; ++r) {                              \
+    if (r & s) continue;                                         \
+    const auto a = x[r], b = x[r | s];                           \
+    x[r] = OSPO_FAST_SHUFFLE(a, b, LO);                          \
+    x[r | s] = OSPO_FAST_SHUFFLE(a, b, HI);                      \
+  }
+
+template <typename lanes_t>
+OSPO_FAST_INLINE void transpose_in_registers(lanes_t* x);
+
+template <>
+OSPO_FAST_INLINE void transpose_in_registers(float __attribute__((vector_size(64)))* x) {
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 1, OSPO_FAST_F32_LO1, OSPO_FAST_F32_HI1)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 2, OSPO_FAST_F32_LO2, OSPO_FAST_F32_HI2)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 4, OSPO_FAST_F32_LO4, OSPO_FAST_F32_HI4)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 8, OSPO_FAST_F32_LO8, OSPO_FAST_F32_HI8)
+}
+
+template <>
+OSPO_FAST_INLINE void transpose_in_registers(double __attribute__((vector_size(64)))* x) {
+  OSPO_FAST_TRANSPOSE_STAGE(x, 8, 1, OSPO_FAST_F64_LO1, OSPO_FAST_F64_HI1)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 8, 2, OSPO_FAST_F64_LO2, OSPO_FAST_F64_HI2)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 8, 4, OSPO_FAST_F64_LO4, OSPO_FAST_F64_HI4)
+}
+
+// Up to kLanes consecutive games that share one plan. Their values are transposed into buf[C] of vectors
+// (lane l = game g0 + l), so a term costs two vector loads and one multiply-add for all the games of the
+// tile at once. GCC's vector extension keeps the accumulator in one register whatever the clone's ISA.
+template <typename scalar_t>
+OSPO_FAST_INLINE void aggregate_tile(const scalar_t* values, const scalar_t* weight, const uint64_t* pairs,
+                                     const OwenBatch& b, int64_t g0, int64_t games, int64_t C, scalar_t* buf,
+                                     scalar_t* out) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  typedef scalar_t lanes_t __attribute__((vector_size(64)));
+  const scalar_t* rows[L];
+  for (int64_t l = 0; l < L; ++l) rows[l] = values + b.value_offsets[g0 + std::min(l, games - 1)];  // pad lanes repeat
+  lanes_t* columns = reinterpret_cast<lanes_t*>(buf);
+  int64_t c0 = 0;
+  for (; c0 + L <= C; c0 += L) {  // L x L blocks: L row loads, an in-register transpose, L column stores
+    lanes_t block[L];
+    for (int64_t l = 0; l < L; ++l) std::memcpy(&block[l], rows[l] + c0, sizeof(lanes_t));
+    transpose_in_registers(block);
+    for (int64_t l = 0; l < L; ++l) columns[c0 + l] = block[l];
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    for (int64_t l = 0; l < L; ++l) buf[c * L + l] = rows[l][c];
+  }
+  const lanes_t* v = reinterpret_cast<const lanes_t*>(buf);
+  const int64_t* ptr = b.player_ptr + b.game_ptr_base[g0];
+  const int64_t n = b.row_offsets[g0 + 1] - b.row_offsets[g0];
+  // pairs[t] packs (plus, minus) in one word: one load instead of two in the hottest loop.
+  auto gain = [&](int64_t t) { return v[pairs[t] & 0xffffffffu] - v[pairs[t] >> 32]; };
+  for (int64_t i = 0; i < n; ++i) {
+    // Four independent accumulators hide the multiply-add latency of one long dependency chain.
+    lanes_t acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+    int64_t t = ptr[i];
+    const int64_t end = ptr[i + 1];
+    for (; t + 4 <= end; t += 4) {
+      acc0 += weight[t] * gain(t);
+      acc1 += weight[t + 1] * gain(t + 1);
+      acc2 += weight[t + 2] * gain(t + 2);
+      acc3 += weight[t + 3] * gain(t + 3);
+    }
+    for (; t < end; ++t) acc0 += weight[t] * gain(t);
+    const lanes_t acc = (acc0 + acc1) + (acc2 + acc3);
+    for (int64_t l = 0; l < games; ++l) out[b.row_offsets[g0 + l] + i] = acc[l];
+  }
+}
+
+OSPO_FAST_VECTOR_CLONES void aggregate_tile_float(const float* values, const float* weight, const uint64_t* pairs,
+                                                  const OwenBatch& b, int64_t g0, int64_t games, int64_t C, float* buf,
+                                                  float* out) {
+  aggregate_tile<float>(values, weight, pairs, b, g0, games, C, buf, out);
+}
+
+OSPO_FAST_VECTOR_CLONES void aggregate_tile_double(const double* values, const double* weight, const uint64_t* pairs,
+                                                   const OwenBatch& b, int64_t g0, int64_t games, int64_t C,
+                                                   double* buf, double* out) {
+  aggregate_tile<double>(values, weight, pairs, b, g0, games, C, buf, out);
+}
+
+// Overloads so the dispatch lambda below can stay generic over the dtype.
+void aggregate_tile_any(const float* v, const float* w, const uint64_t* pairs, const OwenBatch& b, int64_t g0,
+                        int64_t games, int64_t C, float* buf, float* out) {
+  aggregate_tile_float(v, w, pairs, b, g0, games, C, buf, out);
+}
+void aggregate_tile_any(const double* v, const double* w, const uint64_t* pairs, const OwenBatch& b, int64_t g0,
+                        int64_t games, int64_t C, double* buf, double* out) {
+  aggregate_tile_double(v, w, pairs, b, g0, games, C, buf, out);
+}
+
+// Tiles: runs of at most kLanes consecutive games with the same plan (same player_ptr slice and size).
+std::vector<int64_t> tile_starts(const OwenBatch& b, int64_t lanes) {
+  std::vector<int64_t> starts;
+  starts.reserve(b.num_games / lanes + 1);
+  for (int64_t g = 0; g < b.num_games;) {
+    const int64_t C = b.value_offsets[g + 1] - b.value_offsets[g];
+    const int64_t n = b.row_offsets[g + 1] - b.row_offsets[g];
+    int64_t e = g + 1;
+    while (e < b.num_games && e - g < lanes && b.game_ptr_base[e] == b.game_ptr_base[g] &&
+           b.value_offsets[e + 1] - b.value_offsets[e] == C && b.row_offsets[e + 1] - b.row_offsets[e] == n) {
+      ++e;
+    }
+    starts.push_back(g);
+    g = e;
+  }
+  starts.push_back(b.num_games);
+  return starts;
+}
+
+template <typename scalar_t>
+void aggregate_cpu(const scalar_t* values, const scalar_t* weight, const OwenBatch& b, scalar_t* out) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  const std::vector<int64_t> starts = tile_starts(b, L);
+  const int64_t num_tiles = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t num_terms = b.num_terms;
+  std::vector<uint64_t> pairs(static_cast<size_t>(num_terms));
+  for (int64_t t = 0; t < num_terms; ++t) {
+    pairs[t] = static_cast<uint64_t>(b.term_plus[t]) | (static_cast<uint64_t>(b.term_minus[t]) << 32);
+  }
+  at::parallel_for(0, num_tiles, 16, [&](int64_t first, int64_t last) {
+    // 64-byte aligned: buf is read as whole vectors.
+    std::unique_ptr<scalar_t[], decltype(&std::free)> buf(nullptr, &std::free);
+    int64_t capacity = 0;
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t g0 = starts[k], games = starts[k + 1] - starts[k];
+      const int64_t C = b.value_offsets[g0 + 1] - b.value_offsets[g0];
+      if (games == 1 || C > kMaxTileCoalitions) {
+        for (int64_t g = g0; g < g0 + games; ++g) aggregate_game<scalar_t>(values, weight, b, g, out);
+        continue;
+      }
+      if (C > capacity) {
+        capacity = C;
+        buf.reset(static_cast<scalar_t*>(std::aligned_alloc(64, static_cast<size_t>(C) * 64)));
+        TORCH_CHECK(buf != nullptr, "owen_aggregate_cpu: out of memory");
+      }
+      aggregate_tile_any(values, weight, pairs.data(), b, g0, games, C, buf.get(), out);
+    }
+  });
+}
+
+}  // namespace
+
+void check_owen_aggregate_args(const at::Tensor& values, const at::Tensor& value_offsets,
+                               const at::Tensor& row_offsets, const at::Tensor& game_ptr_base,
+                               const at::Tensor& player_ptr, const at::Tensor& term_plus,
+                               const at::Tensor& term_minus, const at::Tensor& term_weight, int64_t num_rows) {
   TORCH_CHECK(values.dim() == 1, "owen_aggregate: values must be 1-D");
   TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
               "owen_aggregate: values must be float32 or float64");
   TORCH_CHECK(term_weight.scalar_type() == values.scalar_type(), "owen_aggregate: term_weight dtype must match values");
-  for (const at::Tensor* t : {&row_value_base, &row_term_begin, &row_term_end, &term_plus, &term_minus}) {
+  for (const at::Tensor* t : {&value_offsets, &row_offsets, &game_ptr_base, &player_ptr, &term_plus, &term_minus}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1, "owen_aggregate: index tensors must be 1-D int64");
   }
-  TORCH_CHECK(row_term_begin.numel() == row_value_base.numel() && row_term_end.numel() == row_value_base.numel(),
-              "owen_aggregate: row tensors must have the same length");
+  const int64_t G = game_ptr_base.numel();
+  TORCH_CHECK(value_offsets.numel() == G + 1 && row_offsets.numel() == G + 1,
+              "owen_aggregate: value_offsets and row_offsets need num_games + 1 entries");
   TORCH_CHECK(term_minus.numel() == term_plus.numel() && term_weight.numel() == term_plus.numel(),
               "owen_aggregate: term tensors must have the same length");
+  TORCH_CHECK(num_rows >= 0, "owen_aggregate: num_rows must be >= 0");
   for (const at::Tensor* t :
-       {&values, &row_value_base, &row_term_begin, &row_term_end, &term_plus, &term_minus, &term_weight}) {
+       {&values, &value_offsets, &row_offsets, &game_ptr_base, &player_ptr, &term_plus, &term_minus, &term_weight}) {
     TORCH_CHECK(t->device() == values.device(), "owen_aggregate: all tensors must be on one device");
     TORCH_CHECK(t->is_contiguous(), "owen_aggregate: all tensors must be contiguous");
   }
 }
 
-template <typename scalar_t>
-void owen_aggregate_rows(const scalar_t* values, const int64_t* base, const int64_t* begin, const int64_t* end,
-                         const int64_t* plus, const int64_t* minus, const scalar_t* weight, scalar_t* out,
-                         int64_t row_begin, int64_t row_end) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* v = values + base[r];
-    scalar_t acc = 0;
-    for (int64_t t = begin[r]; t < end[r]; ++t) {
-      acc += weight[t] * (v[plus[t]] - v[minus[t]]);
-    }
-    out[r] = acc;
-  }
+OwenBatch owen_batch_view(const at::Tensor& value_offsets, const at::Tensor& row_offsets,
+                          const at::Tensor& game_ptr_base, const at::Tensor& player_ptr, const at::Tensor& term_plus,
+                          const at::Tensor& term_minus, int64_t num_rows) {
+  return OwenBatch{value_offsets.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>(),
+                   game_ptr_base.data_ptr<int64_t>(), player_ptr.data_ptr<int64_t>(),
+                   term_plus.data_ptr<int64_t>(),     term_minus.data_ptr<int64_t>(),
+                   game_ptr_base.numel(),             term_plus.numel(),
+                   num_rows};
 }
 
-at::Tensor owen_aggregate_cpu(const at::Tensor& values, const at::Tensor& row_value_base,
-                              const at::Tensor& row_term_begin, const at::Tensor& row_term_end,
+namespace {
+
+at::Tensor owen_aggregate_cpu(const at::Tensor& values, const at::Tensor& value_offsets, const at::Tensor& row_offsets,
+                              const at::Tensor& game_ptr_base, const at::Tensor& player_ptr,
                               const at::Tensor& term_plus, const at::Tensor& term_minus,
-                              const at::Tensor& term_weight) {
-  check_aggregate_args(values, row_value_base, row_term_begin, row_term_end, term_plus, term_minus, term_weight);
+                              const at::Tensor& term_weight, int64_t num_rows) {
+  check_owen_aggregate_args(values, value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus,
+                            term_weight, num_rows);
   TORCH_CHECK(values.device().is_cpu(), "owen_aggregate_cpu: tensors must be on the CPU");
-  const int64_t num_rows = row_value_base.numel();
   at::Tensor out = at::empty({num_rows}, values.options());
+  const OwenBatch batch =
+      owen_batch_view(value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, num_rows);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "owen_aggregate_cpu", [&] {
-    const scalar_t* v = values.data_ptr<scalar_t>();
-    const int64_t* base = row_value_base.data_ptr<int64_t>();
-    const int64_t* begin = row_term_begin.data_ptr<int64_t>();
-    const int64_t* end = row_term_end.data_ptr<int64_t>();
-    const int64_t* plus = term_plus.data_ptr<int64_t>();
-    const int64_t* minus = term_minus.data_ptr<int64_t>();
-    const scalar_t* w = term_weight.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    // Rows hold tens of terms each: a grain of 256 rows keeps thread start-up below the work.
-    at::parallel_for(0, num_rows, 256, [&](int64_t row_begin, int64_t row_end) {
-      owen_aggregate_rows<scalar_t>(v, base, begin, end, plus, minus, w, o, row_begin, row_end);
-    });
+    aggregate_cpu<scalar_t>(values.data_ptr<scalar_t>(), term_weight.data_ptr<scalar_t>(), batch,
+                            out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -74,19 +269,11 @@ at::Tensor owen_aggregate_cpu(const at::Tensor& values, const at::Tensor& row_va
 
 TORCH_LIBRARY(ospo_fast, m) {
   m.def(
-      "owen_aggregate(Tensor values, Tensor row_value_base, Tensor row_term_begin, Tensor row_term_end, "
-      "Tensor term_plus, Tensor term_minus, Tensor term_weight) -> Tensor");
+      "owen_aggregate(Tensor values, Tensor value_offsets, Tensor row_offsets, Tensor game_ptr_base, "
+      "Tensor player_ptr, Tensor term_plus, Tensor term_minus, Tensor term_weight, int num_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ospo_fast, CPU, m) { m.impl("owen_aggregate", &owen_aggregate_cpu); }
-
-// Shared with the CUDA binding, which lives in its own translation unit.
-void check_owen_aggregate_args(const at::Tensor& values, const at::Tensor& row_value_base,
-                               const at::Tensor& row_term_begin, const at::Tensor& row_term_end,
-                               const at::Tensor& term_plus, const at::Tensor& term_minus,
-                               const at::Tensor& term_weight) {
-  check_aggregate_args(values, row_value_base, row_term_begin, row_term_end, term_plus, term_minus, term_weight);
-}
 
 }  // namespace ospo_fast
 

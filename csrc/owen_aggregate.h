@@ -1,8 +1,13 @@
 // Owen aggregation: the one kernel behind every plan (exact or sampled) and every backend.
 //
-// For each output row r (one player of one game):
-//   out[r] = sum_{t in [term_begin[r], term_end[r])} weight[t] * (values[base[r] + plus[t]] - values[base[r] + minus[t]])
+// A batch holds G games. Game g owns values[value_offsets[g] : value_offsets[g+1]] (its plan's coalitions)
+// and output rows row_offsets[g] .. row_offsets[g+1]-1 (its players). Its plan's terms are found through
+// player_ptr starting at ptr = game_ptr_base[g]: player i of the game sums the terms
+// player_ptr[ptr+i] .. player_ptr[ptr+i+1]-1, and
 //
+//   out[row_offsets[g] + i] = sum_t weight[t] * (v_g[plus[t]] - v_g[minus[t]]),   v_g = values + value_offsets[g]
+//
+// Games that share a plan point at the same player_ptr slice, so a plan is stored once per batch.
 // Torch-free on purpose: nvcc compiles owen_aggregate.cu on machines without a GPU or a torch install.
 #pragma once
 
@@ -16,10 +21,21 @@ typedef struct CUstream_st* cudaStream_t;
 
 namespace ospo_fast {
 
+struct OwenBatch {
+  const int64_t* value_offsets;  // [G + 1]
+  const int64_t* row_offsets;    // [G + 1]
+  const int64_t* game_ptr_base;  // [G]
+  const int64_t* player_ptr;     // [Q]
+  const int64_t* term_plus;      // [T]
+  const int64_t* term_minus;     // [T]
+  int64_t num_games;
+  int64_t num_terms;
+  int64_t num_rows;
+};
+
 // Launches the CUDA kernel on `stream`; every pointer is device memory. Inputs are trusted (checked once in Python).
 template <typename scalar_t>
-void launch_owen_aggregate(const scalar_t* values, const int64_t* row_value_base, const int64_t* row_term_begin,
-                           const int64_t* row_term_end, const int64_t* term_plus, const int64_t* term_minus,
-                           const scalar_t* term_weight, scalar_t* out, int64_t num_rows, cudaStream_t stream);
+void launch_owen_aggregate(const scalar_t* values, const scalar_t* term_weight, OwenBatch batch, scalar_t* out,
+                           cudaStream_t stream);
 
 }  // namespace ospo_fast

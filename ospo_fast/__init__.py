@@ -15,7 +15,17 @@ from .plans import (
     owen_orders,
     sampled_plan,
 )
+from .segment import (
+    Segmentation,
+    Segmenter,
+    SpacySegmenter,
+    coalition_text,
+    coalition_texts,
+    token_player_map,
+    token_player_maps,
+)
 from .structure import MAX_PLAYERS, CoalitionStructure
+from . import rewards  # noqa: E402  (a subpackage: of.rewards.DenseRetrievalReward)
 
 __version__ = "0.1.0"
 
@@ -26,6 +36,11 @@ __all__ = [
     "CoalitionPlan",
     "CoalitionStructure",
     "PlanBatch",
+    "Segmentation",
+    "Segmenter",
+    "SpacySegmenter",
+    "coalition_text",
+    "coalition_texts",
     "exact_plan",
     "make_plan",
     "num_exact_coalitions",
@@ -34,5 +49,8 @@ __all__ = [
     "owen_orders",
     "owen_values",
     "resolve_backend",
+    "rewards",
     "sampled_plan",
+    "token_player_map",
+    "token_player_maps",
 ]

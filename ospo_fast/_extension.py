@@ -21,8 +21,8 @@ def _load():
         return None, str(exc)
 
     @torch.library.register_fake("ospo_fast::owen_aggregate")
-    def _(values, row_value_base, row_term_begin, row_term_end, term_plus, term_minus, term_weight):
-        return values.new_empty(row_value_base.shape)
+    def _(values, value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, term_weight, num_rows):
+        return values.new_empty(num_rows)
 
     return _C, None
 

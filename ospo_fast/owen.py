@@ -1,8 +1,10 @@
 """Owen values from coalition values, on any device, with the backend chosen in one place.
 
-Every backend computes the same thing for each output row ``r`` (one player of one game)::
+Every backend computes the same thing for each output row (player ``i`` of game ``g``)::
 
-    phi[r] = sum over the row's terms t of  weight[t] * (values[base[r] + plus[t]] - values[base[r] + minus[t]])
+    phi[g, i] = sum over the terms t of i in g's plan of  weight[t] * (v_g[plus[t]] - v_g[minus[t]])
+
+with ``v_g`` the values of game g's coalitions (``csrc/owen_aggregate.h`` states the layout).
 
 * ``torch``: the reference, plain gathers and ``index_add_`` (float64 where the values are float64);
 * ``cpp``: ``torch.ops.ospo_fast.owen_aggregate`` on the CPU, parallel over rows;
@@ -25,22 +27,34 @@ BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 
 def owen_aggregate_reference(
     values: torch.Tensor,
-    row_value_base: torch.Tensor,
-    row_term_begin: torch.Tensor,
-    row_term_end: torch.Tensor,
+    value_offsets: torch.Tensor,
+    row_offsets: torch.Tensor,
+    game_ptr_base: torch.Tensor,
+    player_ptr: torch.Tensor,
     term_plus: torch.Tensor,
     term_minus: torch.Tensor,
     term_weight: torch.Tensor,
+    num_rows: int,
 ) -> torch.Tensor:
-    """The torch reference of the aggregation kernel (see the module docstring); any device and float dtype."""
-    num_rows = row_value_base.numel()
-    counts = row_term_end - row_term_begin
-    row_of_term = torch.repeat_interleave(torch.arange(num_rows, device=values.device), counts)
+    """The torch reference of the aggregation kernel (``csrc/owen_aggregate.h`` states the contract).
+
+    values, term_weight: float ``[V]``, ``[T]``; value_offsets, row_offsets: int64 ``[G + 1]``;
+    game_ptr_base: int64 ``[G]``; player_ptr: int64 ``[Q]``; term_plus, term_minus: int64 ``[T]``.
+    Returns float ``[num_rows]``. Any device and float dtype.
+    """
+    device = values.device
+    rows = torch.arange(num_rows, device=device)
+    game_of_row = torch.repeat_interleave(
+        torch.arange(game_ptr_base.numel(), device=device), row_offsets.diff(), output_size=num_rows
+    )
+    ptr = game_ptr_base[game_of_row] + rows - row_offsets[game_of_row]
+    begin, counts = player_ptr[ptr], player_ptr[ptr + 1] - player_ptr[ptr]
+    row_of_term = torch.repeat_interleave(rows, counts)
     first_of_row = torch.cumsum(counts, 0) - counts
-    term = row_term_begin[row_of_term] + torch.arange(row_of_term.numel(), device=values.device) - first_of_row[row_of_term]
-    base = row_value_base[row_of_term]
+    term = begin[row_of_term] + torch.arange(row_of_term.numel(), device=device) - first_of_row[row_of_term]
+    base = value_offsets[game_of_row[row_of_term]]
     gain = values[base + term_plus[term]] - values[base + term_minus[term]]
-    out = torch.zeros(num_rows, dtype=values.dtype, device=values.device)
+    out = torch.zeros(num_rows, dtype=values.dtype, device=device)
     return out.index_add_(0, row_of_term, term_weight[term] * gain)
 
 
@@ -83,14 +97,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Tensor:
     """Flat values ``[batch.num_values]`` -> flat Owen values ``[batch.num_rows]`` with ``backend``."""
-    indices = batch.index_tensors(values.device, values.dtype)
+    args = (values, *batch.kernel_args(values.device, values.dtype), batch.num_rows)
     if backend == "torch":
-        return owen_aggregate_reference(values, *indices)
+        return owen_aggregate_reference(*args)
     if backend in ("cpp", "cuda"):
-        return torch.ops.ospo_fast.owen_aggregate(values, *indices)
+        return torch.ops.ospo_fast.owen_aggregate(*args)
     from .kernels.owen_aggregate import owen_aggregate as triton_owen_aggregate
 
-    return triton_owen_aggregate(values, *indices, max_terms=batch.max_terms_per_row)
+    return triton_owen_aggregate(*args, max_terms=batch.max_terms_per_row)
 
 
 def _as_float_values(values, name: str = "values") -> torch.Tensor:

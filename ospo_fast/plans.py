@@ -136,8 +136,7 @@ def _plan_from_terms(
     np.add.at(merged_weight, inverse.reshape(-1), weight)
     term_player, rest = np.divmod(term_key, C * C)
     term_plus, term_minus = np.divmod(rest, C)
-    player_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(term_player, minlength=n), out=player_ptr[1:])
+    player_ptr = _offsets(np.bincount(term_player, minlength=n))
 
     bits = (keys[:, None] >> np.arange(n, dtype=_U64)) & _U64(1)
     return CoalitionPlan(
@@ -341,8 +340,9 @@ class PlanBatch:
     """Many games, each with its own plan, aggregated by one kernel launch.
 
     Game ``g`` owns ``values[value_offsets[g]:value_offsets[g+1]]`` (its plan's coalitions, in plan order)
-    and ``phi[player_offsets[g]:player_offsets[g+1]]``. Each output row (one player of one game) reads the
-    terms of its plan; distinct plans are stored once however many games share them.
+    and ``phi[row_offsets[g]:row_offsets[g+1]]`` (its players). Distinct plans are stored once however
+    many games share them: ``game_ptr_base[g]`` says where game g's plan starts in the concatenated CSR
+    pointers ``player_ptr`` (already shifted into the concatenated term arrays).
 
     >>> batch = PlanBatch([exact_plan(s1), exact_plan(s2), exact_plan(s1)])
     >>> phi = owen_from_values(batch, values)      # values float [batch.num_values] -> float [batch.num_rows]
@@ -355,39 +355,27 @@ class PlanBatch:
             if not isinstance(plan, CoalitionPlan):
                 raise ValueError(f"plans[{g}]: expected a CoalitionPlan, got {type(plan).__name__}")
         self.plans = plans
-        unique: dict[int, int] = {}
+        slot_of: dict[int, int] = {}
         distinct: list[CoalitionPlan] = []
         for plan in plans:
-            if id(plan) not in unique:
-                unique[id(plan)] = len(distinct)
+            if id(plan) not in slot_of:
+                slot_of[id(plan)] = len(distinct)
                 distinct.append(plan)
-        slot = np.array([unique[id(p)] for p in plans], dtype=np.int64)
+        slot = np.array([slot_of[id(p)] for p in plans], dtype=np.int64)
 
-        coalitions = np.array([p.num_coalitions for p in plans], dtype=np.int64)
-        players = np.array([p.num_players for p in plans], dtype=np.int64)
-        self.value_offsets = np.concatenate([[0], np.cumsum(coalitions)])
-        self.player_offsets = np.concatenate([[0], np.cumsum(players)])
-
-        # Terms of the distinct plans, concatenated; the CSR pointers shifted accordingly.
-        term_base = np.concatenate([[0], np.cumsum([p.num_terms for p in distinct])])
-        ptrs = [p.player_ptr.numpy() + term_base[j] for j, p in enumerate(distinct)]
+        self.value_offsets = _offsets([p.num_coalitions for p in plans])
+        self.row_offsets = _offsets([p.num_players for p in plans])
+        term_base = _offsets([p.num_terms for p in distinct])
+        ptr_base = _offsets([p.num_players + 1 for p in distinct])
+        self.game_ptr_base = ptr_base[:-1][slot]
+        self.player_ptr = np.concatenate(
+            [np.zeros(0, np.int64)] + [p.player_ptr.numpy() + term_base[j] for j, p in enumerate(distinct)]
+        )
         self.term_plus = _cat_tensors([p.term_plus for p in distinct], torch.int64)
         self.term_minus = _cat_tensors([p.term_minus for p in distinct], torch.int64)
         self.term_weight = _cat_tensors([p.term_weight for p in distinct], torch.float64)
-
-        # One row per (game, player): where its values start and which terms it sums.
-        game_of_row = np.repeat(np.arange(len(plans)), players)
-        player_of_row = np.arange(int(self.player_offsets[-1])) - self.player_offsets[:-1][game_of_row]
-        no_rows = [np.zeros(0, np.int64)]
-        begins = np.concatenate(no_rows + [ptr[:-1] for ptr in ptrs])
-        ends = np.concatenate(no_rows + [ptr[1:] for ptr in ptrs])
-        first_row_of_plan = np.concatenate([[0], np.cumsum([p.num_players for p in distinct])])
-        row_in_distinct = first_row_of_plan[slot[game_of_row]] + player_of_row
-        self.row_value_base = torch.from_numpy(self.value_offsets[:-1][game_of_row].astype(np.int64))
-        self.row_term_begin = torch.from_numpy(begins[row_in_distinct])
-        self.row_term_end = torch.from_numpy(ends[row_in_distinct])
-        counts = self.row_term_end - self.row_term_begin
-        self.max_terms_per_row = int(counts.max()) if len(counts) else 0
+        terms_per_row = [int(p.player_ptr.diff().max()) if p.num_players else 0 for p in distinct]
+        self.max_terms_per_row = max(terms_per_row, default=0)
         self._device_cache: dict = {}
 
     @classmethod
@@ -405,32 +393,40 @@ class PlanBatch:
 
     @property
     def num_rows(self) -> int:
-        return int(self.player_offsets[-1])
+        return int(self.row_offsets[-1])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Cut a flat per-row tensor ``[num_rows, ...]`` into the games' pieces ``[n_g, ...]``."""
-        return list(torch.split(flat, np.diff(self.player_offsets).tolist()))
+        return list(torch.split(flat, np.diff(self.row_offsets).tolist()))
 
     def split_values(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Cut a flat per-coalition tensor ``[num_values, ...]`` into the games' pieces ``[C_g, ...]``."""
         return list(torch.split(flat, np.diff(self.value_offsets).tolist()))
 
-    def index_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """The kernel's index and weight tensors on ``device`` (weights in ``dtype``), copied once."""
+    def kernel_args(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, term_weight)``
+        on ``device``, weights in ``dtype``: the arguments every aggregation backend takes after the values.
+        Copied once per device and dtype."""
         key = (str(device), dtype)
         if key not in self._device_cache:
-            self._device_cache[key] = tuple(
-                t.to(device, non_blocking=True)
-                for t in (
-                    self.row_value_base,
-                    self.row_term_begin,
-                    self.row_term_end,
-                    self.term_plus,
-                    self.term_minus,
-                    self.term_weight.to(dtype),
-                )
+            host = (
+                torch.from_numpy(self.value_offsets),
+                torch.from_numpy(self.row_offsets),
+                torch.from_numpy(self.game_ptr_base),
+                torch.from_numpy(self.player_ptr),
+                self.term_plus,
+                self.term_minus,
+                self.term_weight.to(dtype),
             )
+            self._device_cache[key] = tuple(t.to(device, non_blocking=True) for t in host)
         return self._device_cache[key]
+
+
+def _offsets(sizes) -> np.ndarray:
+    """int64 ``[len(sizes) + 1]``: 0 then the running sums."""
+    out = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(sizes, dtype=np.int64), out=out[1:])
+    return out
 
 
 def _cat_tensors(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -130,3 +132,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
         worst = err.argsort(descending=True)[:5].tolist()
         rows = ", ".join(f"[{j}] {actual.flatten()[j]:.6g} vs {expected.flatten()[j]:.6g}" for j in worst)
         raise AssertionError(f"{what} mismatch; worst elements: {rows}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real data shipped with the tests (tests/data, each folder with a SOURCE.txt).
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def iphone_charger_pool() -> tuple[list[str], list[str]]:
+    """The ESCI query "iphone charger" with its 99 judged products: (product texts, ESCI labels)."""
+    with (DATA / "esci" / "iphone_charger_pool.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["product_text"] for r in rows], [r["esci_label"] for r in rows]

@@ -24,7 +24,7 @@ def _op_args(device: str, dtype: torch.dtype):
     plan = of.sampled_plan(of.CoalitionStructure([[0, 1, 2], [3, 4]]), 5, seed=0)
     batch = of.PlanBatch([plan, of.exact_plan(plan.structure), plan])
     values = torch.randn(batch.num_values, dtype=dtype, device=device)
-    return (values, *batch.index_tensors(torch.device(device), dtype))
+    return (values, *batch.kernel_args(torch.device(device), dtype), batch.num_rows)
 
 
 @needs_cpp

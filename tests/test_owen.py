@@ -186,3 +186,27 @@ def test_auto_is_exact_within_budget_and_sampled_beyond():
     big = of.CoalitionStructure.from_sizes([4, 4, 4, 4])
     plan = of.make_plan(big, "auto", budget=64)
     assert plan.method == "sampled" and plan.num_coalitions <= 64
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_backends_match_reference_on_plans_too_large_for_a_cpu_tile(backend, device):
+    # More than 2048 coalitions per game: the C++ op aggregates such games one at a time.
+    plan = of.sampled_plan(of.CoalitionStructure.from_sizes([7, 9, 8, 9, 7]), 70, seed=0)
+    assert plan.num_coalitions > 2048
+    values = torch.randn(19, plan.num_coalitions, generator=_gen(8), dtype=torch.float64)
+    expected = of.owen_from_values(plan, values, backend="torch")
+    assert_close(of.owen_from_values(plan, values.to(device), backend=backend), expected, 1e-11, 1e-11, what=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_runs_of_games_sharing_a_plan_inside_a_mixed_batch(backend, device):
+    # Runs of 1..40 consecutive games with one plan, so CPU tiles start, fill and stop mid-run.
+    g = _gen(12)
+    shapes = [[2, 3], [1], [4, 1, 2], [3, 3]]
+    plans = []
+    for run in torch.randint(1, 41, (9,), generator=g).tolist():
+        plans += [of.exact_plan(of.CoalitionStructure.from_sizes(shapes[len(plans) % 4]))] * run
+    batch = of.PlanBatch(plans)
+    values = torch.randn(batch.num_values, generator=g, dtype=torch.float32)
+    expected = of.owen_from_values(batch, values.double(), backend="torch")
+    assert_close(of.owen_from_values(batch, values.to(device), backend=backend), expected, 1e-5, 1e-5, what=backend)
