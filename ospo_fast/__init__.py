@@ -4,6 +4,7 @@ The data flows one way: text -> structure -> plan -> batched evaluation -> value
 token advantages -> loss. This package exposes each stage; see README.md for a tour.
 """
 
+from .attribution import Attribution, Attributions, OwenAttributor
 from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
 from .plans import (
     MAX_EXACT_COALITIONS,
@@ -30,11 +31,14 @@ from . import rewards  # noqa: E402  (a subpackage: of.rewards.DenseRetrievalRew
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attribution",
+    "Attributions",
     "BACKENDS",
     "MAX_EXACT_COALITIONS",
     "MAX_PLAYERS",
     "CoalitionPlan",
     "CoalitionStructure",
+    "OwenAttributor",
     "PlanBatch",
     "Segmentation",
     "Segmenter",

@@ -1,0 +1,437 @@
+"""Coalition-masked evaluation: the value of every coalition of every response of a batch, in one call.
+
+The value of coalition S of a response is the reward of ``coalition_text(sg, S)``. Two kinds of reward:
+
+* **text rewards** — any ``reward(texts, owners) -> float [N]`` (BM25, a Python metric, an LLM judge): all
+  distinct ``(owner, coalition text)`` pairs of the batch are built and scored in one call;
+* **encoder rewards** — :class:`~ospo_fast.rewards.DenseRetrievalReward`: each distinct response is tokenised
+  once by the encoder's tokenizer; each coalition keeps the tokens of its segments; the kept tokens of all
+  coalitions are packed into one variable-length batch (``cu_seqlens``, no padding) and embedded in one
+  forward; pooling, scoring against the pool and the metric run on the device for all coalitions at once.
+
+Duplicates are evaluated once: responses with the same text share their coalitions, and the empty
+coalition (``[CLS] [SEP]`` for an encoder) is embedded once for the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .plans import CoalitionPlan, PlanBatch
+from .segment import Segmentation, coalition_texts, token_player_maps
+
+# ----------------------------------------------------------------------------------------------------
+# Which coalitions of which responses: the batch layout shared by both kinds of reward.
+
+
+@dataclass
+class CoalitionBatch:
+    """The coalitions of a batch of responses, with duplicate responses collapsed.
+
+    ``responses`` index ``unique`` (distinct response texts); ``plans[u]`` is the plan of unique text ``u``.
+    Values are laid out per *response* (``PlanBatch(plans of the responses)``), so each response keeps its
+    own owner; ``value_source[k]`` says which (unique text, coalition) row value ``k`` comes from.
+    """
+
+    segmentations: list[Segmentation]  # per unique text
+    plans: list[CoalitionPlan]  # per unique text
+    unique_of_response: np.ndarray  # int64 [R]
+    owners: np.ndarray  # int64 [R]
+    batch: PlanBatch  # over the responses
+
+    @classmethod
+    def build(cls, segmentations: Sequence[Segmentation], plans: Sequence[CoalitionPlan], owners) -> "CoalitionBatch":
+        key_of: dict[str, int] = {}
+        unique_of_response = np.empty(len(segmentations), dtype=np.int64)
+        seg_u, plan_u = [], []
+        for r, (sg, plan) in enumerate(zip(segmentations, plans)):
+            u = key_of.get(sg.text)
+            if u is None:
+                u = key_of[sg.text] = len(seg_u)
+                seg_u.append(sg)
+                plan_u.append(plan)
+            unique_of_response[r] = u
+        owners = np.asarray(owners, dtype=np.int64)
+        return cls(seg_u, plan_u, unique_of_response, owners, PlanBatch([plan_u[u] for u in unique_of_response]))
+
+    @property
+    def num_responses(self) -> int:
+        return len(self.unique_of_response)
+
+    def value_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """For each value of the response-level batch: (unique text, coalition index in its plan)."""
+        sizes = np.diff(self.batch.value_offsets)
+        response = np.repeat(np.arange(self.num_responses), sizes)
+        coalition = np.arange(self.batch.num_values) - self.batch.value_offsets[:-1][response]
+        return self.unique_of_response[response], coalition
+
+    def value_owners(self) -> np.ndarray:
+        return np.repeat(self.owners, np.diff(self.batch.value_offsets))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text rewards
+
+
+def evaluate_text_reward(reward: Callable, coalitions: CoalitionBatch) -> tuple[torch.Tensor, int]:
+    """Values float64 ``[coalitions.batch.num_values]`` from one call of ``reward(texts, owners)``.
+
+    Returns the values and the number of distinct (owner, text) pairs the reward scored.
+    """
+    texts_u = [coalition_texts(sg, plan.masks) for sg, plan in zip(coalitions.segmentations, coalitions.plans)]
+    unique_rows, coalition = coalitions.value_rows()
+    owners = coalitions.value_owners()
+    index_of: dict[tuple[int, str], int] = {}
+    query_texts, query_owners = [], []
+    value_index = np.empty(len(owners), dtype=np.int64)
+    for k, (u, c, o) in enumerate(zip(unique_rows.tolist(), coalition.tolist(), owners.tolist())):
+        key = (o, texts_u[u][c])
+        j = index_of.get(key)
+        if j is None:
+            j = index_of[key] = len(query_texts)
+            query_texts.append(key[1])
+            query_owners.append(o)
+        value_index[k] = j
+    scores = reward(query_texts, query_owners) if query_texts else torch.zeros(0)
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    if scores.shape[0] != len(query_texts):
+        raise ValueError(
+            f"reward: returned {scores.shape[0]} values for {len(query_texts)} texts; expected one value per text"
+        )
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("reward: returned NaN or infinite values for some coalition texts")
+    return scores.cpu()[torch.from_numpy(value_index)], len(query_texts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing the kept tokens of every coalition into one variable-length batch
+
+
+@dataclass
+class PackedSequences:
+    """A variable-length batch: sequence ``s`` is ``input_ids[cu_seqlens[s]:cu_seqlens[s+1]]``.
+
+    ``input_ids``, ``position_ids``: int64 ``[total]``; ``cu_seqlens``: int32 ``[S + 1]`` on the device;
+    ``lengths``: the same lengths on the host (numpy), so no device read is needed to lay out attention.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    lengths: np.ndarray
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.lengths.max()) if len(self.lengths) else 0
+
+
+def pack_coalitions_reference(
+    token_ids: torch.Tensor,
+    token_player: torch.Tensor,
+    text_offsets: torch.Tensor,
+    seq_text: torch.Tensor,
+    seq_keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cls_id: int,
+    sep_id: int,
+    total_tokens: int,
+) -> torch.Tensor:
+    """Torch reference of the packing kernel (``kernels/pack_coalitions.py``).
+
+    token_ids, token_player: int64 ``[N]`` (tokens of all texts, concatenated; player -1 = never kept);
+    text_offsets: int64 ``[U + 1]``; seq_text: int64 ``[S]`` (-1: a sequence with no text tokens);
+    seq_keep: int64 ``[S]`` bit masks of the kept players; cu_seqlens: int64 ``[S + 1]`` (each sequence
+    holds ``[CLS] kept tokens [SEP]``, truncated to its length). Returns int64 ``[total_tokens]``
+    (``total_tokens == cu_seqlens[-1]``, passed from the host).
+    """
+    out = torch.empty(total_tokens, dtype=torch.int64, device=token_ids.device)
+    for s in range(seq_text.numel()):
+        start, end = int(cu_seqlens[s]), int(cu_seqlens[s + 1])
+        out[start] = cls_id
+        out[end - 1] = sep_id
+        u = int(seq_text[s])
+        if u < 0 or end - start <= 2:
+            continue
+        lo, hi = int(text_offsets[u]), int(text_offsets[u + 1])
+        player = token_player[lo:hi]
+        kept = (player >= 0) & (((seq_keep[s] >> player.clamp(min=0)) & 1) == 1)
+        out[start + 1 : end - 1] = token_ids[lo:hi][kept][: end - start - 2]
+    return out
+
+
+def pack_coalitions(
+    token_ids: torch.Tensor,
+    token_player: torch.Tensor,
+    text_offsets: torch.Tensor,
+    seq_text: torch.Tensor,
+    seq_keep: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cls_id: int,
+    sep_id: int,
+    total_tokens: int,
+    max_text_tokens: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Packed ``[CLS] kept tokens [SEP]`` of every sequence (see :func:`pack_coalitions_reference`).
+
+    ``backend``: "triton" (CUDA, or the CPU under TRITON_INTERPRET=1), "torch", or "auto" (triton on CUDA
+    when installed, else torch). ``total_tokens``, ``max_text_tokens``: the packed size and the longest
+    text's token count, known on the host.
+    """
+    from . import _extension
+
+    use_triton = backend == "triton" or (
+        backend == "auto" and token_ids.is_cuda and _extension.has_triton()
+    )
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if not use_triton:
+        return pack_coalitions_reference(
+            token_ids, token_player, text_offsets, seq_text, seq_keep, cu_seqlens, cls_id, sep_id, total_tokens
+        )
+    from .kernels.pack_coalitions import pack_coalitions as triton_pack
+
+    return triton_pack(
+        token_ids, token_player, text_offsets, seq_text, seq_keep, cu_seqlens, cls_id, sep_id, total_tokens,
+        max_text_tokens,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The encoder forward on a packed batch
+
+
+def _gelu(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name in ("gelu", "gelu_python"):
+        return F.gelu(x)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"encoder: hidden_act {name!r} is not supported by the packed forward")
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore
+
+        return flash_attn_varlen_func
+    except ImportError:
+        return None
+
+
+class PackedBertForward:
+    """A BERT-family encoder run on packed variable-length sequences, with the model's own weights.
+
+    Every linear layer works on the packed tokens ``[total, hidden]`` (no padding FLOPs); attention runs
+    per sequence through, in order of preference, flash-attn's varlen kernel (CUDA), or PyTorch's SDPA on
+    a padded view with a key-padding mask (CPU and GPUs without flash-attn). Gives the same hidden states
+    as the unmodified model on each sequence (tested to float32 tolerance).
+    """
+
+    SUPPORTED = ("bert",)
+
+    def __init__(self, model, attention: str = "auto"):
+        config = model.config
+        if config.model_type not in self.SUPPORTED:
+            raise ValueError(f"encoder: the packed forward supports {self.SUPPORTED}, got {config.model_type!r}")
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError("encoder: the packed forward needs absolute position embeddings")
+        if attention not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"attention: expected 'auto', 'flash' or 'sdpa', got {attention!r}")
+        self.model = model
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.act = config.hidden_act
+        self.eps = config.layer_norm_eps
+        self.attention = attention
+
+    def _attend(self, q, k, v, packed: PackedSequences, layout) -> torch.Tensor:
+        """q, k, v: [total, heads, head_dim] -> [total, heads, head_dim]."""
+        flash = _flash_varlen() if q.is_cuda and self.attention in ("auto", "flash") else None
+        if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
+            cu = packed.cu_seqlens
+            return flash(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
+        if self.attention == "flash":
+            raise ValueError("attention='flash' needs flash-attn, a CUDA device and fp16/bf16 weights")
+        gather, scatter, key_mask = layout
+        S, L = key_mask.shape
+
+        def padded(x):  # [total, h, d] -> [S, h, L, d]
+            return x.new_zeros(S * L, self.heads, self.head_dim).index_copy_(0, scatter, x).view(S, L, self.heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=key_mask[:, None, None, :])
+        return out.transpose(1, 2).reshape(S * L, self.heads, self.head_dim).index_select(0, scatter)
+
+    def _layout(self, packed: PackedSequences, device):
+        """Where each packed token sits in the padded [S, L] view, and the key-padding mask."""
+        lengths = packed.lengths
+        S, L = len(lengths), packed.max_seqlen
+        seq = np.repeat(np.arange(S), lengths)
+        pos = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        scatter = torch.from_numpy(seq * L + pos).to(device)
+        key_mask = torch.from_numpy(np.arange(L)[None, :] < lengths[:, None]).to(device)
+        return None, scatter, key_mask
+
+    @torch.inference_mode()
+    def hidden_states(self, packed: PackedSequences) -> torch.Tensor:
+        """Last hidden states float ``[total, hidden]`` of the packed tokens."""
+        emb = self.model.embeddings
+        h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
+        h = h + emb.token_type_embeddings.weight[0]
+        h = emb.LayerNorm(h)
+        layout = self._layout(packed, h.device)
+        total = h.shape[0]
+        for layer in self.model.encoder.layer:
+            att = layer.attention
+            q = att.self.query(h).view(total, self.heads, self.head_dim)
+            k = att.self.key(h).view(total, self.heads, self.head_dim)
+            v = att.self.value(h).view(total, self.heads, self.head_dim)
+            ctx = self._attend(q, k, v, packed, layout).reshape(total, -1)
+            h = att.output.LayerNorm(att.output.dense(ctx) + h)
+            inner = _gelu(layer.intermediate.dense(h), self.act)
+            h = layer.output.LayerNorm(layer.output.dense(inner) + h)
+        return h
+
+
+def pool_packed(hidden: torch.Tensor, packed: PackedSequences, pooling: str) -> torch.Tensor:
+    """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states."""
+    lengths = torch.from_numpy(packed.lengths).to(hidden.device)
+    if pooling == "cls":
+        emb = hidden.index_select(0, packed.cu_seqlens[:-1].long())
+    elif pooling == "mean":
+        seq = torch.repeat_interleave(torch.arange(len(packed.lengths), device=hidden.device), lengths, output_size=hidden.shape[0])
+        emb = torch.zeros(len(packed.lengths), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        emb.index_add_(0, seq, hidden).div_(lengths[:, None].to(hidden.dtype))
+    else:
+        raise ValueError(f"pooling: the packed path supports 'mean' and 'cls', got {pooling!r}")
+    return F.normalize(emb.float(), p=2, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder rewards
+
+
+class EncoderCoalitionEvaluator:
+    """Values of every coalition of a batch for a :class:`~ospo_fast.rewards.DenseRetrievalReward`, with one
+    packed encoder forward.
+
+    ``chunk_tokens`` bounds the packed tokens of one forward (memory); larger batches are split into
+    several forwards of that size. ``pack_backend``: see :func:`pack_coalitions`.
+    """
+
+    def __init__(self, reward, attention: str = "auto", chunk_tokens: int = 1 << 16, pack_backend: str = "auto"):
+        self.reward = reward
+        self.encoder = reward.encoder
+        tok = self.encoder.tokenizer
+        if not getattr(tok, "is_fast", True):
+            raise ValueError("reward.encoder.tokenizer: a fast tokenizer (with offset mappings) is needed")
+        self.forward = PackedBertForward(self.encoder.model, attention=attention)
+        self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
+        self.max_length = self.encoder.max_length
+        self.chunk_tokens = chunk_tokens
+        self.pack_backend = pack_backend
+
+    def __call__(self, coalitions: CoalitionBatch) -> tuple[torch.Tensor, int]:
+        """Values float32 ``[coalitions.batch.num_values]`` on the reward's device, and the number of
+        sequences embedded."""
+        embeddings, seq_index = self.embed(coalitions)
+        device = embeddings.device
+        owners = torch.from_numpy(coalitions.value_owners()).to(device)
+        values = self.reward.score_embeddings(embeddings[torch.from_numpy(seq_index).to(device)], owners)
+        return values, embeddings.shape[0]
+
+    def embed(self, coalitions: CoalitionBatch) -> tuple[torch.Tensor, np.ndarray]:
+        """Embeddings float32 ``[S, D]`` of the distinct coalition sequences, and for every value of
+        ``coalitions.batch`` the row of its sequence (int64 ``[num_values]``)."""
+        device = self.reward.device
+        seg_u, plans_u = coalitions.segmentations, coalitions.plans
+        tok = self.encoder.tokenizer(
+            [sg.text for sg in seg_u], add_special_tokens=False, return_offsets_mapping=True, truncation=False
+        )
+        ids_u = [list(x) for x in tok["input_ids"]]
+        offsets_u = [[tuple(o) for o in x] for x in tok["offset_mapping"]]
+        player_u = [token_player_maps([sg], [off])[0] for sg, off in zip(seg_u, offsets_u)]
+
+        # Sequence 0 is the empty coalition, shared by every response; then every non-empty coalition of
+        # every distinct text, in plan order.
+        seq_text, seq_keep, lengths = [-1], [0], [2]
+        seq_of_coalition = []
+        budget = self.max_length - 2
+        for u, (plan, players) in enumerate(zip(plans_u, player_u)):
+            masks = plan.masks.numpy()
+            keys = (masks.astype(np.uint64) << np.arange(plan.num_players, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+            tokens_of_player = np.bincount(players[players >= 0].numpy(), minlength=plan.num_players)
+            kept = masks.astype(np.int64) @ tokens_of_player  # kept tokens per coalition, before truncation
+            nonempty = keys != 0
+            index = np.zeros(plan.num_coalitions, dtype=np.int64)
+            index[nonempty] = len(seq_text) + np.arange(int(nonempty.sum()))
+            seq_of_coalition.append(index)
+            seq_text += [u] * int(nonempty.sum())
+            seq_keep += keys[nonempty].view(np.int64).tolist()
+            lengths += (2 + np.minimum(kept[nonempty], budget)).tolist()
+
+        lengths = np.asarray(lengths, dtype=np.int64)
+        flat_ids = torch.tensor([t for ids in ids_u for t in ids], dtype=torch.int64)
+        flat_player = torch.cat(player_u) if player_u else torch.zeros(0, dtype=torch.long)
+        text_offsets = np.zeros(len(ids_u) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in ids_u], out=text_offsets[1:])
+        seq_text_np = np.asarray(seq_text, dtype=np.int64)
+        seq_keep_np = np.asarray(seq_keep, dtype=np.int64)
+        max_text_tokens = max((len(x) for x in ids_u), default=0)
+
+        embeddings = torch.empty(len(lengths), self.encoder.dim, dtype=torch.float32, device=device)
+        for lo, hi in _chunks(lengths, self.chunk_tokens):
+            chunk_lengths = lengths[lo:hi]
+            cu = np.zeros(hi - lo + 1, dtype=np.int64)
+            np.cumsum(chunk_lengths, out=cu[1:])
+            host = dict(
+                token_ids=flat_ids, token_player=flat_player, text_offsets=torch.from_numpy(text_offsets),
+                seq_text=torch.from_numpy(seq_text_np[lo:hi]), seq_keep=torch.from_numpy(seq_keep_np[lo:hi]),
+                cu_seqlens=torch.from_numpy(cu),
+            )
+            dev = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+            input_ids = pack_coalitions(**dev, cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=int(cu[-1]),
+                                        max_text_tokens=max_text_tokens, backend=self.pack_backend)
+            positions = np.arange(int(cu[-1])) - np.repeat(cu[:-1], chunk_lengths)
+            packed = PackedSequences(
+                input_ids=input_ids,
+                position_ids=torch.from_numpy(positions).to(device, non_blocking=True),
+                cu_seqlens=dev["cu_seqlens"].to(torch.int32),
+                lengths=chunk_lengths,
+            )
+            hidden = self.forward.hidden_states(packed)
+            embeddings[lo:hi] = pool_packed(hidden, packed, self.encoder.pooling)
+
+        unique_rows, coalition = coalitions.value_rows()
+        return embeddings, _lookup(seq_of_coalition, unique_rows, coalition)
+
+
+def _lookup(per_text: list[np.ndarray], text: np.ndarray, coalition: np.ndarray) -> np.ndarray:
+    """``per_text[text[k]][coalition[k]]`` for every k, without a Python loop over k."""
+    base = np.zeros(len(per_text) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in per_text], out=base[1:])
+    flat = np.concatenate([np.zeros(0, np.int64)] + per_text)
+    return flat[base[text] + coalition]
+
+
+def _chunks(lengths: np.ndarray, max_tokens: int):
+    """Consecutive [lo, hi) ranges of sequences holding at most ``max_tokens`` tokens each (at least one)."""
+    lo, total = 0, 0
+    for s, n in enumerate(lengths.tolist()):
+        if s > lo and total + n > max_tokens:
+            yield lo, s
+            lo, total = s, 0
+        total += n
+    if lo < len(lengths):
+        yield lo, len(lengths)

@@ -1,0 +1,233 @@
+"""Batched coalition evaluation and the OwenAttributor: fast paths against the plain per-coalition loop."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import BACKENDS, assert_close, iphone_charger_pool
+
+import ospo_fast as of
+from ospo_fast import _extension
+from ospo_fast.evaluate import CoalitionBatch, EncoderCoalitionEvaluator, evaluate_text_reward, pack_coalitions, pack_coalitions_reference
+
+WORDS = (
+    "iphone charger fast usb c cable for car wireless pad apple certified braided cord black white 6 ft "
+    "with and or magsafe adapter 20w power delivery lightning portable compact travel wall plug pro max"
+).split()
+
+
+def random_response(rng: random.Random) -> str:
+    """A random answer: 1-3 sentences of random shopping words, sometimes after a think block."""
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 3))]
+    answer = ". ".join(sentences)
+    return f"<think>{rng.choice(WORDS)} {rng.choice(WORDS)}</think><answer>{answer}</answer>" if rng.random() < 0.5 else answer
+
+
+@pytest.fixture(scope="module")
+def reward():
+    texts, labels = iphone_charger_pool()
+    return of.rewards.DenseRetrievalReward(
+        items=[t[:300] for t in texts[:60]],
+        pools=[list(range(0, 60)), list(range(10, 47))],
+        gains=[[of.rewards.esci_gain(x) for x in labels[:60]], [of.rewards.esci_gain(x) for x in labels[10:47]]],
+        cache_dir=False,
+    )
+
+
+def _batch(texts, owners, method="auto", budget=40):
+    seg = of.Segmenter(max_players=6)
+    sgs = [seg(t) for t in texts]
+    plans = [of.make_plan(sg.structure, method, budget=budget, seed=1) for sg in sgs]
+    return CoalitionBatch.build(sgs, plans, owners)
+
+
+def test_packed_forward_matches_per_coalition_loop_through_unmodified_model(reward):
+    rng = random.Random(0)
+    texts = [random_response(rng) for _ in range(7)]
+    coalitions = _batch(texts, [rng.randrange(2) for _ in texts])
+    embeddings, seq_index = EncoderCoalitionEvaluator(reward).embed(coalitions)
+    got = embeddings[torch.from_numpy(seq_index)]
+    unique, coalition = coalitions.value_rows()
+    coalition_texts = [of.coalition_texts(coalitions.segmentations[u], coalitions.plans[u].masks) for u in range(len(coalitions.plans))]
+    expected = torch.stack([reward.encoder.encode([coalition_texts[u][c]])[0] for u, c in zip(unique, coalition)])
+    assert_close(got, expected, rtol=1e-5, atol=2e-5, what="packed embeddings")
+
+
+def test_packed_values_equal_the_reward_of_each_coalition_text(reward):
+    rng = random.Random(1)
+    texts = [random_response(rng) for _ in range(9)]
+    coalitions = _batch(texts, [rng.randrange(2) for _ in texts], method="sampled")
+    packed, _ = EncoderCoalitionEvaluator(reward)(coalitions)
+    text_values, _ = evaluate_text_reward(reward, coalitions)
+    assert_close(packed, text_values, rtol=1e-5, atol=1e-5, what="coalition values")
+
+
+def test_packed_path_truncates_like_the_encoder(reward):
+    long_answer = ". ".join(" ".join(random.Random(s).choice(WORDS) for _ in range(40)) for s in range(5))
+    coalitions = _batch([long_answer], [0], method="sampled")
+    packed, _ = EncoderCoalitionEvaluator(reward)(coalitions)
+    text_values, _ = evaluate_text_reward(reward, coalitions)
+    assert_close(packed, text_values, rtol=1e-5, atol=1e-5, what="truncated coalition values")
+
+
+def _random_packing_inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    num_texts = 5
+    lengths = torch.randint(0, 40, (num_texts,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    total = int(offsets[-1])
+    token_ids = torch.randint(1000, 30000, (total,), generator=g)
+    token_player = torch.randint(-1, 7, (total,), generator=g)
+    seq_text = torch.randint(-1, num_texts, (23,), generator=g)
+    seq_keep = torch.randint(0, 1 << 7, (23,), generator=g)
+    seq_keep[0] = -1  # every bit set, the sign bit included
+    kept = []
+    for s in range(23):
+        u = int(seq_text[s])
+        if u < 0:
+            kept.append(0)
+            continue
+        p = token_player[offsets[u] : offsets[u + 1]]
+        kept.append(int(((p >= 0) & (((seq_keep[s] >> p.clamp(min=0)) & 1) == 1)).sum()))
+    room = torch.randint(0, 12, (23,), generator=g)  # truncation of some sequences
+    seq_lengths = 2 + torch.minimum(torch.tensor(kept), room)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), seq_lengths.cumsum(0)])
+    return dict(token_ids=token_ids, token_player=token_player, text_offsets=offsets, seq_text=seq_text,
+                seq_keep=seq_keep, cu_seqlens=cu, cls_id=101, sep_id=102, total_tokens=int(cu[-1])), int(lengths.max())
+
+
+@pytest.mark.skipif(not _extension.has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("seed", range(3))
+def test_triton_packing_kernel_matches_reference(seed):
+    args, longest = _random_packing_inputs(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    got = pack_coalitions(**dev, max_text_tokens=longest, backend="triton")
+    torch.testing.assert_close(got.cpu(), pack_coalitions_reference(**args))
+
+
+def test_packing_reference_keeps_the_coalitions_tokens_in_order():
+    args, _ = _random_packing_inputs(7)
+    out = pack_coalitions_reference(**args)
+    cu = args["cu_seqlens"]
+    for s in range(len(cu) - 1):
+        seq = out[cu[s] : cu[s + 1]]
+        assert seq[0] == 101 and seq[-1] == 102
+        u = int(args["seq_text"][s])
+        if u >= 0:
+            lo, hi = args["text_offsets"][u], args["text_offsets"][u + 1]
+            p = args["token_player"][lo:hi]
+            keep = (p >= 0) & (((args["seq_keep"][s] >> p.clamp(min=0)) & 1) == 1)
+            expected = args["token_ids"][lo:hi][keep][: len(seq) - 2]
+            torch.testing.assert_close(seq[1:-1], expected)
+
+
+class CountingReward:
+    """A text reward that counts its calls and the texts it scored."""
+
+    def __init__(self):
+        self.calls, self.scored = 0, 0
+
+    def __call__(self, texts, owners):
+        self.calls += 1
+        self.scored += len(texts)
+        return torch.tensor([len(set(t.split())) + 0.1 * o for t, o in zip(texts, owners)], dtype=torch.float64)
+
+
+def test_text_reward_is_called_once_for_the_whole_batch():
+    reward = CountingReward()
+    rng = random.Random(3)
+    out = of.OwenAttributor(reward, method="auto", budget=30)([random_response(rng) for _ in range(11)], [0] * 11)
+    assert reward.calls == 1
+    assert out.num_evaluations == reward.scored <= out.num_coalitions
+
+
+def test_duplicate_responses_are_evaluated_once(reward):
+    rng = random.Random(4)
+    texts = [random_response(rng) for _ in range(3)]
+    attr = of.OwenAttributor(reward, method="exact")
+    once = attr(texts, [0, 0, 0])
+    thrice = attr(texts * 3, [0] * 9)
+    assert thrice.num_evaluations == once.num_evaluations
+    for a, b in zip(once, thrice[6:]):
+        torch.testing.assert_close(a.phi, b.phi)
+
+
+def test_empty_coalition_is_embedded_once_for_the_batch(reward):
+    rng = random.Random(5)
+    texts = [random_response(rng) for _ in range(6)]
+    coalitions = _batch(texts, [0] * 6, method="exact")
+    _, seq_index = EncoderCoalitionEvaluator(reward).embed(coalitions)
+    starts = coalitions.batch.value_offsets[:-1]  # each plan's coalition 0 is the empty one
+    assert set(seq_index[starts].tolist()) == {0}
+
+
+@pytest.mark.parametrize("evaluator", ["packed", "text"])
+def test_attributor_exact_plan_is_efficient(reward, evaluator):
+    rng = random.Random(6)
+    out = of.OwenAttributor(reward, method="exact", evaluator=evaluator)([random_response(rng) for _ in range(4)], [1, 0, 1, 0])
+    for a in out:
+        assert float(a.phi.sum()) == pytest.approx(a.reward - a.baseline, abs=1e-5)
+
+
+def test_attributor_matches_owen_values_of_the_reward_game(reward):
+    text = "fast iphone charger with usb c cable. apple certified, braided cord"
+    out = of.OwenAttributor(reward, method="exact")([text], [0])
+    sg = out[0].segmentation
+
+    def value_fn(masks):
+        return reward(of.coalition_texts(sg, masks), [0] * masks.shape[0]).double()
+
+    assert_close(out[0].phi, of.owen_values(value_fn, sg.structure), rtol=1e-5, atol=1e-5, what="phi")
+
+
+def test_empty_answer_gives_an_empty_attribution_not_a_crash(reward):
+    out = of.OwenAttributor(reward)(["<think>only thinking</think><answer>   </answer>", "usb c cable"], [0, 0])
+    assert out[0].phi.numel() == 0 and out[0].segmentation.num_players == 0
+    assert out[1].phi.numel() == out[1].segmentation.num_players > 0
+
+
+def test_to_html_colours_each_segment_and_escapes_text():
+    reward = CountingReward()
+    out = of.OwenAttributor(reward, method="exact")(["<answer>red & blue shoes for men</answer>"], [0])
+    page = out[0].to_html()
+    assert "&lt;answer&gt;" in page and "&amp;" in page and "<answer>" not in page
+    assert page.count("Owen value") == out[0].segmentation.num_players
+
+
+@pytest.mark.parametrize(
+    "texts,owners,message",
+    [
+        ([], [], "texts: expected a non-empty list"),
+        ("one text", [0], "texts: expected a list of str"),
+        (["a b"], [0, 1], "owners: expected 1 owner indices"),
+        (["a b"], [5], "owners: owner index 5 is out of range for 2 pools"),
+        (["a b"], [-1], "owners: owner index -1 is negative"),
+        (["a b"], [0.5], "owners: expected integer"),
+    ],
+)
+def test_attributor_bad_input_names_the_argument(reward, texts, owners, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        of.OwenAttributor(reward)(texts, owners)
+
+
+def test_attributor_refuses_a_non_callable_reward():
+    with pytest.raises(ValueError, match="reward: expected a callable"):
+        of.OwenAttributor("bm25")
+
+
+def test_aggregation_backends_agree_inside_the_attributor():
+    reward = CountingReward()
+    rng = random.Random(8)
+    texts = [random_response(rng) for _ in range(5)]
+    reference = of.OwenAttributor(reward, method="auto", budget=20, backend="torch")(texts, [0] * 5)
+    for backend, device in BACKENDS:
+        if device != "cpu":
+            continue
+        out = of.OwenAttributor(reward, method="auto", budget=20, backend=backend)(texts, [0] * 5)
+        for a, b in zip(out, reference):
+            assert_close(a.phi, b.phi, rtol=1e-10, atol=1e-10, what=backend)
+    assert np.isfinite(sum(float(a.phi.sum()) for a in reference))
