@@ -233,10 +233,11 @@ def _flash_varlen():
 class PackedBertForward:
     """A BERT-family encoder run on packed variable-length sequences, with the model's own weights.
 
-    Every linear layer works on the packed tokens ``[total, hidden]`` (no padding FLOPs); attention runs
-    per sequence through, in order of preference, flash-attn's varlen kernel (CUDA), or PyTorch's SDPA on
-    a padded view with a key-padding mask (CPU and GPUs without flash-attn). Gives the same hidden states
-    as the unmodified model on each sequence (tested to float32 tolerance).
+    Every linear layer works on the packed tokens ``[total, hidden]`` (no padding FLOPs; Q, K and V in one
+    matmul). Attention uses flash-attn's varlen kernel where available (CUDA, fp16/bf16); otherwise it
+    runs PyTorch's SDPA once per run of consecutive sequences of equal length, on a zero-copy view of the
+    packed tokens — no padding, no mask. Callers that sort sequences by length (the evaluator does) get
+    one SDPA call per distinct length. Gives the unmodified model's hidden states (tested to fp32 tolerance).
     """
 
     SUPPORTED = ("bert",)
@@ -253,10 +254,21 @@ class PackedBertForward:
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
         self.act = config.hidden_act
-        self.eps = config.layer_norm_eps
         self.attention = attention
+        self._qkv = None
 
-    def _attend(self, q, k, v, packed: PackedSequences, layout) -> torch.Tensor:
+    def _fused_qkv(self):
+        """Per layer, the query, key and value projections stacked into one weight and bias (built once)."""
+        if self._qkv is None:
+            self._qkv = []
+            for layer in self.model.encoder.layer:
+                sa = layer.attention.self
+                weight = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]).detach()
+                bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]).detach()
+                self._qkv.append((weight, bias))
+        return self._qkv
+
+    def _attend(self, q, k, v, packed: PackedSequences, runs) -> torch.Tensor:
         """q, k, v: [total, heads, head_dim] -> [total, heads, head_dim]."""
         flash = _flash_varlen() if q.is_cuda and self.attention in ("auto", "flash") else None
         if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
@@ -264,41 +276,43 @@ class PackedBertForward:
             return flash(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
         if self.attention == "flash":
             raise ValueError("attention='flash' needs flash-attn, a CUDA device and fp16/bf16 weights")
-        gather, scatter, key_mask = layout
-        S, L = key_mask.shape
+        out = torch.empty_like(q)
+        for start, count, length in runs:
+            end = start + count * length
 
-        def padded(x):  # [total, h, d] -> [S, h, L, d]
-            return x.new_zeros(S * L, self.heads, self.head_dim).index_copy_(0, scatter, x).view(S, L, self.heads, self.head_dim).transpose(1, 2)
+            def view(x):  # [count * length, h, d] -> [count, h, length, d], no copy
+                return x[start:end].view(count, length, self.heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=key_mask[:, None, None, :])
-        return out.transpose(1, 2).reshape(S * L, self.heads, self.head_dim).index_select(0, scatter)
+            o = F.scaled_dot_product_attention(view(q), view(k), view(v))
+            out[start:end] = o.transpose(1, 2).reshape(count * length, self.heads, self.head_dim)
+        return out
 
-    def _layout(self, packed: PackedSequences, device):
-        """Where each packed token sits in the padded [S, L] view, and the key-padding mask."""
-        lengths = packed.lengths
-        S, L = len(lengths), packed.max_seqlen
-        seq = np.repeat(np.arange(S), lengths)
-        pos = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        scatter = torch.from_numpy(seq * L + pos).to(device)
-        key_mask = torch.from_numpy(np.arange(L)[None, :] < lengths[:, None]).to(device)
-        return None, scatter, key_mask
+    @staticmethod
+    def _runs(lengths: np.ndarray) -> list[tuple[int, int, int]]:
+        """Maximal runs of consecutive sequences of equal length: (first token, sequences, length)."""
+        runs, token, s = [], 0, 0
+        while s < len(lengths):
+            e = s
+            while e < len(lengths) and lengths[e] == lengths[s]:
+                e += 1
+            runs.append((token, e - s, int(lengths[s])))
+            token += (e - s) * int(lengths[s])
+            s = e
+        return runs
 
     @torch.inference_mode()
     def hidden_states(self, packed: PackedSequences) -> torch.Tensor:
         """Last hidden states float ``[total, hidden]`` of the packed tokens."""
         emb = self.model.embeddings
         h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
-        h = h + emb.token_type_embeddings.weight[0]
-        h = emb.LayerNorm(h)
-        layout = self._layout(packed, h.device)
+        h = emb.LayerNorm(h + emb.token_type_embeddings.weight[0])
+        runs = self._runs(packed.lengths)
         total = h.shape[0]
-        for layer in self.model.encoder.layer:
-            att = layer.attention
-            q = att.self.query(h).view(total, self.heads, self.head_dim)
-            k = att.self.key(h).view(total, self.heads, self.head_dim)
-            v = att.self.value(h).view(total, self.heads, self.head_dim)
-            ctx = self._attend(q, k, v, packed, layout).reshape(total, -1)
-            h = att.output.LayerNorm(att.output.dense(ctx) + h)
+        for layer, (w_qkv, b_qkv) in zip(self.model.encoder.layer, self._fused_qkv()):
+            q, k, v = F.linear(h, w_qkv, b_qkv).view(total, 3, self.heads, self.head_dim).unbind(1)
+            ctx = self._attend(q, k, v, packed, runs).reshape(total, -1)
+            att = layer.attention.output
+            h = att.LayerNorm(att.dense(ctx) + h)
             inner = _gelu(layer.intermediate.dense(h), self.act)
             h = layer.output.LayerNorm(layer.output.dense(inner) + h)
         return h
@@ -381,13 +395,18 @@ class EncoderCoalitionEvaluator:
             seq_keep += keys[nonempty].view(np.int64).tolist()
             lengths += (2 + np.minimum(kept[nonempty], budget)).tolist()
 
-        lengths = np.asarray(lengths, dtype=np.int64)
+        # Sequences sorted by length, so attention runs once per distinct length (see PackedBertForward).
+        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        position_of = np.empty_like(order)
+        position_of[order] = np.arange(len(order))
+        lengths = np.asarray(lengths, dtype=np.int64)[order]
+        seq_text = np.asarray(seq_text, dtype=np.int64)[order]
+        seq_keep = np.asarray(seq_keep, dtype=np.int64)[order]
+        seq_of_coalition = [position_of[index] for index in seq_of_coalition]
         flat_ids = torch.tensor([t for ids in ids_u for t in ids], dtype=torch.int64)
         flat_player = torch.cat(player_u) if player_u else torch.zeros(0, dtype=torch.long)
         text_offsets = np.zeros(len(ids_u) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in ids_u], out=text_offsets[1:])
-        seq_text_np = np.asarray(seq_text, dtype=np.int64)
-        seq_keep_np = np.asarray(seq_keep, dtype=np.int64)
         max_text_tokens = max((len(x) for x in ids_u), default=0)
 
         embeddings = torch.empty(len(lengths), self.encoder.dim, dtype=torch.float32, device=device)
@@ -397,7 +416,7 @@ class EncoderCoalitionEvaluator:
             np.cumsum(chunk_lengths, out=cu[1:])
             host = dict(
                 token_ids=flat_ids, token_player=flat_player, text_offsets=torch.from_numpy(text_offsets),
-                seq_text=torch.from_numpy(seq_text_np[lo:hi]), seq_keep=torch.from_numpy(seq_keep_np[lo:hi]),
+                seq_text=torch.from_numpy(seq_text[lo:hi]), seq_keep=torch.from_numpy(seq_keep[lo:hi]),
                 cu_seqlens=torch.from_numpy(cu),
             )
             dev = {k: v.to(device, non_blocking=True) for k, v in host.items()}

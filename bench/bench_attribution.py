@@ -1,0 +1,196 @@
+"""Attribution throughput with the bundled MiniLM dense-retrieval reward, side by side in one process.
+
+    python bench/bench_attribution.py [--responses 16] [--budget 64] [--json bench/results/attribution.json]
+
+Providers, on the same responses, candidate pool (the ESCI "iphone charger" pool, 99 products) and
+number of coalitions per response:
+  ospo_fast      OwenAttributor: segmentation, plans, one packed encoder forward, Owen aggregation
+  loop           one coalition at a time: reward([coalition text]) per coalition (the reference code's way)
+  shap           shap.PartitionExplainer over the same reward, max_evals = the same coalitions per response
+The GEMM-bound floor is the encoder's FLOPs on the kept tokens divided by a large matmul's FLOP rate
+measured here; ospo_fast's share of it = floor / its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ospo_fast as of
+from ospo_fast.evaluate import CoalitionBatch, EncoderCoalitionEvaluator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import iphone_charger_pool  # noqa: E402  (the shipped real pool)
+
+PHRASES = [
+    "fast iphone charger", "with usb c cable", "for car", "apple mfi certified", "6 ft braided cord",
+    "20w power delivery", "wall plug adapter", "for iphone 14 pro max", "magsafe compatible", "black",
+    "compact travel size", "with lightning connector", "2 pack", "wireless charging pad", "for airpods",
+]
+
+
+def responses(n: int, seed: int = 0) -> list[str]:
+    """Answers of 3 sentences of 2-4 phrases, after a short think block (as a policy writes them)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        sentences = [" ".join(rng.sample(PHRASES, rng.randint(2, 4))) for _ in range(3)]
+        out.append(f"<think>the user needs a charger</think><answer>{'. '.join(sentences)}</answer>")
+    return out
+
+
+def matmul_flops_per_second(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def encoder_flops(model, lengths: np.ndarray) -> float:
+    """Forward FLOPs of a BERT encoder on sequences of these lengths (linear layers + attention)."""
+    c = model.config
+    h, inner, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    tokens = float(lengths.sum())
+    linear = 2 * tokens * (4 * h * h + 2 * h * inner) * layers
+    attention = 2 * 2 * float((lengths.astype(np.float64) ** 2).sum()) * h * layers
+    return linear + attention
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--responses", type=int, default=16)
+    parser.add_argument("--budget", type=int, default=64, help="coalitions per response (method='auto')")
+    parser.add_argument("--loop-responses", type=int, default=2, help="responses timed with the slow providers")
+    parser.add_argument("--no-shap", action="store_true")
+    parser.add_argument("--json", default="bench/results/attribution.json")
+    args = parser.parse_args(argv)
+
+    texts, labels = iphone_charger_pool()
+    reward = of.rewards.DenseRetrievalReward(
+        items=[t[:400] for t in texts], pools=[list(range(len(texts)))], gains=[[of.rewards.esci_gain(x) for x in labels]]
+    )
+    batch_texts = responses(args.responses)
+    owners = [0] * len(batch_texts)
+    attributor = of.OwenAttributor(reward, method="auto", budget=args.budget, seed=0)
+    attributor(batch_texts[:2], owners[:2])  # warm-up
+    out = attributor(batch_texts, owners)
+    fast_seconds = best_of(lambda: attributor(batch_texts, owners))
+    coalitions = out.num_coalitions
+    rows = [dict(provider="ospo_fast packed", responses=len(batch_texts), coalitions=coalitions,
+                 evaluations=out.num_evaluations, seconds=fast_seconds, coalitions_per_s=coalitions / fast_seconds)]
+
+    # The GEMM floor of exactly the sequences ospo_fast embedded.
+    evaluator = EncoderCoalitionEvaluator(reward)
+    seg = [a.segmentation for a in out]
+    plans = [a.plan for a in out]
+    cb = CoalitionBatch.build(seg, plans, owners)
+    lengths = _sequence_lengths(evaluator, cb)
+    rate = matmul_flops_per_second()
+    floor = encoder_flops(reward.encoder.model, lengths) / rate
+
+    # One coalition at a time, on the first responses.
+    loop_items = list(out)[: args.loop_responses]
+    loop_texts = [(of.coalition_texts(a.segmentation, a.plan.masks), a.owner) for a in loop_items]
+    loop_count = sum(len(t) for t, _ in loop_texts)
+
+    def loop():
+        for coalition_texts, owner in loop_texts:
+            for text in coalition_texts:
+                reward([text], [owner])
+
+    loop_seconds = best_of(loop, repeats=1)
+    rows.append(dict(provider="loop (one coalition per call)", responses=len(loop_items), coalitions=loop_count,
+                     evaluations=loop_count, seconds=loop_seconds, coalitions_per_s=loop_count / loop_seconds))
+
+    if not args.no_shap:
+        shap_row = bench_shap(reward, loop_items, args.budget)
+        if shap_row:
+            rows.append(shap_row)
+
+    fast_rate = rows[0]["coalitions_per_s"]
+    for r in rows:
+        r["ospo_fast_speedup"] = fast_rate / r["coalitions_per_s"]
+    print(f"{'provider':<34} {'responses':>9} {'coalitions':>10} {'evals':>6} {'seconds':>9} {'coal/s':>8} {'ospo_fast x':>11}")
+    for r in rows:
+        print(f"{r['provider']:<34} {r['responses']:>9} {r['coalitions']:>10} {r['evaluations']:>6} {r['seconds']:>9.3f} "
+              f"{r['coalitions_per_s']:>8.1f} {r['ospo_fast_speedup']:>10.1f}x")
+    share = floor / fast_seconds
+    print(f"\nGEMM floor: {encoder_flops(reward.encoder.model, lengths) / 1e9:.2f} GFLOP on {int(lengths.sum())} kept tokens "
+          f"in {len(lengths)} sequences at {rate / 1e9:.1f} GFLOP/s (2048^2 fp32 matmul here) = {floor:.3f} s; "
+          f"ospo_fast {fast_seconds:.3f} s = {100 * share:.0f}% of the floor")
+    print("timings of one attribution (s): " + ", ".join(f"{k} {v:.4f}" for k, v in out.timings.items()))
+
+    meta = dict(machine=platform.machine(), cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, gemm_floor_seconds=floor, floor_share=share,
+                           matmul_flops_per_second=rate, timings=out.timings), f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _sequence_lengths(evaluator: EncoderCoalitionEvaluator, coalitions: CoalitionBatch) -> np.ndarray:
+    """Lengths of the sequences the packed forward embeds (recomputed the way the evaluator lays them out)."""
+    lengths = []
+    original = evaluator.forward.hidden_states
+
+    def spy(packed):
+        lengths.append(packed.lengths.copy())
+        return original(packed)
+
+    evaluator.forward.hidden_states = spy
+    try:
+        evaluator.embed(coalitions)
+    finally:
+        evaluator.forward.hidden_states = original
+    return np.concatenate(lengths)
+
+
+def bench_shap(reward, items, budget: int):
+    """shap.PartitionExplainer on the same reward with max_evals = the coalition budget per response."""
+    try:
+        import shap
+    except ImportError:
+        print("shap is not installed (pip install shap): its row is left out")
+        return None
+    owner = items[0].owner
+    calls = [0]
+
+    def f(texts):
+        calls[0] += len(texts)
+        return reward([str(t) for t in texts], [owner] * len(texts)).cpu().numpy()
+
+    explainer = shap.explainers.Partition(f, shap.maskers.Text(r"\W+"))
+    segmenter = of.Segmenter()
+    answers = [a.text[slice(*segmenter.answer_span(a.text))] for a in items]  # shap sees only the answer
+    start = time.perf_counter()
+    explainer(answers, max_evals=budget, silent=True)
+    seconds = time.perf_counter() - start
+    evaluations = calls[0]
+    return dict(provider="shap PartitionExplainer", responses=len(answers), coalitions=evaluations,
+                evaluations=evaluations, seconds=seconds, coalitions_per_s=evaluations / seconds)
+
+
+if __name__ == "__main__":
+    main()
