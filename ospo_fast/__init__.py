@@ -4,6 +4,7 @@ The data flows one way: text -> structure -> plan -> batched evaluation -> value
 token advantages -> loss. This package exposes each stage; see README.md for a tour.
 """
 
+from .advantages import group_advantages, redistribute, spread_credit
 from .attribution import Attribution, Attributions, OwenAttributor
 from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
 from .plans import (
@@ -26,7 +27,9 @@ from .segment import (
     token_player_maps,
 )
 from .structure import MAX_PLAYERS, CoalitionStructure
-from . import rewards  # noqa: E402  (a subpackage: of.rewards.DenseRetrievalReward)
+from . import data, rewards  # noqa: E402  (subpackages: of.rewards.DenseRetrievalReward, of.data.default_task)
+from .loss import grpo_loss, token_logprobs
+from .trainer import OSPOConfig, OSPOTrainer
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,8 @@ __all__ = [
     "BACKENDS",
     "MAX_EXACT_COALITIONS",
     "MAX_PLAYERS",
+    "OSPOConfig",
+    "OSPOTrainer",
     "CoalitionPlan",
     "CoalitionStructure",
     "OwenAttributor",
@@ -45,7 +50,10 @@ __all__ = [
     "SpacySegmenter",
     "coalition_text",
     "coalition_texts",
+    "data",
     "exact_plan",
+    "group_advantages",
+    "grpo_loss",
     "make_plan",
     "num_exact_coalitions",
     "owen_aggregate_reference",
@@ -53,8 +61,11 @@ __all__ = [
     "owen_orders",
     "owen_values",
     "resolve_backend",
+    "redistribute",
     "rewards",
     "sampled_plan",
+    "spread_credit",
+    "token_logprobs",
     "token_player_map",
     "token_player_maps",
 ]

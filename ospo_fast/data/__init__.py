@@ -1,0 +1,82 @@
+"""Data for the generative-search tasks: ESCI and H&M loaders, candidate pools, prompts, a shipped sample.
+
+>>> from ospo_fast.data import default_task, extract_answer
+>>> task = default_task()                  # 188 real ESCI queries, pools of 100, no download
+>>> reward = task.reward("bm25")           # BM25Reward(task.items, task.pools, task.gains)
+>>> s = task.samples[0]
+>>> float(reward([s.query], [s.owner])[0]) > 0
+True
+
+Official files: ESCI from https://github.com/amazon-science/esci-data (:func:`load_esci`); H&M from the
+Kaggle competition (:func:`load_hm`). The shipped default dataset (``default/``) holds ESCI rows only
+(Apache-2.0, attribution in ``default/NOTICE``).
+"""
+
+from .esci import (
+    ESCI_COLUMNS,
+    EXAMPLE_COLUMNS,
+    PRODUCT_COLUMNS,
+    default_esci_path,
+    load_default_esci,
+    load_esci,
+    load_esci_csv,
+    product_text,
+    product_text_parts,
+    title_category,
+)
+from .hm import (
+    ARTICLE_COLUMNS,
+    CUSTOMER_COLUMNS,
+    TRANSACTION_COLUMNS,
+    HMData,
+    article_text,
+    customer_histories,
+    load_hm,
+    normalise_article_id,
+)
+from .pools import DEFAULT_MIX, KINDS, Pools, bm25_ranked, build_pools, category_codes, esci_pools, hm_pools, owner_rng
+from .prompts import ESCI_TEMPLATE, HM_TEMPLATE, TEMPLATE_FIELDS, chat, check_template, extract_answer, render
+from .tasks import Sample, SearchTask, default_task, esci_task, hm_task, train_eval_split
+
+__all__ = [
+    "ARTICLE_COLUMNS",
+    "CUSTOMER_COLUMNS",
+    "DEFAULT_MIX",
+    "ESCI_COLUMNS",
+    "ESCI_TEMPLATE",
+    "EXAMPLE_COLUMNS",
+    "HM_TEMPLATE",
+    "HMData",
+    "KINDS",
+    "PRODUCT_COLUMNS",
+    "Pools",
+    "Sample",
+    "SearchTask",
+    "TEMPLATE_FIELDS",
+    "TRANSACTION_COLUMNS",
+    "article_text",
+    "bm25_ranked",
+    "build_pools",
+    "category_codes",
+    "chat",
+    "check_template",
+    "customer_histories",
+    "default_esci_path",
+    "default_task",
+    "esci_pools",
+    "esci_task",
+    "extract_answer",
+    "hm_pools",
+    "hm_task",
+    "load_default_esci",
+    "load_esci",
+    "load_esci_csv",
+    "load_hm",
+    "normalise_article_id",
+    "owner_rng",
+    "product_text",
+    "product_text_parts",
+    "render",
+    "title_category",
+    "train_eval_split",
+]

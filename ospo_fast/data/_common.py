@@ -1,0 +1,93 @@
+"""Helpers shared by the ESCI and H&M loaders: file and column checks, item-text composition."""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+_TAG = re.compile(r"<[^>]{0,200}>")
+_SPACE = re.compile(r"\s+")
+
+
+def require_file(path, what: str, where: str) -> Path:
+    """``path`` as a Path; ``FileNotFoundError`` naming it and where to get the data when it is missing."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}. {where}")
+    return p
+
+
+def read_columns(path: Path) -> list[str]:
+    """The column names of a .parquet or .csv file, without reading its rows."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs the package pyarrow: pip install pyarrow") from e
+
+        return list(pq.read_schema(path).names)
+    return list(pd.read_csv(path, nrows=0).columns)
+
+
+def require_columns(columns: Iterable[str], required: Sequence[str], what: str) -> None:
+    """``ValueError`` listing the ``required`` columns that ``columns`` lacks."""
+    have = set(columns)
+    missing = [c for c in required if c not in have]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; the official layout has {list(required)}")
+
+
+def clean_text(value) -> str:
+    """A field as one line of plain text: '' for NaN/None, HTML tags and entities removed, spaces collapsed."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    text = str(value)
+    if "<" in text or "&" in text:
+        text = _TAG.sub(" ", html.unescape(text))
+    return _SPACE.sub(" ", text).strip()
+
+
+def _cut_words(text: str, room: int) -> str:
+    """The longest prefix of ``text`` of at most ``room`` characters that ends at a word boundary."""
+    if room <= 0:
+        return ""
+    if len(text) <= room:
+        return text
+    cut = text.rfind(" ", 0, room + 1)
+    head = text[:cut] if cut > 0 else text[:room]  # one long word: cut it hard
+    return head.rstrip(" ,;:-–—/|")
+
+
+def compose(pieces: Iterable[str], max_chars: int, sep: str = "\n", min_cut: int = 24) -> list[str]:
+    """The pieces that fit in ``max_chars`` characters once joined by ``sep``.
+
+    Pieces are taken in order; the first one that does not fit whole is cut at a word boundary (kept only if
+    at least ``min_cut`` characters remain: a brand or colour is never cut to a stub) and the rest are
+    dropped. Empty pieces are skipped. Composing the result again returns it unchanged, so a text trimmed
+    once (the shipped default data) gives the same item text as the untrimmed row.
+    """
+    out: list[str] = []
+    used = 0
+    for piece in pieces:
+        if not piece:
+            continue
+        room = max_chars - used - (len(sep) if out else 0)
+        if len(piece) <= room:
+            out.append(piece)
+            used += len(piece) + (len(sep) if len(out) > 1 else 0)
+            continue
+        head = _cut_words(piece, room)
+        if len(head) >= min(min_cut, max_chars):
+            out.append(head)
+        break
+    return out
+
+
+def check_max_chars(max_chars) -> int:
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise ValueError(f"max_chars: expected a positive int, got {max_chars!r}")
+    return max_chars

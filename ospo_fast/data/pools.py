@@ -1,0 +1,391 @@
+"""Candidate pools: the judged items of each owner (query or customer) plus seeded negatives.
+
+A pool holds an owner's judged items with their gains, then negatives (gain 0) up to ``pool_size``, drawn
+in a fixed mix of three kinds, as in the OSPO reference setup (50 / 30 / 20):
+
+- **category**: items of the same kind as a judged item. The kind is given by category keys tried in order
+  (ESCI: the head noun of the title, then the brand; H&M: ``product_type_name``, then
+  ``garment_group_name``); drawn at random among the matches;
+- **related**: the items lexically nearest to the owner's query text by BM25 over the whole catalogue, best
+  first;
+- **random**: uniform over the rest of the catalogue.
+
+A kind that runs short passes its share on (category -> related -> random); when the catalogue itself runs
+short the pool is smaller, with a warning. Negatives are never an owner's judged items, nor items in its
+``exclude`` set (a customer's earlier purchases). Each owner draws from its own ``numpy`` PCG64 generator
+seeded by ``(seed, owner key)``: the same seed gives the same pools on any machine and whatever other owners
+are built alongside. The pool is shuffled last, so an uninformative query (one that ties every item, which
+the rewards rank in pool order) gets a chance-level score, not the judged items' top spots.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..rewards.metrics import esci_gain
+from ._common import require_columns
+from .esci import product_text, title_category
+from .hm import HMData, article_text
+
+__all__ = [
+    "KINDS",
+    "DEFAULT_MIX",
+    "Pools",
+    "build_pools",
+    "bm25_ranked",
+    "category_codes",
+    "owner_rng",
+    "esci_pools",
+    "hm_pools",
+]
+
+#: Kinds of pool entries.
+KINDS = ("judged", "category", "related", "random")
+
+#: Share of negatives per kind (category, related, random).
+DEFAULT_MIX = (0.5, 0.3, 0.2)
+
+_ESCI_NEEDED = ("query_id", "query", "product_id", "product_locale", "esci_label", "product_title", "product_brand")
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Candidate pools over a catalogue of items.
+
+    Attributes:
+        items: ``[I]`` item texts (the catalogue the pools index).
+        item_ids: ``[I]`` the items' dataset ids (ESCI ``product_id``, H&M ``article_id``).
+        owners: ``[O]`` owner keys (ESCI ``query_id`` as str, H&M ``customer_id``).
+        pools: ``pools[o]``: indices into ``items``, shuffled.
+        gains: ``gains[o]``: float gains aligned with ``pools[o]`` (0 for negatives).
+        kinds: ``kinds[o]``: the kind of each entry, one of :data:`KINDS`.
+    """
+
+    items: List[str]
+    item_ids: List[str]
+    owners: List[str]
+    pools: List[List[int]]
+    gains: List[List[float]]
+    kinds: List[List[str]]
+
+    def compact(self) -> "Pools":
+        """The same pools over only the items they use (catalogue order kept), so rewards index less."""
+        used = sorted({i for pool in self.pools for i in pool})
+        remap = {old: new for new, old in enumerate(used)}
+        return Pools(
+            items=[self.items[i] for i in used],
+            item_ids=[self.item_ids[i] for i in used],
+            owners=list(self.owners),
+            pools=[[remap[i] for i in pool] for pool in self.pools],
+            gains=[list(g) for g in self.gains],
+            kinds=[list(k) for k in self.kinds],
+        )
+
+    def subset(self, owners: Sequence[int]) -> "Pools":
+        """The pools of the given owner positions, in that order (items unchanged)."""
+        owners = list(owners)
+        return Pools(
+            self.items,
+            self.item_ids,
+            [self.owners[o] for o in owners],
+            [self.pools[o] for o in owners],
+            [self.gains[o] for o in owners],
+            [self.kinds[o] for o in owners],
+        )
+
+
+def owner_rng(seed: int, key) -> np.random.Generator:
+    """The PCG64 generator of one owner: seeded by ``seed`` and a stable hash (CRC-32) of ``str(key)``."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), zlib.crc32(str(key).encode())])))
+
+
+def category_codes(values: Sequence[str]) -> np.ndarray:
+    """int64 ``[I]`` codes of category values; ``""`` and None get -1 (no category)."""
+    codes, uniques = pd.factorize(pd.Series(list(values), dtype=object).fillna("").astype(str), sort=True)
+    codes = codes.astype(np.int64)
+    if len(uniques) and "" in set(uniques):
+        codes[codes == list(uniques).index("")] = -1
+    return codes
+
+
+def bm25_ranked(queries: Sequence[str], items: Sequence[str], depth: int) -> List[np.ndarray]:
+    """For each query, the items with a positive BM25 score, best first (ties by item index), at most ``depth``.
+
+    Tokenisation is that of :class:`ospo_fast.rewards.BM25Reward` (``bm25s``: lower case, English stopwords
+    removed). Ties are broken by score value and index only, so the order is the same on any machine.
+
+    Returns:
+        ``len(queries)`` int64 arrays of item indices.
+    """
+    from ..rewards.bm25 import BM25Reward, _bm25s
+
+    retriever = _bm25s().BM25()
+    retriever.index(BM25Reward.tokenize(items), show_progress=False)
+    out = []
+    for tokens in BM25Reward.tokenize(queries):
+        scores = retriever.get_scores(tokens) if tokens else np.zeros(len(items))
+        hit = np.flatnonzero(scores > 0)
+        if hit.size > depth:
+            # Keep everything scoring at least the depth-th best value (ties included), then sort exactly.
+            floor = np.partition(scores[hit], hit.size - depth)[hit.size - depth]
+            hit = hit[scores[hit] >= floor]
+        order = np.lexsort((hit, -scores[hit]))
+        out.append(hit[order][:depth].astype(np.int64))
+    return out
+
+
+def build_pools(
+    judged: Sequence[Sequence[int]],
+    judged_gains: Sequence[Sequence[float]],
+    num_items: int,
+    *,
+    category_keys: Sequence[np.ndarray] = (),
+    related: Optional[Sequence[np.ndarray]] = None,
+    exclude: Optional[Sequence[Sequence[int]]] = None,
+    owner_keys: Optional[Sequence] = None,
+    pool_size: int = 100,
+    mix: Sequence[float] = DEFAULT_MIX,
+    seed: int = 0,
+) -> tuple[List[List[int]], List[List[float]], List[List[str]]]:
+    """Pools of judged items plus negatives (see the module docstring for the rules).
+
+    Args:
+        judged: ``[O]`` lists of item indices judged for each owner (distinct within an owner).
+        judged_gains: ``[O]`` lists of their gains.
+        num_items: the catalogue size ``I``.
+        category_keys: int64 ``[I]`` arrays of category codes (-1: none), tried in order.
+        related: ``[O]`` arrays of item indices, most related first (:func:`bm25_ranked`); None: no related
+            negatives (their share goes to random).
+        exclude: ``[O]`` item indices that must not be negatives.
+        owner_keys: ``[O]`` keys seeding each owner's generator (:func:`owner_rng`); default: the position.
+        pool_size: the target pool size (judged + negatives).
+        mix: shares of the negatives ``(category, related, random)``, non-negative, summing to 1.
+        seed: the base seed.
+    Returns:
+        ``(pools, gains, kinds)``, each ``[O]`` lists aligned entry by entry.
+    """
+    mix = _check_mix(mix)
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+        raise ValueError(f"pool_size: expected a positive int, got {pool_size!r}")
+    n_owners = len(judged)
+    if len(judged_gains) != n_owners:
+        raise ValueError(f"judged_gains: has {len(judged_gains)} rows for {n_owners} owners (judged)")
+    for name, rows in (("related", related), ("exclude", exclude), ("owner_keys", owner_keys)):
+        if rows is not None and len(rows) != n_owners:
+            raise ValueError(f"{name}: has {len(rows)} entries for {n_owners} owners (judged)")
+    groups = [_groups(codes, num_items) for codes in category_keys]
+
+    pools, gains, kinds = [], [], []
+    short = []
+    for o in range(n_owners):
+        rng = owner_rng(seed, owner_keys[o] if owner_keys is not None else o)
+        pool = [int(i) for i in judged[o]]
+        gain = [float(g) for g in judged_gains[o]]
+        kind = ["judged"] * len(pool)
+        if len(set(pool)) != len(pool):
+            raise ValueError(f"judged: owner {o} lists an item twice")
+        taken = set(pool) | (set(int(i) for i in exclude[o]) if exclude is not None else set())
+        quotas = _quotas(max(0, pool_size - len(pool)), mix)
+
+        def add(new, name):
+            pool.extend(new)
+            gain.extend([0.0] * len(new))
+            kind.extend([name] * len(new))
+            taken.update(new)
+
+        # category: random picks among the items sharing a judged item's code, key by key.
+        need = quotas[0]
+        for codes, members in zip(category_keys, groups):
+            if need <= 0:
+                break
+            own = {int(codes[i]) for i in judged[o] if codes[i] >= 0}
+            if not own:
+                continue
+            cand = np.concatenate([members[c] for c in sorted(own)])
+            cand = np.array([i for i in np.unique(cand) if i not in taken], dtype=np.int64)
+            picked = rng.permutation(cand)[:need].tolist()
+            add(picked, "category")
+            need -= len(picked)
+        # related: the best-ranked items not yet taken; category's shortfall passes on.
+        need += quotas[1]
+        if related is not None and need > 0:
+            picked = []
+            for i in related[o]:
+                if len(picked) == need:
+                    break
+                if int(i) not in taken:
+                    picked.append(int(i))
+            add(picked, "related")
+            need -= len(picked)
+        need += quotas[2]
+        add(_draw_uniform(rng, num_items, need, taken), "random")
+
+        order = rng.permutation(len(pool))
+        pools.append([pool[j] for j in order])
+        gains.append([gain[j] for j in order])
+        kinds.append([kind[j] for j in order])
+        if len(pool) < pool_size:
+            short.append(len(pool))
+    if short:
+        warnings.warn(
+            f"{len(short)} of {n_owners} pool(s) are smaller than pool_size={pool_size} (smallest {min(short)}): "
+            f"the catalogue has only {num_items} items",
+            stacklevel=2,
+        )
+    return pools, gains, kinds
+
+
+def esci_pools(
+    frame: pd.DataFrame,
+    pool_size: int = 100,
+    mix: Sequence[float] = DEFAULT_MIX,
+    seed: int = 0,
+    max_item_chars: int = 600,
+    require_relevant: bool = True,
+    max_owners: Optional[int] = None,
+) -> Pools:
+    """Pools for ESCI queries: each query's judged products (ESCI gains) plus negatives.
+
+    The catalogue is every distinct ``(product_id, product_locale)`` of ``frame``. Category keys: the head
+    noun of the title (:func:`~ospo_fast.data.esci.title_category`), then the brand. Related: BM25 of the
+    query text over the catalogue's item texts.
+
+    Args:
+        frame: a joined ESCI frame (:func:`~ospo_fast.data.load_esci`, :func:`~ospo_fast.data.load_esci_csv`).
+        pool_size, mix, seed: see :func:`build_pools`.
+        max_item_chars: item text length (:func:`~ospo_fast.data.product_text`).
+        require_relevant: drop queries none of whose judged products has a positive gain (their reward would
+            be 0 whatever the query).
+        max_owners: keep at most this many queries (the first ones, in order of appearance).
+    Returns:
+        :class:`Pools` over the items they use; ``owners`` are the ``query_id``\\ s as str.
+    """
+    require_columns(frame.columns, _ESCI_NEEDED, "frame")
+    products = frame.drop_duplicates(["product_id", "product_locale"]).reset_index(drop=True)
+    index = {key: i for i, key in enumerate(zip(products["product_id"], products["product_locale"]))}
+    items = [product_text(row, max_item_chars) for row in products.to_dict("records")]
+
+    owners, queries, judged, gains = [], [], [], []
+    for qid, group in frame.groupby("query_id", sort=False):
+        pairs: Dict[int, float] = {}
+        for pid, loc, label in zip(group["product_id"], group["product_locale"], group["esci_label"]):
+            pairs.setdefault(index[(pid, loc)], esci_gain(label))
+        if require_relevant and max(pairs.values()) <= 0:
+            continue
+        owners.append(str(qid))
+        queries.append(str(group["query"].iloc[0]))
+        judged.append(list(pairs))
+        gains.append(list(pairs.values()))
+        if max_owners is not None and len(owners) >= max_owners:
+            break
+
+    keys = [
+        category_codes([title_category(t) for t in products["product_title"]]),
+        category_codes([b.strip().lower() for b in products["product_brand"]]),
+    ]
+    related = bm25_ranked(queries, items, depth=pool_size + max((len(j) for j in judged), default=0))
+    pools, pool_gains, kinds = build_pools(
+        judged, gains, len(items), category_keys=keys, related=related, owner_keys=owners,
+        pool_size=pool_size, mix=mix, seed=seed,
+    )  # fmt: skip
+    return Pools(items, products["product_id"].tolist(), owners, pools, pool_gains, kinds).compact()
+
+
+def hm_pools(
+    data: HMData,
+    histories: pd.DataFrame,
+    pool_size: int = 100,
+    mix: Sequence[float] = DEFAULT_MIX,
+    seed: int = 0,
+    max_item_chars: int = 400,
+) -> Pools:
+    """Pools for H&M customers: the next bought article (gain 1) plus negatives.
+
+    The catalogue is ``data.articles``. Category keys: ``product_type_name``, then ``garment_group_name``.
+    Related: BM25 of the target article's text over the catalogue (look-alike articles). The customer's
+    earlier purchases are never negatives. Customers whose target is not in the catalogue are dropped.
+
+    Args:
+        data: :func:`~ospo_fast.data.load_hm` output (articles needed).
+        histories: :func:`~ospo_fast.data.customer_histories` output.
+        pool_size, mix, seed: see :func:`build_pools`.
+        max_item_chars: item text length (:func:`~ospo_fast.data.article_text`).
+    Returns:
+        :class:`Pools` over the items they use; ``owners`` are the ``customer_id``\\ s.
+    """
+    articles = data.articles
+    index = {a: i for i, a in enumerate(articles["article_id"])}
+    items = [article_text(row, max_item_chars) for row in articles.to_dict("records")]
+    rows = histories[histories["target"].isin(index)]
+    judged = [[index[t]] for t in rows["target"]]
+    exclude = [[index[a] for a in h if a in index] for h in rows["history"]]
+    keys = [category_codes(articles["product_type_name"]), category_codes(articles["garment_group_name"])]
+    related = bm25_ranked([items[j[0]] for j in judged], items, depth=pool_size + max(map(len, exclude), default=0))
+    owners = rows["customer_id"].tolist()
+    pools, gains, kinds = build_pools(
+        judged, [[1.0]] * len(judged), len(items), category_keys=keys, related=related, exclude=exclude,
+        owner_keys=owners, pool_size=pool_size, mix=mix, seed=seed,
+    )  # fmt: skip
+    return Pools(items, articles["article_id"].tolist(), owners, pools, gains, kinds).compact()
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_mix(mix) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(x) for x in mix)
+    except TypeError:
+        raise ValueError(f"mix: expected three shares (category, related, random), got {mix!r}") from None
+    if len(values) != 3 or any(not np.isfinite(v) or v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise ValueError(
+            f"mix: expected three non-negative shares (category, related, random) summing to 1, got {mix!r}"
+        )
+    return values
+
+
+def _quotas(n: int, mix: tuple[float, float, float]) -> List[int]:
+    """Split ``n`` negatives by ``mix`` with largest remainders (ties to the earlier kind): they sum to ``n``."""
+    exact = [n * m for m in mix]
+    counts = [int(np.floor(x)) for x in exact]
+    by_remainder = sorted(range(3), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in by_remainder[: n - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+def _groups(codes: np.ndarray, num_items: int) -> Dict[int, np.ndarray]:
+    """code -> sorted item indices with that code (codes -1 left out)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.shape != (num_items,):
+        raise ValueError(f"category_keys: each must have shape [{num_items}] (a code per item), got {codes.shape}")
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    bounds = np.r_[starts, len(codes)]
+    return {int(sorted_codes[a]): order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if sorted_codes[a] >= 0}
+
+
+def _draw_uniform(rng: np.random.Generator, num_items: int, need: int, taken: set) -> List[int]:
+    """``need`` distinct items uniformly from those not in ``taken`` (all of them when fewer remain)."""
+    free = num_items - sum(1 for i in taken if 0 <= i < num_items)
+    if need <= 0 or free <= 0:
+        return []
+    if free <= 4 * need:  # a small or nearly used-up catalogue: draw from the explicit rest
+        rest = np.setdiff1d(np.arange(num_items), np.fromiter(taken, dtype=np.int64, count=len(taken)))
+        return rng.permutation(rest)[:need].tolist()
+    # A large catalogue: rejection sampling avoids materialising it for every owner.
+    picked: List[int] = []
+    seen = set(taken)
+    while len(picked) < need:
+        i = int(rng.integers(num_items))
+        if i not in seen:
+            seen.add(i)
+            picked.append(i)
+    return picked

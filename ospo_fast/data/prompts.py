@@ -1,0 +1,117 @@
+"""Prompt templates for the search tasks, and answer extraction from completions.
+
+Templates are plain ``str.format`` strings with named fields. A user passes their own with
+``template="..."``; :func:`check_template` rejects fields the task does not provide, naming them.
+
+>>> render(ESCI_TEMPLATE, "esci", request="running shoes")[:40]
+'A shopper typed this request into an onl'
+>>> extract_answer("<think>short</think><answer>red trail running shoes</answer>")
+'red trail running shoes'
+"""
+
+from __future__ import annotations
+
+import string
+from functools import lru_cache
+from typing import Dict, FrozenSet, List, Optional
+
+__all__ = [
+    "ESCI_TEMPLATE",
+    "HM_TEMPLATE",
+    "TEMPLATE_FIELDS",
+    "check_template",
+    "render",
+    "chat",
+    "extract_answer",
+]
+
+ESCI_TEMPLATE = (
+    "A shopper typed this request into an online store:\n"
+    "\n"
+    "{request}\n"
+    "\n"
+    "Write one search query that finds the product they want in the store's product catalogue. "
+    "Think briefly inside <think></think>, then give only the search query inside <answer></answer>."
+)
+
+HM_TEMPLATE = (
+    "A customer of a fashion store bought these items, oldest first:\n"
+    "\n"
+    "{history}\n"
+    "\n"
+    "Describe the next item they will buy, as a short product description that a search engine can match "
+    "against the store's catalogue. Think briefly inside <think></think>, then give only the description "
+    "inside <answer></answer>."
+)
+
+#: The fields each task fills in its template.
+TEMPLATE_FIELDS: Dict[str, FrozenSet[str]] = {
+    # request: the shopper's (under-specified) query.
+    "esci": frozenset({"request"}),
+    # history: the recent items, one "- text" line each; num_items: how many; age: the customer's age or "unknown".
+    "hm": frozenset({"history", "num_items", "age"}),
+}
+
+
+def check_template(template: str, task: str) -> str:
+    """Validate a template for ``task`` ("esci" or "hm"); returns it.
+
+    Raises:
+        ValueError: not a str, malformed braces, a positional field (``{}``, ``{0}``), or fields the task does
+            not provide (named, with the allowed ones).
+    """
+    if task not in TEMPLATE_FIELDS:
+        raise ValueError(f"task: expected one of {sorted(TEMPLATE_FIELDS)}, got {task!r}")
+    if not isinstance(template, str):
+        raise ValueError(f"template: expected a format string, got {type(template).__name__}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"template: not a valid format string ({e}); write literal braces as {{{{ and }}}}") from None
+    fields = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        root = name.split(".")[0].split("[")[0]
+        if root == "" or root.isdigit():
+            raise ValueError(f"template: positional field {{{name}}}; use named fields {sorted(TEMPLATE_FIELDS[task])}")
+        fields.append(root)
+    unknown = sorted(set(fields) - TEMPLATE_FIELDS[task])
+    if unknown:
+        raise ValueError(
+            f"template: unknown field(s) {unknown} for the {task} task; available: {sorted(TEMPLATE_FIELDS[task])}"
+        )
+    return template
+
+
+def render(template: str, task: str, **fields) -> str:
+    """Fill a checked template with the task's ``fields`` (all of them; a template may use a subset)."""
+    return check_template(template, task).format(**fields)
+
+
+def chat(text: str, system: Optional[str] = None) -> List[Dict[str, str]]:
+    """A chat-style message list: an optional system message, then ``text`` as the user message."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+@lru_cache(maxsize=1)
+def _segmenter():
+    from ..segment import Segmenter
+
+    return Segmenter()
+
+
+def extract_answer(completion: str) -> str:
+    """The answer of a completion, stripped: the text inside the first ``<answer>...</answer>``; without an
+    answer tag, the text after ``</think>``; without either, the whole text.
+
+    The same rule the segmenter uses (:meth:`ospo_fast.Segmenter.answer_span`), so the reward of the
+    extracted answer is the value of the grand coalition. An unclosed ``<think>`` with no answer tag (a
+    completion cut off while thinking) gives ``""``; an answer tag never closed runs to the end of the text.
+    """
+    if not isinstance(completion, str):
+        raise ValueError(f"completion: expected a str, got {type(completion).__name__}")
+    lo, hi = _segmenter().answer_span(completion)
+    return completion[lo:hi].strip()

@@ -1,0 +1,509 @@
+"""OSPOTrainer: GRPO with Owen-value credit assignment, for Hugging Face causal LMs on one node.
+
+One step::
+
+    prompts --generate G each--> completions --segment--> segments
+            --OwenAttributor (one packed reward evaluation)--> v(N) per response and Owen values per segment
+            --group_advantages--> A [N] --spread_credit + redistribute--> per-token advantages [N, T]
+            --grpo_loss (clipped surrogate, optional KL)--> backward --> optimizer step
+
+``mode="grpo"`` runs the same code with every token of a response given its advantage A: the baseline
+for every comparison. The sequence reward is the reward of the response reduced to all its segments
+(``v(N)`` of the attribution game, ``reward(coalition_text(sg, all))``) in both modes, so OSPO's credit sums
+exactly to what GRPO optimises.
+
+Between the rewards and the optimizer step nothing reads device memory on the host: advantages,
+redistribution, loss, gradient clipping and the step stay on the device. Checkpoints (model, optimizer,
+scheduler, RNG states, data order, step) are written to a temporary file and renamed over the previous one,
+so a crash mid-write leaves the previous checkpoint whole; ``resume=True`` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .advantages import REDISTRIBUTION_MODES, group_advantages, redistribute, spread_credit
+from .attribution import OwenAttributor
+from .loss import grpo_loss
+from .policy import completion_offsets, prompt_text
+from .segment import Segmenter, coalition_text, token_player_maps
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class OSPOConfig:
+    """Everything that shapes a run. Defaults follow the OSPO paper's reference setting where it has one
+    (group size 8, learning rate 5e-6, no KL, at most 64 coalitions per response)."""
+
+    output_dir: str = "runs/ospo"
+    mode: str = "ospo"  # "ospo" or "grpo"
+    redistribution: str = "proportional"  # see ospo_fast.advantages
+    alpha: float = 0.5
+    floor: float = 0.1
+    clip: float | None = None
+    advantage_scale: str = "group"
+    group_size: int = 8
+    prompts_per_step: int = 4
+    max_steps: int = 100
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 16
+    num_iterations: int = 1  # optimisation passes over each generated batch (PPO epochs)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: str = "grpo"
+    beta: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    attribution_method: str = "auto"
+    attribution_budget: int = 64
+    max_players: int = 16
+    seed: int = 0
+    save_steps: int = 25
+    bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
+    lora: dict | None = None  # e.g. {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+    loss_backend: str = "auto"
+    progress: bool = True
+
+    def check(self) -> "OSPOConfig":
+        if self.mode not in ("ospo", "grpo"):
+            raise ValueError(f"mode: expected 'ospo' or 'grpo', got {self.mode!r}")
+        if self.redistribution not in REDISTRIBUTION_MODES:
+            raise ValueError(f"redistribution: expected one of {REDISTRIBUTION_MODES}, got {self.redistribution!r}")
+        for name in ("group_size", "prompts_per_step", "max_steps", "micro_batch_size", "num_iterations",
+                     "max_new_tokens", "save_steps", "attribution_budget", "max_players"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size: GRPO needs at least 2 completions per prompt, got {self.group_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature!r}")
+        return self
+
+
+class OSPOTrainer:
+    """Trains a causal LM with OSPO (or GRPO) against a reward over candidate pools.
+
+    Args:
+        model, tokenizer: a Hugging Face causal LM and its tokenizer (see :mod:`ospo_fast.policy`).
+        reward: a :class:`~ospo_fast.rewards.DenseRetrievalReward` or any ``reward(texts, owners) -> float [N]``.
+        prompts: the training prompts (chat message lists or strings).
+        owners: ``owners[i]``: the reward's pool (owner) for prompt i.
+        config: :class:`OSPOConfig`.
+        ref_model: the reference model of the KL term (``beta > 0``); None copies the initial model (or,
+            with LoRA, disables the adapters).
+        callbacks: functions ``callback(trainer, step, metrics)`` called after each step (evaluation, plots).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        reward: Callable,
+        prompts: Sequence,
+        owners: Sequence[int],
+        config: OSPOConfig | None = None,
+        ref_model=None,
+        callbacks: Sequence[Callable] = (),
+    ):
+        self.config = (config or OSPOConfig()).check()
+        if len(prompts) == 0:
+            raise ValueError("prompts: expected at least one prompt")
+        if len(owners) != len(prompts):
+            raise ValueError(f"owners: expected {len(prompts)}, one per prompt, got {len(owners)}")
+        cfg = self.config
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)
+        self.owners = [int(o) for o in owners]
+        self.reward = reward
+        self.device = next(model.parameters()).device
+        self.use_bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
+        if cfg.lora:
+            model = _with_lora(model, cfg.lora)
+        self.model = model
+        self.ref_model = ref_model
+        if cfg.beta > 0 and ref_model is None and not cfg.lora:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.segmenter = Segmenter(max_players=cfg.max_players)
+        self.attributor = OwenAttributor(
+            reward, segmenter=self.segmenter, method=cfg.attribution_method, budget=cfg.attribution_budget,
+            seed=cfg.seed,
+        ) if cfg.mode == "ospo" else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = max(cfg.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.callbacks = list(callbacks)
+        self.step = 0
+        self.data_rng = np.random.Generator(np.random.PCG64(cfg.seed))
+        self.order: list[int] = []
+        self.output_dir = Path(cfg.output_dir)
+
+    # ------------------------------------------------------------------------------------------------
+    # Data order: seeded epochs over the prompts; its state is checkpointed.
+
+    def _next_prompts(self) -> list[int]:
+        picked = []
+        while len(picked) < self.config.prompts_per_step:
+            if not self.order:
+                self.order = self.data_rng.permutation(len(self.prompts)).tolist()
+            picked.append(self.order.pop())
+        return picked
+
+    # ------------------------------------------------------------------------------------------------
+    # Rollout: generation, rewards, attribution, token advantages.
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int]) -> dict:
+        """G sampled completions for each prompt: prompt/completion ids and masks (on the model's device)."""
+        cfg, tok = self.config, self.tokenizer
+        texts = [prompt_text(tok, self.prompts[i]) for i in prompt_ids]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        ids = enc["input_ids"].repeat_interleave(cfg.group_size, dim=0)
+        attention = enc["attention_mask"].repeat_interleave(cfg.group_size, dim=0)
+        self.model.eval()
+        with self._autocast():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=attention, do_sample=True, temperature=cfg.temperature,
+                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        completion = out[:, ids.shape[1]:]
+        # Train on the tokens up to and including the first end-of-sequence token.
+        is_eos = completion == tok.eos_token_id
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+        completion_mask = ~after_eos
+        return dict(prompt_ids=ids, prompt_mask=attention, completion_ids=completion, completion_mask=completion_mask)
+
+    def score(self, rollout: dict, prompt_ids: list[int]) -> dict:
+        """Rewards, advantages and per-token advantages of a rollout (adds them to ``rollout``)."""
+        cfg = self.config
+        owners = [self.owners[i] for i in prompt_ids for _ in range(cfg.group_size)]
+        ids = rollout["completion_ids"].masked_fill(~rollout["completion_mask"], self.tokenizer.pad_token_id)
+        decoded = [completion_offsets(self.tokenizer, row) for row in ids.tolist()]
+        texts = [text for text, _ in decoded]
+        segmentations = [self.segmenter(t) for t in texts]
+        start = time.perf_counter()
+        if self.attributor is not None:
+            out = self.attributor(texts, owners, segmentations=segmentations)
+            # v(N) of each response's game; a response without segments is worth v(empty).
+            rewards = torch.stack([a.values[a.plan.full_index] for a in out]).float()
+            evaluations, phi = out.num_evaluations, out.phi
+        else:
+            answers = [coalition_text(sg, [True] * sg.num_players) for sg in segmentations]
+            rewards = torch.as_tensor(self.reward(answers, owners)).reshape(-1).float()
+            evaluations, phi = len(answers), None
+        attribution_seconds = time.perf_counter() - start
+        rewards = rewards.to(self.device)
+        advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale)
+        mask = rollout["completion_mask"]
+        if phi is None:
+            token_advantages = advantages[:, None].expand_as(mask).float() * mask
+        else:
+            token_player = token_player_maps(segmentations, [offs for _, offs in decoded]).to(self.device)
+            credit = spread_credit([p.to(self.device).float() for p in phi], token_player)
+            token_advantages = redistribute(
+                advantages, credit, mask, mode=cfg.redistribution, alpha=cfg.alpha, floor=cfg.floor, clip=cfg.clip
+            )
+        rollout.update(
+            texts=texts, owners=owners, rewards=rewards, advantages=advantages, token_advantages=token_advantages,
+            attribution_seconds=attribution_seconds, num_evaluations=evaluations,
+        )
+        return rollout
+
+    # ------------------------------------------------------------------------------------------------
+    # Optimisation
+
+    def _autocast(self):
+        if self.use_bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _completion_logits(self, model, rollout: dict, rows: slice) -> torch.Tensor:
+        """Logits ``[n, Tc, V]`` that produced each completion token."""
+        prompt, completion = rollout["prompt_ids"][rows], rollout["completion_ids"][rows]
+        ids = torch.cat([prompt, completion], dim=1)
+        attention = torch.cat([rollout["prompt_mask"][rows], rollout["completion_mask"][rows].long()], dim=1)
+        # Positions as generate() assigns them under left padding.
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        with self._autocast():
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        return logits[:, prompt.shape[1] - 1 : -1]
+
+    @torch.no_grad()
+    def _logps(self, model, rollout: dict) -> torch.Tensor:
+        from .loss import token_logprobs
+
+        parts = []
+        for rows in self._micro_batches(rollout["completion_ids"].shape[0]):
+            logits = self._completion_logits(model, rollout, rows)
+            parts.append(token_logprobs(logits, rollout["completion_ids"][rows], self.config.temperature))
+        return torch.cat(parts)
+
+    def _micro_batches(self, n: int):
+        size = self.config.micro_batch_size
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def _reference_logps(self, rollout: dict) -> torch.Tensor | None:
+        if self.config.beta <= 0:
+            return None
+        if self.ref_model is not None:
+            return self._logps(self.ref_model, rollout)
+        with self.model.disable_adapter():  # LoRA: the base model is the reference
+            return self._logps(self.model, rollout)
+
+    def optimise(self, rollout: dict) -> dict:
+        """The policy update(s) on one scored rollout; returns device tensors of loss metrics."""
+        cfg = self.config
+        n = rollout["completion_ids"].shape[0]
+        mask = rollout["completion_mask"]
+        old_logps = self._logps(self.model, rollout) if cfg.num_iterations > 1 else None
+        ref_logps = self._reference_logps(rollout)
+        total_tokens = mask.sum().clamp(min=1)
+        sums: dict[str, torch.Tensor] = {}
+        self.model.train()
+        for _ in range(cfg.num_iterations):
+            for rows in self._micro_batches(n):
+                logits = self._completion_logits(self.model, rollout, rows)
+                loss, metrics = grpo_loss(
+                    logits, rollout["completion_ids"][rows], rollout["token_advantages"][rows], mask[rows],
+                    old_logps=None if old_logps is None else old_logps[rows],
+                    ref_logps=None if ref_logps is None else ref_logps[rows], beta=cfg.beta,
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
+                    max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, backend=cfg.loss_backend,
+                )
+                # Weight of this micro-batch in the full batch's loss: by sequences, or by tokens for dapo.
+                weight = mask[rows].sum() / total_tokens if cfg.loss_type == "dapo" else (rows.stop - rows.start) / n
+                (loss * weight / cfg.num_iterations).backward()
+                for key, value in {"loss": loss, **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach() * weight / cfg.num_iterations
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = grad_norm
+        return sums
+
+    # ------------------------------------------------------------------------------------------------
+    # The loop, metrics and checkpoints
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        prompt_ids = self._next_prompts()
+        rollout = self.score(self.generate(prompt_ids), prompt_ids)
+        loss_metrics = self.optimise(rollout)
+        self.step += 1
+        # Host reads happen here, after the optimizer step.
+        lengths = rollout["completion_mask"].sum(1).float()
+        metrics = {
+            "step": self.step,
+            "mode": self.config.mode,
+            "reward": rollout["rewards"].mean().item(),
+            "reward_std": rollout["rewards"].std().item() if rollout["rewards"].numel() > 1 else 0.0,
+            "completion_length": lengths.mean().item(),
+            "num_evaluations": rollout["num_evaluations"],
+            "attribution_seconds": rollout["attribution_seconds"],
+            "lr": self.scheduler.get_last_lr()[0],
+            **{k: float(v) for k, v in loss_metrics.items()},
+            "step_seconds": time.perf_counter() - start,
+        }
+        self.last_rollout = rollout
+        return metrics
+
+    def train(self, resume: bool = False) -> list[dict]:
+        """Runs until ``config.max_steps``; returns the metrics of the steps run now."""
+        cfg = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+        else:
+            _seed_everything(cfg.seed)
+        history = []
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.mode} training", unit="step")
+        while self.step < cfg.max_steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            _append_json_line(self.output_dir / METRICS, metrics)
+            for callback in self.callbacks:
+                callback(self, self.step, metrics)
+            if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.3f}")
+        if bar is not None:
+            bar.close()
+        return history
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_rng": self.data_rng.bit_generator.state,
+            "order": list(self.order),
+            "rng": _rng_states(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Writes ``output_dir/checkpoint.pt`` atomically (a temporary file renamed over the previous one)."""
+        path = self.output_dir / CHECKPOINT
+        _atomic_torch_save(self.state_dict(), path)
+        return path
+
+    def load_checkpoint(self) -> None:
+        """Restores everything from ``output_dir/checkpoint.pt`` and drops metrics logged after it."""
+        path = self.output_dir / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint at {path}; run without --resume first")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_rng.bit_generator.state = state["data_rng"]
+        self.order = list(state["order"])
+        self.step = int(state["step"])
+        _set_rng_states(state["rng"])
+        _truncate_metrics(self.output_dir / METRICS, self.step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _with_lora(model, lora: dict):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("config.lora needs peft: pip install peft") from None
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _append_json_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keeps the metric lines of steps up to ``last_step`` (a resumed run rewrites the later ones)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Supervised warm start
+
+
+def supervised_warm_start(
+    model, tokenizer, prompts: Sequence, targets: Sequence[str], steps: int = 100, batch_size: int = 16,
+    learning_rate: float = 1e-3, seed: int = 0, progress: bool = True,
+) -> list[float]:
+    """A short supervised fine-tune on (prompt, target completion) pairs, so a fresh policy writes the
+    answer format before RL starts. Only the completion tokens (and the end-of-sequence token) are trained.
+    Returns the loss of each step."""
+    if len(prompts) != len(targets) or not prompts:
+        raise ValueError(f"targets: expected one target per prompt ({len(prompts)}), got {len(targets)}")
+    device = next(model.parameters()).device
+    rng = np.random.Generator(np.random.PCG64(seed))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    examples = []
+    for prompt, target in zip(prompts, targets):
+        p = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append((p, t))
+    losses = []
+    iterator = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="warm start", unit="step")
+    model.train()
+    for _ in iterator:
+        batch = [examples[i] for i in rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)]
+        width = max(len(p) + len(t) for p, t in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (p, t) in enumerate(batch):
+            seq = p + t
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, len(p) : len(seq)] = torch.tensor(t)
+            attention[row, : len(seq)] = 1
+        out = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if progress:
+            iterator.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses

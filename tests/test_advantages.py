@@ -1,0 +1,431 @@
+"""Advantages: GRPO normalisation, token credit, and the invariant of each redistribution mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+from ospo_fast.advantages import group_advantages, potential_shaping, redistribute, spread_credit
+
+SHARE_MODES = ["proportional", "rank", "hybrid"]
+ALL_MODES = SHARE_MODES + ["potential"]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def ragged_batch(seed: int, N: int = 7, T: int = 23, dtype=torch.float64):
+    """Advantages [N] (one 0, some negative), signed credit [N, T] and a ragged mask [N, T].
+
+    Rows are left- or right-padded with random lengths 1..T; one row is a single token, one is full.
+    """
+    g = _gen(seed)
+    A = torch.randn(N, generator=g, dtype=dtype)
+    A[1] = 0.0
+    A[2] = -abs(A[2]) - 0.1
+    credit = torch.randn(N, T, generator=g, dtype=dtype)
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    lengths[3], lengths[4] = 1, T
+    starts = (torch.rand(N, generator=g) * (T - lengths + 1)).long()
+    pos = torch.arange(T)
+    mask = (pos >= starts[:, None]) & (pos < (starts + lengths)[:, None])
+    return A, credit, mask
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum(1) / mask.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# group_advantages
+
+
+@pytest.mark.parametrize("group_size", [1, 3, 8])
+def test_group_scale_gives_zero_mean_and_unit_std_per_group(group_size):
+    rewards = torch.rand(5 * group_size, generator=_gen(group_size), dtype=torch.float64)
+    adv = group_advantages(rewards, group_size, eps=0.0).view(-1, group_size)
+    assert_close(adv.mean(1), torch.zeros(5), 0, 1e-12, what="group mean")
+    if group_size > 1:
+        assert_close(adv.std(1), torch.ones(5), 0, 1e-12, what="group std")
+
+
+def test_constant_group_gives_exact_zero_not_nan():
+    # 0.1 * 3 / 3 != 0.1 in floating point: centring alone would leave 1e-17, and / eps 1e-13.
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.0, 1.0, 0.4, 0.7, 0.7, 0.7], dtype=torch.float64)
+    for scale in ("group", "batch", "none"):
+        adv = group_advantages(rewards, 3, scale=scale)
+        assert not torch.isnan(adv).any()
+        assert (adv[:3] == 0).all() and (adv[6:] == 0).all(), scale
+        assert (adv[3:6] != 0).all()
+
+
+def test_group_of_one_gives_zero():
+    assert (group_advantages(torch.rand(5, generator=_gen(0)), 1) == 0).all()
+
+
+def test_batch_scale_divides_by_the_batch_std():
+    rewards = torch.rand(4 * 5, generator=_gen(1), dtype=torch.float64)
+    groups = rewards.view(4, 5)
+    expected = (groups - groups.mean(1, keepdim=True)) / (rewards.std() + 1e-4)
+    assert_close(group_advantages(rewards, 5, scale="batch"), expected.reshape(-1), 1e-12, 1e-12, what="batch")
+
+
+def test_none_scale_only_centres():
+    rewards = torch.rand(3 * 7, generator=_gen(2), dtype=torch.float64)
+    groups = rewards.view(3, 7)
+    expected = groups - groups.mean(1, keepdim=True)
+    assert_close(group_advantages(rewards, 7, scale="none"), expected.reshape(-1), 1e-12, 1e-12, what="none")
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(rewards=torch.rand(2, 4), group_size=4), "rewards"),
+        (dict(rewards=torch.rand(10), group_size=4), "rewards"),
+        (dict(rewards=torch.rand(8), group_size=0), "group_size"),
+        (dict(rewards=torch.rand(8), group_size=2.0), "group_size"),
+        (dict(rewards=torch.rand(8), group_size=4, scale="std"), "scale"),
+        (dict(rewards=torch.rand(8), group_size=4, eps=-1.0), "eps"),
+    ],
+)
+def test_group_advantages_bad_inputs_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        group_advantages(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# spread_credit
+
+
+def random_player_map(seed: int, N: int = 5, T: int = 19):
+    """Owen values per response (n_j players, some 0) and a token -> player map with -1 gaps."""
+    g = _gen(seed)
+    sizes = torch.randint(0, 6, (N,), generator=g).tolist()
+    values = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
+    token_player = torch.full((N, T), -1, dtype=torch.long)
+    for j, n in enumerate(sizes):
+        if n:
+            draw = torch.randint(-1, n, (T,), generator=g)
+            draw[torch.randperm(T, generator=g)[:n]] = torch.arange(n)  # every player gets >= 1 token
+            token_player[j] = draw
+    return values, token_player
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_spread_credit_sums_each_segment_to_its_owen_value(seed):
+    values, token_player = random_player_map(seed)
+    credit = spread_credit(values, token_player)
+    for j, v in enumerate(values):
+        for i in range(v.numel()):
+            assert credit[j][token_player[j] == i].sum().item() == pytest.approx(v[i].item(), abs=1e-12)
+            # evenly: every token of segment i holds the same credit
+            assert credit[j][token_player[j] == i].unique().numel() == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_spread_credit_gives_zero_to_tokens_outside_segments(seed):
+    values, token_player = random_player_map(seed)
+    credit = spread_credit(values, token_player)
+    assert (credit[token_player == -1] == 0).all()
+
+
+def test_spread_credit_flat_values_with_offsets_match_the_list():
+    values, token_player = random_player_map(7)
+    offsets = torch.tensor([0] + [v.numel() for v in values]).cumsum(0)
+    flat = spread_credit(torch.cat(values), token_player, player_offsets=offsets)
+    assert_close(flat, spread_credit(values, token_player), 0, 0, what="flat vs list")
+    assert flat.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,name",
+    [
+        (([torch.ones(2)], torch.zeros(2, 3, dtype=torch.long)), {}, "player_values"),  # 1 response for 2 rows
+        (([torch.ones(2)], torch.tensor([[0, 2]])), {}, "token_player"),  # player 2 of 2
+        (([torch.ones(2)], torch.tensor([[0, -2]])), {}, "token_player"),
+        (([torch.ones(2)], torch.zeros(1, 3)), {}, "token_player"),  # float map
+        ((torch.ones(2), torch.zeros(1, 3, dtype=torch.long)), {}, "player_offsets"),
+        ((torch.ones(2), torch.zeros(1, 3, dtype=torch.long)), {"player_offsets": torch.tensor([0, 3])},
+         "player_offsets"),
+        (([torch.ones(2, 1)], torch.zeros(1, 3, dtype=torch.long)), {}, r"player_values\[0\]"),
+    ],
+)
+def test_spread_credit_bad_inputs_name_the_argument(args, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        spread_credit(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# redistribute: invariants of the share modes
+
+
+@pytest.mark.parametrize("mode", SHARE_MODES + ["potential"])
+@pytest.mark.parametrize("seed", range(3))
+def test_token_mean_equals_the_advantage(mode, seed):
+    A, credit, mask = ragged_batch(seed)
+    out = redistribute(A, credit, mask, mode=mode)
+    assert_close(token_mean(out, mask), A, 1e-12, 1e-12, what=f"{mode} token mean")
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_tokens_outside_the_mask_get_zero(mode):
+    A, credit, mask = ragged_batch(10)
+    out = redistribute(A, credit * 1e3, mask, mode=mode)
+    assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("mode", SHARE_MODES)
+@pytest.mark.parametrize("seed", range(3))
+def test_every_completion_token_keeps_the_sign_of_its_advantage(mode, seed):
+    A, credit, mask = ragged_batch(20 + seed)
+    out = redistribute(A, credit, mask, mode=mode)
+    sign = torch.sign(A)[:, None].expand_as(out)
+    assert (torch.sign(out)[mask] == sign[mask]).all()
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_zero_reward_response_keeps_a_negative_advantage(mode):
+    # The reference code's "potential" factor turned a zero reward into advantage 0 on every token.
+    rewards = torch.tensor([0.0, 0.6, 0.9, 0.3, 0.0, 0.0, 0.8, 1.0, 0.5, 0.2], dtype=torch.float64)
+    A = group_advantages(rewards, 5)
+    _, credit, mask = ragged_batch(3, N=10, T=17)
+    credit[0] = -credit[0].abs()  # the zero-reward response's segments lowered the score
+    out = redistribute(A, credit, mask, mode=mode)
+    for j in (0, 4):
+        assert A[j] < 0
+        assert token_mean(out, mask)[j] == pytest.approx(A[j].item(), abs=1e-12)
+        if mode in SHARE_MODES:
+            assert (out[j][mask[j]] < 0).all()
+
+
+@pytest.mark.parametrize("mode", SHARE_MODES)
+def test_no_completion_token_gets_zero(mode):
+    # Credit with a single nonzero token and many exact zeros: min-max normalisation would zero the rest.
+    A, _, mask = ragged_batch(4)
+    A = torch.where(A == 0, torch.ones_like(A), A)
+    credit = torch.zeros_like(mask, dtype=torch.float64)
+    for j in range(mask.shape[0]):
+        credit[j, mask[j].nonzero()[0, 0]] = 3.0 * torch.sign(A[j])
+    out = redistribute(A, credit, mask, mode=mode)
+    assert (out[mask] != 0).all()
+    floor_share = 0.1 * A.abs()[:, None].expand_as(out)  # the default floor: each token keeps >= floor / L
+    assert (out.abs()[mask] >= floor_share[mask] * (1 - 1e-12)).all()
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_no_credit_gives_the_grpo_advantage_on_every_token(mode):
+    A, credit, mask = ragged_batch(5)
+    out = redistribute(A, torch.zeros_like(credit), mask, mode=mode)
+    expected = torch.where(mask, A[:, None].expand_as(out), torch.zeros_like(out))
+    assert_close(out, expected, 0, 0, what=f"{mode} without credit")
+
+
+@pytest.mark.parametrize("mode", ["proportional", "hybrid"])
+def test_no_credit_in_the_advantage_direction_gives_uniform_shares(mode):
+    A, credit, mask = ragged_batch(6)
+    against = torch.where(A[:, None] >= 0, -credit.abs(), credit.abs())  # every token worked against A
+    out = redistribute(A, against, mask, mode=mode)
+    expected = torch.where(mask, A[:, None].expand_as(out), torch.zeros_like(out))
+    assert_close(out, expected, 0, 0, what=mode)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_proportional_shares_follow_positive_directional_credit(seed):
+    A, credit, mask = ragged_batch(30 + seed)
+    floor = 0.2
+    out = redistribute(A, credit, mask, mode="proportional", floor=floor)
+    for j in range(A.numel()):
+        if A[j] == 0 or mask[j].sum() == 1:
+            continue
+        u = (torch.sign(A[j]) * credit[j]).clamp(min=0)[mask[j]]
+        L = int(mask[j].sum())
+        w = floor / L + (1 - floor) * u / u.sum()
+        assert_close(out[j][mask[j]], A[j] * L * w, 1e-12, 1e-12, what=f"row {j}")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_blame_for_a_negative_advantage_falls_on_the_tokens_that_lowered_the_reward(seed):
+    A, credit, mask = ragged_batch(40 + seed)
+    A = -A.abs() - 0.1
+    for mode in SHARE_MODES:
+        out = redistribute(A, credit, mask, mode=mode)
+        for j in range(A.numel()):
+            tokens = mask[j].nonzero().flatten()
+            worst = tokens[credit[j, tokens].argmin()]
+            best = tokens[credit[j, tokens].argmax()]
+            assert out[j, worst] == out[j][mask[j]].min(), mode  # most negative advantage
+            if credit[j, worst] < credit[j, best]:
+                assert out[j, worst] < out[j, best], mode
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rank_gives_the_highest_credit_token_the_largest_share(seed):
+    A, credit, mask = ragged_batch(50 + seed)
+    A = A.abs() + 0.1
+    out = redistribute(A, credit, mask, mode="rank")
+    for j in range(A.numel()):
+        tokens = mask[j].nonzero().flatten()
+        order = credit[j, tokens].argsort()
+        shares = out[j, tokens[order]]
+        assert (shares.diff() > 0).all()  # strictly increasing with credit (no ties in randn)
+
+
+def test_rank_ties_share_the_average_rank():
+    A = torch.tensor([2.0], dtype=torch.float64)
+    credit = torch.tensor([[0.5, 0.1, 0.5, -1.0, 0.1, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True, True, False]])
+    out = redistribute(A, credit, mask, mode="rank", floor=0.0)
+    ranks = torch.tensor([4.5, 2.5, 4.5, 1.0, 2.5], dtype=torch.float64)
+    assert_close(out[0, :5], 2.0 * 5 * ranks / ranks.sum(), 1e-12, 1e-12, what="average ranks")
+
+
+def test_hybrid_alpha_zero_is_grpo_and_alpha_one_is_proportional():
+    A, credit, mask = ragged_batch(8)
+    grpo = torch.where(mask, A[:, None].expand(mask.shape), torch.zeros(mask.shape, dtype=A.dtype))
+    assert_close(redistribute(A, credit, mask, mode="hybrid", alpha=0.0), grpo, 0, 0, what="alpha=0")
+    proportional = redistribute(A, credit, mask, mode="proportional")
+    assert_close(redistribute(A, credit, mask, mode="hybrid", alpha=1.0), proportional, 0, 0, what="alpha=1")
+
+
+def test_hybrid_mixes_proportional_and_uniform_linearly():
+    A, credit, mask = ragged_batch(9)
+    proportional = redistribute(A, credit, mask, mode="proportional")
+    grpo = redistribute(A, credit, mask, mode="hybrid", alpha=0.0)
+    mixed = redistribute(A, credit, mask, mode="hybrid", alpha=0.3)
+    assert_close(mixed, 0.3 * proportional + 0.7 * grpo, 1e-12, 1e-12, what="hybrid")
+
+
+# ----------------------------------------------------------------------------------------------------
+# redistribute: potential-based shaping
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_potential_shaped_rewards_sum_to_zero(seed):
+    A, credit, mask = ragged_batch(60 + seed)
+    _, r = potential_shaping(A, credit, mask)
+    assert_close(r.sum(1), torch.zeros(A.numel()), 0, 1e-12, what="sum of shaped rewards")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_potential_telescopes_to_a_terminal_potential_of_zero(seed):
+    A, credit, mask = ragged_batch(70 + seed)
+    phi, r = potential_shaping(A, credit, mask)
+    for j in range(A.numel()):
+        tokens = mask[j].nonzero().flatten()
+        following = torch.cat([phi[j, tokens[1:]], torch.zeros(1, dtype=phi.dtype)])  # terminal: 0
+        assert_close(r[j, tokens], following - phi[j, tokens], 0, 1e-12, what=f"row {j}")
+        assert phi[j, tokens[0]] == 0  # nothing emitted before the first token
+
+
+def test_potential_reaches_the_advantage_when_credit_agrees_with_it():
+    A, credit, mask = ragged_batch(11)
+    credit = torch.sign(A)[:, None] * credit.abs()  # every segment pushed in A's direction
+    phi, _ = potential_shaping(A, credit, mask)
+    for j in range(A.numel()):
+        if A[j] == 0:
+            continue
+        tokens = mask[j].nonzero().flatten()
+        kappa = A[j].abs() / credit[j, tokens].abs().sum()
+        total = phi[j, tokens[-1]] + kappa * credit[j, tokens[-1]]  # the potential after all tokens
+        assert total.item() == pytest.approx(A[j].item(), abs=1e-12)
+
+
+def test_potential_rewards_tokens_in_the_direction_of_their_credit():
+    # Signed normalisation A / sum(c) would flip these when sum(c) < 0 < A.
+    A = torch.tensor([1.0], dtype=torch.float64)
+    credit = torch.tensor([[1.0, -3.0, 0.5, 0.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    _, r = potential_shaping(A, credit, mask)
+    assert r[0, 0] > 0 and r[0, 1] < 0 and r[0, 2] > 0
+
+
+def test_potential_advantage_is_the_advantage_plus_length_times_shaped_reward():
+    A, credit, mask = ragged_batch(12)
+    _, r = potential_shaping(A, credit, mask)
+    expected = torch.where(mask, A[:, None] + mask.sum(1, keepdim=True) * r, torch.zeros_like(r))
+    assert_close(redistribute(A, credit, mask, mode="potential"), expected, 1e-12, 1e-12, what="potential")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Credit after a <think> block, clipping, checks
+
+
+@pytest.mark.parametrize("mode", SHARE_MODES)
+def test_credit_after_a_think_block_lands_on_the_answer_tokens(mode):
+    # 9 think tokens (player -1: the segmenter segments only the answer), then 3 segments over 8 tokens.
+    token_player = torch.tensor([[-1] * 9 + [0, 0, 0, -1, 1, 1, 2, 2]])
+    mask = torch.ones_like(token_player, dtype=torch.bool)
+    for A, phi in ((1.5, [0.6, 0.3, 0.1]), (-1.5, [-0.6, -0.3, -0.1])):
+        credit = spread_credit([torch.tensor(phi)], token_player)
+        out = redistribute(torch.tensor([A]), credit, mask, mode=mode)
+        top = out[0].abs().argsort(descending=True)[:7]
+        assert (token_player[0, top] >= 0).all(), (A, mode, out)
+        assert out[0, :9].abs().max() < out[0, 9:12].abs().min()
+        assert torch.sign(out[0, :9]).eq(torch.sign(torch.tensor(A))).all()  # the think block keeps A's sign
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_clip_bounds_the_advantages_of_completion_tokens(mode):
+    A, credit, mask = ragged_batch(13)
+    out = redistribute(A * 3, credit, mask, mode=mode, clip=0.5)
+    assert out.abs().max() <= 0.5
+    asym = redistribute(A * 3, credit, mask, mode=mode, clip=(-0.2, 1.0))
+    assert asym[mask].min() >= -0.2 and asym.max() <= 1.0
+    assert (asym[~mask] == 0).all()
+    unclipped = redistribute(A * 3, credit, mask, mode=mode)
+    assert_close(asym, torch.where(mask, unclipped.clamp(-0.2, 1.0), 0.0), 0, 0, what="clip applied last")
+
+
+def test_check_finite_false_skips_the_value_check():
+    A, credit, mask = ragged_batch(14)
+    A[0] = float("nan")
+    out = redistribute(A, credit, mask, check_finite=False)
+    assert torch.isnan(out[0][mask[0]]).all()
+
+
+def _bad(**changes):
+    A, credit, mask = ragged_batch(15)
+    args = dict(advantages=A, token_credit=credit, completion_mask=mask)
+    args.update(changes)
+    return args
+
+
+def _with_nan(x, index):
+    x = x.clone()
+    x[index] = float("nan")
+    return x
+
+
+_A, _C, _M = ragged_batch(15)
+_FIRST = tuple(int(i) for i in _M.nonzero()[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (_bad(advantages=_A[:, None]), "advantages"),
+        (_bad(advantages=_A[:-1]), "token_credit"),
+        (_bad(token_credit=_C[:, :, None]), "token_credit"),
+        (_bad(completion_mask=_M[:, :-1]), "completion_mask"),
+        (_bad(mode="uniform"), "mode"),
+        (_bad(mode="hybrid", alpha=1.5), "alpha"),
+        (_bad(floor=-0.1), "floor"),
+        (_bad(clip=0.0), "clip"),
+        (_bad(clip=(1.0, -1.0)), "clip"),
+        (_bad(clip="big"), "clip"),
+        (_bad(advantages=_with_nan(_A, 3)), "advantages"),
+        (_bad(token_credit=_with_nan(_C, _FIRST)), "token_credit"),
+        (_bad(advantages=torch.ones(7, dtype=torch.bool)), "advantages"),
+    ],
+)
+def test_redistribute_bad_inputs_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        redistribute(**kwargs)
+
+
+def test_float32_inputs_give_float32_and_float64_give_float64():
+    A, credit, mask = ragged_batch(16)
+    assert redistribute(A.float(), credit.float(), mask).dtype == torch.float32
+    assert redistribute(A.float(), credit, mask.float()).dtype == torch.float64

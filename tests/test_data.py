@@ -1,0 +1,539 @@
+"""ospo_fast.data: ESCI and H&M loaders, candidate pools, prompts, tasks, the shipped default dataset.
+
+Fixtures under tests/data/fixtures are made-up rows in the official layouts (see their SOURCE.txt). The
+real extracts beside the repository (../shared/data) are tested when that folder is there.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ospo_fast.data import (
+    ARTICLE_COLUMNS,
+    ESCI_COLUMNS,
+    ESCI_TEMPLATE,
+    HM_TEMPLATE,
+    article_text,
+    build_pools,
+    check_template,
+    customer_histories,
+    default_esci_path,
+    default_task,
+    esci_pools,
+    esci_task,
+    extract_answer,
+    hm_pools,
+    hm_task,
+    load_default_esci,
+    load_esci,
+    load_esci_csv,
+    load_hm,
+    product_text,
+    product_text_parts,
+    render,
+    title_category,
+    train_eval_split,
+)
+from ospo_fast.data.pools import _quotas
+from ospo_fast.rewards import BM25Reward
+
+FIXTURES = Path(__file__).resolve().parent / "data" / "fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+ESCI_EXAMPLES = FIXTURES / "esci_examples.csv"
+ESCI_PRODUCTS = FIXTURES / "esci_products.csv"
+HM_FILES = (FIXTURES / "hm_articles.csv", FIXTURES / "hm_customers.csv", FIXTURES / "hm_transactions_train.csv")
+
+
+def shared(*parts: str) -> Path:
+    """A file of the real extracts; skips the test when the shared data folder is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"the real data extracts are not at {SHARED}")
+    return SHARED.joinpath(*parts)
+
+
+def customer(n: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"fixture-customer-{n}".encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def esci_parquet(tmp_path_factory):
+    """The ESCI fixtures written as parquet, the official file format."""
+    d = tmp_path_factory.mktemp("esci")
+    ex, pr = d / "shopping_queries_dataset_examples.parquet", d / "shopping_queries_dataset_products.parquet"
+    pd.read_csv(ESCI_EXAMPLES, dtype={"product_id": str}).to_parquet(ex)
+    pd.read_csv(ESCI_PRODUCTS, dtype=str).to_parquet(pr)
+    return ex, pr
+
+
+@pytest.fixture(scope="module")
+def hm_data():
+    return load_hm(*HM_FILES)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return default_task()
+
+
+# ----------------------------------------------------------------------------------------------------
+# ESCI loaders
+
+
+def test_load_esci_has_official_columns_and_filters(esci_parquet):
+    frame = load_esci(*esci_parquet)  # defaults: train, small, us
+    assert tuple(frame.columns) == ESCI_COLUMNS
+    assert frame["example_id"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert set(frame["esci_label"]) <= set("ESCI")
+    assert frame["example_id"].dtype == np.int64 and frame["small_version"].dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "split, version, locale, expected",
+    [
+        ("test", "small", "us", [9, 10, 11]),
+        ("test", "small", "es", []),
+        ("test", "large", "us", [9, 10, 11, 12, 13]),
+        ("train", None, "es", [14, 15, 16]),
+        (None, None, None, list(range(1, 17))),
+    ],
+)
+def test_load_esci_split_version_locale(esci_parquet, split, version, locale, expected):
+    frame = load_esci(*esci_parquet, split=split, version=version, locale=locale)
+    assert sorted(frame["example_id"]) == expected
+
+
+def test_load_esci_joins_on_product_id_and_locale(esci_parquet):
+    frame = load_esci(*esci_parquet, split=None, version=None, locale=None).set_index("example_id")
+    # B0FXMOUSE1 is sold in us and es with different titles.
+    assert frame.loc[1, "product_title"].startswith("Quietclick Wireless Mouse")
+    assert frame.loc[16, "product_title"].startswith("Ratón inalámbrico")
+
+
+def test_load_esci_reads_csv_like_parquet(esci_parquet):
+    pd.testing.assert_frame_equal(load_esci(ESCI_EXAMPLES, ESCI_PRODUCTS), load_esci(*esci_parquet))
+
+
+def test_load_esci_missing_file_names_path_and_source(tmp_path):
+    missing = tmp_path / "shopping_queries_dataset_examples.parquet"
+    with pytest.raises(FileNotFoundError, match="esci-data") as e:
+        load_esci(missing, ESCI_PRODUCTS)
+    assert str(missing) in str(e.value)
+
+
+def test_load_esci_missing_columns_are_listed(tmp_path):
+    bad = tmp_path / "examples.csv"
+    pd.read_csv(ESCI_EXAMPLES).drop(columns=["split", "esci_label"]).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['esci_label', 'split'\]"):
+        load_esci(bad, ESCI_PRODUCTS)
+
+
+def test_load_esci_drops_examples_without_a_product_with_a_warning(tmp_path):
+    products = tmp_path / "products.csv"
+    pd.read_csv(ESCI_PRODUCTS).query("product_id != 'B0FXMOUSE2'").to_csv(products, index=False)
+    with pytest.warns(UserWarning, match="1 example"):
+        frame = load_esci(ESCI_EXAMPLES, products)
+    assert 2 not in set(frame["example_id"])
+
+
+@pytest.mark.parametrize("kwargs", [{"split": "dev"}, {"version": "medium"}, {"locale": 3}])
+def test_load_esci_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        load_esci(ESCI_EXAMPLES, ESCI_PRODUCTS, **kwargs)
+
+
+def test_load_esci_csv_real_extract():
+    frame = load_esci_csv(shared("esci", "underspec_esci_200.csv"))
+    assert tuple(frame.columns) == tuple(c for c in ESCI_COLUMNS if c != "split")
+    assert len(frame) == 200 and frame["query_id"].nunique() == 200
+    assert frame["esci_label"].value_counts().to_dict() == {"E": 138, "S": 49, "I": 12, "C": 1}
+
+
+def test_load_esci_csv_rejects_unknown_labels(tmp_path):
+    bad = tmp_path / "flat.csv"
+    frame = load_default_esci()
+    frame.loc[0, "esci_label"] = "Maybe"
+    frame.to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="Maybe"):
+        load_esci_csv(bad)
+
+
+def test_product_text_strips_html_and_fits_max_chars():
+    row = {
+        "product_title": "Acme Kettle",
+        "product_brand": "Acme",  # already in the title: left out
+        "product_color": "Red",
+        "product_bullet_point": "Boils fast\n1.7 litres",
+        "product_description": "<b>Great</b> &amp; " + "very " * 200 + "good",
+    }
+    text = product_text(row, max_chars=80)
+    assert text.startswith("Acme Kettle\nRed\nBoils fast\n1.7 litres\nGreat & very")
+    assert len(text) <= 80 and "<b>" not in text and "Acme\n" not in text
+    assert not text.endswith(" ")
+
+
+def test_product_text_of_trimmed_parts_is_unchanged():
+    for _, row in load_default_esci().head(50).iterrows():
+        assert product_text(product_text_parts(row, 200), 200) == product_text(row, 200)
+
+
+@pytest.mark.parametrize(
+    "title, kind",
+    [
+        ("Mama Koala One Size Baby Washable Reusable Pocket Cloth Diapers, 6 Pack with 6 Inserts", "diaper"),
+        ("Ilyapa Window Frame Wall Decor 2 Pack - Rustic White", "decor"),
+        ("YATHON Vintage Party Dresses for Women", "dress"),
+        ("Stainless Steel Flour Sifter for Baking", "sifter"),
+        ("12", ""),
+    ],
+)
+def test_title_category(title, kind):
+    assert title_category(title) == kind
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shipped default dataset
+
+
+def test_default_data_is_small_and_attributed():
+    path = default_esci_path()
+    assert path.stat().st_size < 1_000_000
+    notice = (path.parent / "NOTICE").read_text(encoding="utf-8")
+    assert "Apache" in notice and "github.com/amazon-science/esci-data" in notice
+
+
+def test_default_data_gives_the_extract_item_texts():
+    full = load_esci_csv(shared("esci", "underspec_esci_200.csv"))
+    shipped = load_default_esci()
+    pd.testing.assert_frame_equal(
+        shipped[["example_id", "query", "query_id", "product_id", "esci_label"]],
+        full[["example_id", "query", "query_id", "product_id", "esci_label"]],
+    )
+    assert [product_text(r) for _, r in shipped.iterrows()] == [product_text(r) for _, r in full.iterrows()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# H&M loaders
+
+
+def test_load_hm_official_columns(hm_data):
+    assert set(ARTICLE_COLUMNS) <= set(hm_data.articles.columns)
+    assert hm_data.articles["article_id"].iloc[0] == "0900000001"
+    tx = hm_data.transactions
+    assert list(tx.columns) == ["t_dat", "customer_id", "article_id", "price", "sales_channel_id"]
+    assert str(tx["t_dat"].dtype).startswith("datetime64")
+    assert list(hm_data.customers.columns) == [
+        "customer_id", "FN", "Active", "club_member_status", "fashion_news_frequency", "age", "postal_code",
+    ]  # fmt: skip
+
+
+def test_load_hm_normalises_resaved_files(tmp_path, hm_data):
+    # A pandas re-save: a leading unnamed index column, article ids as ints without the leading 0.
+    articles = pd.read_csv(HM_FILES[0], dtype={"article_id": str})
+    articles["article_id"] = articles["article_id"].astype(int)
+    articles.to_csv(tmp_path / "articles.csv")
+    tx = pd.read_csv(HM_FILES[2], dtype={"article_id": str})
+    tx["article_id"] = tx["article_id"].astype(int)
+    tx.to_csv(tmp_path / "transactions.csv", index=False)
+    resaved = load_hm(tmp_path / "articles.csv", transactions_path=tmp_path / "transactions.csv")
+    pd.testing.assert_frame_equal(resaved.articles, hm_data.articles)
+    pd.testing.assert_frame_equal(resaved.transactions, hm_data.transactions)
+    assert resaved.customers is None
+
+
+def test_load_hm_real_extract():
+    data = load_hm(shared("hm", "articles.csv"), shared("hm", "customers.csv"), shared("hm", "transactions_train.csv"))
+    assert len(data.articles) == 4903 and "Unnamed: 0" not in data.articles.columns
+    assert data.articles["article_id"].str.fullmatch(r"0\d{9}").all()
+    assert data.transactions["article_id"].isin(set(data.articles["article_id"])).all()
+    assert len(data.transactions) == 10_000 and len(data.customers) == 10_000
+
+
+def test_load_hm_missing_file_names_path_and_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="kaggle") as e:
+        load_hm(tmp_path / "articles.csv")
+    assert "articles.csv" in str(e.value)
+
+
+def test_load_hm_missing_columns_are_listed(tmp_path):
+    bad = tmp_path / "articles.csv"
+    pd.read_csv(HM_FILES[0]).drop(columns=["prod_name", "detail_desc"]).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=r"\['prod_name', 'detail_desc'\]"):
+        load_hm(bad)
+
+
+def test_customer_histories_sorted_by_date_last_is_target(hm_data):
+    h = customer_histories(hm_data.transactions).set_index("customer_id")
+    assert list(h.index) == [customer(2), customer(1), customer(4)]  # order of first appearance; 3 has one item
+    # Customer 1 bought 0900000011 twice on one day: a quantity, counted once.
+    assert h.loc[customer(1), "history"] == ["0900000001", "0900000011"]
+    assert h.loc[customer(1), "target"] == "0900000031"
+    # Same-day purchases keep their file order.
+    assert h.loc[customer(2), "history"] == ["0900000012", "0900000021", "0900000041"]
+    assert h.loc[customer(2), "target"] == "0900000022"
+
+
+def test_article_text_skips_placeholders_and_fits():
+    row = {"prod_name": "Strap top", "product_type_name": "Vest top", "colour_group_name": "Unknown",
+           "graphical_appearance_name": "Solid", "section_name": "Womens Basics", "garment_group_name": "Jersey",
+           "index_group_name": "Ladieswear", "detail_desc": "Jersey top with narrow shoulder straps."}  # fmt: skip
+    assert article_text(row) == (
+        "Strap top\nVest top, Solid\nWomens Basics, Jersey, Ladieswear\nJersey top with narrow shoulder straps."
+    )
+    assert len(article_text(row, max_chars=30)) <= 30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pools
+
+
+def _synthetic_pools(seed=0, owners=("q0", "q1", "q2"), pool_size=100, **kwargs):
+    n = 2000
+    codes = np.arange(n) % 20
+    judged = {"q0": [3], "q1": [10, 11, 12, 13], "q2": [500, 7]}
+    gains = {"q0": [1.0], "q1": [1.0, 0.1, 0.01, 0.0], "q2": [1.0, 0.1]}
+    related = {o: np.random.default_rng(i).permutation(n) for i, o in enumerate(judged)}
+    return build_pools(
+        [judged[o] for o in owners], [gains[o] for o in owners], n, category_keys=[codes],
+        related=[related[o] for o in owners], owner_keys=list(owners), pool_size=pool_size, seed=seed, **kwargs,
+    )  # fmt: skip
+
+
+def test_pools_have_pool_size_and_hold_judged_items_with_their_gains():
+    pools, gains, kinds = _synthetic_pools()
+    expected = {3: 1.0, 10: 1.0, 11: 0.1, 12: 0.01, 13: 0.0, 500: 1.0, 7: 0.1}
+    for pool, gain, kind in zip(pools, gains, kinds):
+        assert len(pool) == len(set(pool)) == 100
+        judged = {i: g for i, g, k in zip(pool, gain, kind) if k == "judged"}
+        assert all(judged[i] == expected[i] for i in judged)
+        assert all(g == 0.0 for g, k in zip(gain, kind) if k != "judged")
+    assert {i for i, k in zip(pools[1], kinds[1]) if k == "judged"} == {10, 11, 12, 13}
+
+
+@pytest.mark.parametrize("n, expected", [(99, [49, 30, 20]), (96, [48, 29, 19]), (100, [50, 30, 20]), (1, [1, 0, 0])])
+def test_quotas_split_negatives_by_the_mix(n, expected):
+    assert _quotas(n, (0.5, 0.3, 0.2)) == expected
+
+
+def test_pools_follow_the_mix():
+    _, _, kinds = _synthetic_pools()
+    assert collections.Counter(kinds[0]) == {"judged": 1, "category": 49, "related": 30, "random": 20}
+    assert collections.Counter(kinds[1]) == {"judged": 4, "category": 48, "related": 29, "random": 19}
+
+
+def test_category_negatives_share_a_judged_items_category():
+    pools, _, kinds = _synthetic_pools()
+    for pool, kind, judged in zip(pools, kinds, ([3], [10, 11, 12, 13], [500, 7])):
+        own = {j % 20 for j in judged}
+        assert all(i % 20 in own for i, k in zip(pool, kind) if k == "category")
+
+
+def test_pools_are_seeded_and_per_owner():
+    a, b = _synthetic_pools(seed=1), _synthetic_pools(seed=1)
+    assert a == b
+    assert _synthetic_pools(seed=2)[0] != a[0]
+    # An owner's pool does not depend on the other owners built alongside it.
+    alone = _synthetic_pools(seed=1, owners=("q2",))
+    assert alone[0][0] == a[0][2] and alone[2][0] == a[2][2]
+
+
+def test_pools_are_the_same_on_every_machine():
+    # A golden value: numpy's PCG64 stream is fixed, so these exact pools must come out everywhere.
+    pools, gains, kinds = build_pools(
+        [[0], [5, 6]], [[1.0], [1.0, 0.1]], 30, category_keys=[np.arange(30) % 3],
+        related=[np.arange(29, 0, -1), np.arange(30)], owner_keys=["a", "b"], pool_size=8, seed=7,
+    )  # fmt: skip
+    assert pools == [[21, 12, 29, 0, 28, 5, 24, 6], [0, 24, 11, 20, 6, 5, 27, 1]]
+    assert kinds[0] == ["category", "category", "related", "judged", "related", "random", "category", "category"]
+
+
+def test_pools_are_shuffled():
+    # Judged items at fixed positions would let a query that ties every item (ranked in pool order) score.
+    _, _, kinds = build_pools([[i] for i in range(50)], [[1.0]] * 50, 1000, pool_size=100)
+    positions = [kind.index("judged") for kind in kinds]
+    assert len(set(positions)) > 25
+
+
+def test_negatives_are_never_judged_or_excluded():
+    pools, _, kinds = _synthetic_pools(exclude=[[4, 5], [], [8]])
+    banned = [{3, 4, 5}, {10, 11, 12, 13}, {500, 7, 8}]
+    for pool, kind, ban in zip(pools, kinds, banned):
+        assert not {i for i, k in zip(pool, kind) if k != "judged"} & ban
+
+
+def test_short_kinds_pass_their_share_on():
+    # No category keys: category's share goes to related; no related list: everything left is random.
+    _, _, kinds = build_pools([[0]], [[1.0]], 500, related=[np.arange(1, 41)], pool_size=100)
+    assert collections.Counter(kinds[0]) == {"judged": 1, "related": 40, "random": 59}
+
+
+def test_small_catalogue_gives_smaller_pools_with_a_warning():
+    with pytest.warns(UserWarning, match="smaller than pool_size=100"):
+        pools, _, _ = build_pools([[0], [1]], [[1.0], [1.0]], 30, pool_size=100)
+    assert sorted(pools[0]) == list(range(30))
+
+
+@pytest.mark.parametrize("mix", [(0.5, 0.5), (0.6, 0.3, 0.2), (-0.1, 0.6, 0.5)])
+def test_bad_mix_is_rejected(mix):
+    with pytest.raises(ValueError, match="mix"):
+        build_pools([[0]], [[1.0]], 10, mix=mix)
+
+
+def test_esci_pools_on_fixture_use_esci_gains_and_unjudged_negatives():
+    frame = load_esci(ESCI_EXAMPLES, ESCI_PRODUCTS, split=None, version=None)
+    p = esci_pools(frame, pool_size=10, seed=0)
+    assert all(len(pool) == 10 for pool in p.pools)
+    assert p.owners == ["101", "102", "103", "104"]
+    judged_by_query = frame.groupby("query_id")["product_id"].apply(set)
+    for owner, pool, gain, kind in zip(p.owners, p.pools, p.gains, p.kinds):
+        judged = {p.item_ids[i]: g for i, g, k in zip(pool, gain, kind) if k == "judged"}
+        assert set(judged) == judged_by_query[int(owner)]
+        negatives = {p.item_ids[i] for i, k in zip(pool, kind) if k != "judged"}
+        assert not negatives & judged_by_query[int(owner)]
+    wm = dict(zip((p.item_ids[i] for i in p.pools[0]), p.gains[0]))
+    assert (wm["B0FXMOUSE1"], wm["B0FXMOUSE2"], wm["B0FXPAD001"], wm["B0FXMOUSE3"]) == (1.0, 0.1, 0.01, 0.0)
+
+
+def test_esci_related_negatives_are_lexical_neighbours():
+    frame = load_esci(ESCI_EXAMPLES, ESCI_PRODUCTS, split=None, version=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = esci_pools(frame, pool_size=8, mix=(0.0, 1.0, 0.0), max_owners=1)
+    related = {p.item_ids[i] for i, k in zip(p.pools[0], p.kinds[0]) if k == "related"}
+    assert related <= {"B0FXMOUSE4", "B0FXMOUSE5"}  # the unjudged items that say "mouse"
+
+
+def test_hm_pools_real_extract_target_and_categories():
+    data = load_hm(shared("hm", "articles.csv"), transactions_path=shared("hm", "transactions_train.csv"))
+    histories = customer_histories(data.transactions).head(30)
+    p = hm_pools(data, histories, seed=0)
+    types = dict(zip(data.articles["article_id"], data.articles["product_type_name"]))
+    groups = dict(zip(data.articles["article_id"], data.articles["garment_group_name"]))
+    for pool, gain, kind, (_, h) in zip(p.pools, p.gains, p.kinds, histories.iterrows()):
+        ids = [p.item_ids[i] for i in pool]
+        assert len(set(ids)) == 100 and sorted(gain)[-1] == 1.0 and sum(gain) == 1.0
+        assert ids[gain.index(1.0)] == h["target"]
+        assert not set(ids) & (set(h["history"]) - {h["target"]})
+        for a, k in zip(ids, kind):
+            if k == "category":
+                assert types[a] == types[h["target"]] or groups[a] == groups[h["target"]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_default_templates_render():
+    text = render(ESCI_TEMPLATE, "esci", request="mama koala")
+    assert "mama koala" in text and "<answer></answer>" in text and "<think></think>" in text
+    text = render(HM_TEMPLATE, "hm", history="- Strap top", num_items=1, age="31")
+    assert "- Strap top" in text and "<answer></answer>" in text
+
+
+def test_template_override_is_used():
+    t = esci_task(default_esci_path(), max_samples=2, template="Query for: {request}", system="Be brief.")
+    assert t.samples[0].text == f"Query for: {t.samples[0].query}"
+    assert t.samples[0].prompt == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": t.samples[0].text},
+    ]
+
+
+@pytest.mark.parametrize(
+    "template, task, message",
+    [
+        ("Find {request} for {shopper} in {store}", "esci", r"\['shopper', 'store'\]"),
+        ("{history} {request}", "hm", r"\['request'\]"),
+        ("Find {}", "esci", "positional"),
+        ("Find {request", "esci", "format string"),
+    ],
+)
+def test_bad_template_is_rejected_naming_the_fields(template, task, message):
+    with pytest.raises(ValueError, match=message):
+        check_template(template, task)
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("<think>they want shoes</think><answer> red running shoes </answer>", "red running shoes"),
+        ("<think>hmm</think> red running shoes", "red running shoes"),
+        ("red running shoes", "red running shoes"),
+        ("<ANSWER>a</ANSWER> <answer>b</answer>", "a"),
+        ("<think>maybe <answer>x</answer>?</think><answer>y</answer>", "y"),
+        ("<think>cut off while thinking", ""),
+        ("<answer>no closing tag", "no closing tag"),
+    ],
+)
+def test_extract_answer(completion, answer):
+    assert extract_answer(completion) == answer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def test_default_task_loads_offline_with_full_pools(task):
+    assert task.name == "esci-default"
+    assert len(task) == 188  # 200 queries less the 12 whose only judged product is Irrelevant
+    assert all(len(p) == 100 for p in task.pools) and len(task.pools) == len(task)
+    assert [s.owner for s in task.samples] == list(range(len(task)))
+    s = task.samples[0]
+    assert s.query == "mama koala" and s.target_ids == ("B01LVWQY6K",) and "mama koala" in s.text
+
+
+def test_default_task_works_with_bm25_reward(task):
+    samples = task.samples[:8]
+    reward = BM25Reward(task.items, task.pools, task.gains)
+    owners = torch.tensor([s.owner for s in samples])
+    titles = [task.items[task.item_ids.index(s.target_ids[0])].split("\n")[0] for s in samples]
+    assert reward(titles, owners).min() > 0.9  # the judged product's own title finds it
+    unrelated = reward(["zzz qqq"] * len(samples), owners)
+    assert (reward(titles, owners) > unrelated).all()
+    torch.testing.assert_close(task.reward("bm25")(titles, owners), reward(titles, owners))
+
+
+def test_esci_task_from_official_files(esci_parquet):
+    with pytest.warns(UserWarning, match="smaller than pool_size"):
+        t = esci_task(esci_parquet, pool_size=20)
+    assert [s.id for s in t.samples] == ["esci-101", "esci-102"]  # train, small, us
+    assert t.samples[0].target_ids == ("B0FXMOUSE1", "B0FXMOUSE2", "B0FXPAD001")  # best first, gain > 0
+    assert t.samples[0].info["judged"]["B0FXMOUSE3"] == 0.0
+
+
+def test_hm_task_on_fixture(hm_data):
+    t = hm_task(hm_data, pool_size=6, template="Age {age}, {num_items} items:\n{history}")
+    assert [s.id for s in t.samples] == [f"hm-{customer(2)}", f"hm-{customer(1)}"]  # customer 4's target is unknown
+    s = t.samples[1]
+    assert s.target_ids == ("0900000031",) and s.query is None
+    assert s.text.startswith("Age 31, 2 items:\n- Fixture strap top")
+    pool_ids = [t.item_ids[i] for i in t.pools[s.owner]]
+    assert "0900000031" in pool_ids and "0900000001" not in pool_ids  # history is never a negative
+
+
+def test_hm_task_real_extract():
+    t = hm_task(
+        (shared("hm", "articles.csv"), shared("hm", "customers.csv"), shared("hm", "transactions_train.csv")),
+        max_samples=20,
+    )
+    assert len(t) == 20 and all(len(p) == 100 for p in t.pools)
+    assert all(s.text.count("\n- ") >= 1 for s in t.samples)
+
+
+def test_train_eval_split_is_seeded_and_disjoint(task):
+    train, evaluation = train_eval_split(task, eval_fraction=0.25, seed=3)
+    ids = [s.id for s in task.samples]
+    assert len(evaluation) == round(0.25 * len(task))
+    assert sorted(s.id for s in train.samples + evaluation.samples) == sorted(ids)
+    assert [s.id for s in task.split(0.25, seed=3)[1].samples] == [s.id for s in evaluation.samples]
+    assert [s.id for s in task.split(0.25, seed=4)[1].samples] != [s.id for s in evaluation.samples]
+    assert train.pools is task.pools  # owners stay valid: one reward serves both halves
