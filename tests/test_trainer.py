@@ -1,0 +1,202 @@
+"""The OSPO trainer: a step trains, token advantages keep their invariants, checkpoints resume exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ospo_fast as of
+from ospo_fast.policy import build_tokenizer, completion_offsets, tiny_causal_lm
+from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
+
+KEYWORDS = [["red", "running", "shoes"], ["usb", "charger", "cable"]]
+PROMPTS = [[{"role": "user", "content": "shoes for a run"}], [{"role": "user", "content": "charge my phone"}]]
+TARGETS = ["<think>run</think><answer>red running shoes</answer>", "<think>phone</think><answer>usb charger cable</answer>"]
+
+
+def keyword_reward(texts, owners):
+    """Share of the owner's keywords that the text contains, with diminishing returns."""
+    return torch.tensor(
+        [(sum(w in t.split() for w in KEYWORDS[o]) / len(KEYWORDS[o])) ** 0.5 for t, o in zip(texts, owners)],
+        dtype=torch.float64,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = TARGETS * 20 + ["red running shoes for women", "usb c charger cable for iphone", "blue cotton shirt"] * 20
+    return build_tokenizer(corpus, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def warm_weights(tokenizer):
+    """A policy that already writes the answer format, so sampled rewards differ within a group."""
+    model = tiny_causal_lm(tokenizer, hidden_size=64)
+    supervised_warm_start(model, tokenizer, PROMPTS * 4, TARGETS * 4, steps=40, batch_size=4, learning_rate=3e-3, progress=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def make_trainer(tokenizer, warm_weights):
+    def make(tmp_path, seed=0, **overrides):
+        return _make_trainer(tokenizer, warm_weights, tmp_path, seed, **overrides)
+
+    return make
+
+
+def _make_trainer(tokenizer, warm_weights, tmp_path, seed=0, **overrides):
+    model = tiny_causal_lm(tokenizer, hidden_size=64, seed=seed)
+    if seed == 0:
+        model.load_state_dict(warm_weights)
+    options = dict(output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=12,
+                   learning_rate=1e-3, save_steps=1, progress=False, seed=seed)
+    options.update(overrides)
+    return OSPOTrainer(model, tokenizer, keyword_reward, PROMPTS, [0, 1], OSPOConfig(**options))
+
+
+def _rollout(trainer):
+    torch.manual_seed(0)
+    prompts = trainer._next_prompts()
+    return trainer.score(trainer.generate(prompts), prompts)
+
+
+def test_ospo_step_updates_the_policy(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train()
+    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_ospo_token_advantages_average_to_the_group_advantage(make_trainer, tmp_path):
+    rollout = _rollout(make_trainer(tmp_path, redistribution="rank"))
+    mask = rollout["completion_mask"].float()
+    mean = (rollout["token_advantages"] * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(mean, rollout["advantages"].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_mode_gives_every_token_its_response_advantage(make_trainer, tmp_path):
+    rollout = _rollout(make_trainer(tmp_path, mode="grpo"))
+    mask = rollout["completion_mask"]
+    expected = rollout["advantages"][:, None].expand_as(mask) * mask
+    torch.testing.assert_close(rollout["token_advantages"], expected.float())
+
+
+def test_sequence_reward_is_the_value_of_all_segments(make_trainer, tmp_path):
+    rollout = _rollout(make_trainer(tmp_path))
+    segmenter = of.Segmenter()
+    answers = [of.coalition_text(sg, [True] * sg.num_players) for sg in map(segmenter, rollout["texts"])]
+    torch.testing.assert_close(rollout["rewards"].double(), keyword_reward(answers, rollout["owners"]), rtol=1e-6, atol=1e-6)
+
+
+def test_resume_continues_exactly_where_it_stopped(make_trainer, tmp_path):
+    straight = make_trainer(tmp_path / "straight", max_steps=4)
+    straight.train()
+    first = make_trainer(tmp_path / "resumed", max_steps=2)
+    first.train()
+    second = make_trainer(tmp_path / "resumed", max_steps=4, seed=1)  # a different init, overwritten
+    second.train(resume=True)
+    for a, b in zip(straight.model.parameters(), second.model.parameters()):
+        torch.testing.assert_close(a, b)
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / METRICS).read_text().splitlines()]
+    reference = [json.loads(x) for x in (tmp_path / "straight" / METRICS).read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert [m["reward"] for m in lines] == [m["reward"] for m in reference]
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, save_steps=2)
+    trainer.train()
+    with open(tmp_path / METRICS, "a") as f:  # a step that ran but crashed before its checkpoint
+        f.write(json.dumps({"step": 3, "reward": 0.0}) + "\n")
+    resumed = make_trainer(tmp_path, max_steps=3)
+    resumed.train(resume=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / METRICS).read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(make_trainer, tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+
+    def crash(obj, f):
+        f.write(b"partial bytes")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    kept = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert kept["step"] == saved["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_without_a_checkpoint_says_so(make_trainer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        make_trainer(tmp_path).train(resume=True)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(mode="ppo"), "mode: expected 'ospo' or 'grpo'"),
+        (dict(redistribution="uniform"), "redistribution: expected one of"),
+        (dict(group_size=1), "group_size: GRPO needs at least 2"),
+        (dict(max_steps=0), "max_steps: expected a positive int"),
+        (dict(learning_rate=0.0), "learning_rate: expected > 0"),
+    ],
+)
+def test_bad_config_names_the_field(make_trainer, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, **overrides)
+
+
+def test_prompts_and_owners_must_match(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="owners: expected 2"):
+        OSPOTrainer(tiny_causal_lm(tokenizer), tokenizer, keyword_reward, PROMPTS, [0], OSPOConfig(output_dir=str(tmp_path)))
+
+
+def test_kl_to_a_reference_model_is_reported(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path, beta=0.1, max_steps=2)
+    metrics = trainer.train()
+    assert "kl" in metrics[-1] and metrics[-1]["kl"] >= 0.0
+
+
+def test_lora_trains_only_the_adapters(make_trainer, tmp_path):
+    pytest.importorskip("peft")
+    trainer = make_trainer(tmp_path, lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, beta=0.05)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    assert frozen and all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
+
+
+def test_warm_start_teaches_the_answer_format(tokenizer):
+    model = tiny_causal_lm(tokenizer, hidden_size=64)
+    losses = supervised_warm_start(model, tokenizer, PROMPTS * 4, TARGETS * 4, steps=60, batch_size=4, learning_rate=3e-3, progress=False)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_completion_offsets_cover_the_decoded_text(tokenizer):
+    ids = tokenizer("<think>run</think><answer>red running shoes</answer>", add_special_tokens=False)["input_ids"]
+    text, spans = completion_offsets(tokenizer, ids + [tokenizer.eos_token_id, tokenizer.pad_token_id])
+    assert "".join(text[a:b] for a, b in spans) == text
+    assert spans[-2:] == [(0, 0), (0, 0)]
+
+
+@pytest.mark.gpu
+def test_no_host_sync_between_rewards_and_optimizer_step(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.model.cuda()
+    trainer.device = torch.device("cuda")
+    prompts = trainer._next_prompts()
+    rollout = trainer.score(trainer.generate(prompts), prompts)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.optimise(rollout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
