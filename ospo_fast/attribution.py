@@ -137,6 +137,7 @@ class OwenAttributor:
         evaluator: "auto" (packed encoder forward for a DenseRetrievalReward over a BERT-family encoder,
             else one text call), "packed" or "text".
         attention: attention backend of the packed forward ("auto", "flash", "sdpa").
+        encoder_dtype: matmul precision of the packed forward (None: float32 on CPU, bfloat16 on CUDA).
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class OwenAttributor:
         backend: str = "auto",
         evaluator: str = "auto",
         attention: str = "auto",
+        encoder_dtype: torch.dtype | None = None,
     ):
         if not callable(reward):
             raise ValueError(f"reward: expected a callable reward(texts, owners), got {type(reward).__name__}")
@@ -164,7 +166,7 @@ class OwenAttributor:
         self.packed = None
         if evaluator in ("auto", "packed"):
             try:
-                self.packed = EncoderCoalitionEvaluator(reward, attention=attention)
+                self.packed = EncoderCoalitionEvaluator(reward, attention=attention, dtype=encoder_dtype)
             except (AttributeError, ValueError) as exc:
                 if evaluator == "packed":
                     raise ValueError(f"evaluator='packed': {exc}") from None

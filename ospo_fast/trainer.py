@@ -74,6 +74,7 @@ class OSPOConfig:
     eps_high: float = 0.2
     attribution_method: str = "auto"
     attribution_budget: int = 64
+    attribution_dtype: str | None = None  # encoder precision: None (float32 on CPU, bfloat16 on CUDA) or a dtype name
     max_players: int = 16
     seed: int = 0
     save_steps: int = 25
@@ -147,7 +148,7 @@ class OSPOTrainer:
         self.segmenter = Segmenter(max_players=cfg.max_players)
         self.attributor = OwenAttributor(
             reward, segmenter=self.segmenter, method=cfg.attribution_method, budget=cfg.attribution_budget,
-            seed=cfg.seed,
+            seed=cfg.seed, encoder_dtype=_dtype(cfg.attribution_dtype),
         ) if cfg.mode == "ospo" else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -397,6 +398,15 @@ class OSPOTrainer:
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"attribution_dtype: expected None or a torch dtype name like 'bfloat16', got {name!r}")
+    return dtype
 
 
 def _with_lora(model, lora: dict):

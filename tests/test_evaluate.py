@@ -231,3 +231,14 @@ def test_aggregation_backends_agree_inside_the_attributor():
         for a, b in zip(out, reference):
             assert_close(a.phi, b.phi, rtol=1e-10, atol=1e-10, what=backend)
     assert np.isfinite(sum(float(a.phi.sum()) for a in reference))
+
+
+def test_bf16_packed_forward_matches_the_loop_to_bf16_tolerance(reward):
+    rng = random.Random(9)
+    texts = [random_response(rng) for _ in range(5)]
+    coalitions = _batch(texts, [0] * 5)
+    embeddings, seq_index = EncoderCoalitionEvaluator(reward, dtype=torch.bfloat16).embed(coalitions)
+    reference, reference_index = EncoderCoalitionEvaluator(reward, dtype=torch.float32).embed(coalitions)
+    got, expected = embeddings[torch.from_numpy(seq_index)], reference[torch.from_numpy(reference_index)]
+    assert_close(got, expected, rtol=0.0, atol=4e-2, what="bf16 embeddings")
+    assert (got * expected).sum(1).min() > 0.99  # cosine similarity of unit vectors
