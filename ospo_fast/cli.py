@@ -1,18 +1,21 @@
 """The ``ospo-fast`` command.
 
-    ospo-fast demo [TEXT] [--query Q] [--permutations K] [--seed S]
-
-``demo`` walks one response through the data flow: segmentation into phrases grouped in sentences, the
-exact Owen plan, one batched call of a text reward on every coalition, and the Owen values of the
-segments (exact, and sampled for comparison), with the efficiency check sum(phi) = v(N) - v(empty).
+    ospo-fast train   [--model NAME] [--task default|esci|hm] [--steps N] [--mode ospo|grpo] [--output DIR] [--resume]
+    ospo-fast eval    --run DIR | --model NAME     NDCG/recall/MRR@10/20/50/100, training and unseen retrievers
+    ospo-fast attribute "TEXT" [--request Q | --owner N] [--reward dense|bm25] [--html FILE]
+    ospo-fast compare [--seeds 0 1 2] [--steps N]  OSPO (each redistribution) vs GRPO vs the warm start
+    ospo-fast demo    one response through the whole data flow, with a toy reward
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
+from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -25,6 +28,10 @@ DEMO_TEXT = (
     "6 ft braided cord, apple mfi certified. black and white</answer>"
 )
 DEMO_QUERY = "iphone 14 fast charger usb c cable apple certified"
+
+
+# ----------------------------------------------------------------------------------------------------
+# demo
 
 
 def term_coverage_reward(query: str):
@@ -67,17 +74,192 @@ def demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+# train / eval / compare
+
+
+def _settings_and_config(args):
+    from .experiment import RunSettings
+    from .trainer import OSPOConfig
+
+    settings = RunSettings(
+        model=args.model, task=args.task, esci_examples=args.esci_examples, esci_products=args.esci_products,
+        hm_articles=args.hm_articles, hm_customers=args.hm_customers, hm_transactions=args.hm_transactions,
+        max_samples=args.max_samples, warm_start_steps=args.warm_start_steps, eval_every=args.eval_every,
+        eval_samples=args.eval_samples,
+    )
+    config = OSPOConfig(
+        output_dir=args.output, mode=args.mode, redistribution=args.redistribution, max_steps=args.steps,
+        prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr,
+        max_new_tokens=args.max_new_tokens, attribution_budget=args.budget, seed=args.seed, beta=args.beta,
+        loss_type=args.loss_type, attribution_dtype=args.attribution_dtype, save_steps=args.save_steps,
+    ).check()
+    return settings, config
+
+
+def train(args) -> int:
+    from .experiment import format_table, run
+
+    settings, config = _settings_and_config(args)
+    start = time.perf_counter()
+    summary = run(settings, config, resume=args.resume)
+    print()
+    print(format_table(summary["results"]))
+    print(f"\nrun folder: {config.output_dir} (report.md, metrics.jsonl, reward.png, ndcg.png, attributions.html, "
+          f"policy/); {time.perf_counter() - start:.0f} s in all")
+    return 0
+
+
+def evaluate(args) -> int:
+    from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers
+    from .policy import load_policy
+
+    if bool(args.run) == bool(args.model):
+        raise SystemExit("eval: give exactly one of --run DIR or --model NAME")
+    settings = RunSettings(task=args.task, esci_examples=args.esci_examples, esci_products=args.esci_products,
+                           hm_articles=args.hm_articles, hm_customers=args.hm_customers,
+                           hm_transactions=args.hm_transactions, max_samples=args.max_samples)
+    seed = args.seed
+    if args.run:
+        saved = json.loads((Path(args.run) / "eval.json").read_text())
+        settings = RunSettings(**saved["settings"])
+        seed = saved["config"]["seed"]
+    model, tokenizer = load_policy(str(Path(args.run) / "policy") if args.run else args.model)
+    train_task, eval_task = load_task(settings, seed=seed)
+    result = evaluate_policy(model, tokenizer, eval_task, retrievers(train_task), args.max_new_tokens, limit=args.eval_samples)
+    print(format_table({"policy": result["table"]}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def compare(args) -> int:
+    from .experiment import compare as run_compare
+    from .experiment import format_comparison
+
+    settings, config = _settings_and_config(args)
+    summary = run_compare(settings, config, seeds=args.seeds, variants=args.variants, output_dir=args.output)
+    print(format_comparison(summary, len(args.seeds)))
+    print(f"wrote {args.output}/compare.json, compare.md, compare.png")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# attribute
+
+
+def attribute(args) -> int:
+    from .attribution import OwenAttributor
+    from .data import default_task
+    from .experiment import request_of
+
+    task = default_task(seed=args.seed)
+    if args.request is not None:
+        matches = [s for s in task.samples if request_of(s).lower() == args.request.lower()]
+        if not matches:
+            examples = ", ".join(repr(request_of(s)) for s in task.samples[:5])
+            raise SystemExit(f"attribute: no request {args.request!r} in the default data; for example {examples}")
+        owner = matches[0].owner
+    else:
+        owner = args.owner
+        if not 0 <= owner < len(task.pools):
+            raise SystemExit(f"attribute: --owner must be in 0..{len(task.pools) - 1}")
+    request = next((request_of(s) for s in task.samples if s.owner == owner), "?")
+    reward = task.reward(args.reward)
+    out = OwenAttributor(reward, method=args.method, budget=args.budget, seed=args.seed)([args.text], [owner])
+    print(f"request (pool {owner}): {request}")
+    print(f"retriever: {args.reward}; {out[0].plan.num_coalitions} coalitions ({out[0].plan.method}), "
+          f"{out.num_evaluations} evaluations in {out.timings['total'] * 1e3:.0f} ms\n")
+    print(out[0].table())
+    if args.html:
+        Path(args.html).write_text(f"<html><meta charset='utf-8'><body><h3>{request}</h3>{out[0].to_html()}</body></html>")
+        print(f"\nwrote {args.html}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _add_run_arguments(p, output: str) -> None:
+    from .trainer import OSPOConfig
+
+    defaults = {f.name: f.default for f in fields(OSPOConfig)}
+    p.add_argument("--model", default=None, help="a Hugging Face causal LM name or path (default: a small LM built here)")
+    p.add_argument("--task", default="default", choices=["default", "esci", "hm"])
+    p.add_argument("--esci-examples", help="shopping_queries_dataset_examples.parquet")
+    p.add_argument("--esci-products", help="shopping_queries_dataset_products.parquet")
+    p.add_argument("--hm-articles", help="articles.csv")
+    p.add_argument("--hm-customers", help="customers.csv")
+    p.add_argument("--hm-transactions", help="transactions_train.csv")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--output", default=output, help="the run folder")
+    p.add_argument("--mode", default="ospo", choices=["ospo", "grpo"])
+    p.add_argument("--redistribution", default="proportional", choices=["proportional", "rank", "hybrid", "potential"])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=defaults["group_size"])
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (small local models need more than 5e-6)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--budget", type=int, default=defaults["attribution_budget"], help="coalitions per response")
+    p.add_argument("--beta", type=float, default=0.0, help="KL weight")
+    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dr_grpo", "dapo"])
+    p.add_argument("--attribution-dtype", default=None, help="encoder precision, e.g. bfloat16")
+    p.add_argument("--warm-start-steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=30)
+    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--save-steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ospo-fast", description="Owen-Shapley Policy Optimization, fast.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="attribute one response's reward to its segments with Owen values")
+
+    p = commands.add_parser("train", help="warm start then OSPO (or GRPO) training, evaluation and a report")
+    _add_run_arguments(p, "runs/ospo")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.set_defaults(func=train)
+
+    p = commands.add_parser("eval", help="NDCG/recall/MRR of a policy's queries with seen and unseen retrievers")
+    p.add_argument("--run", help="a run folder written by `ospo-fast train`")
+    p.add_argument("--model", help="or a Hugging Face causal LM name or path")
+    p.add_argument("--task", default="default", choices=["default", "esci", "hm"])
+    for name in ("esci-examples", "esci-products", "hm-articles", "hm-customers", "hm-transactions"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=evaluate)
+
+    p = commands.add_parser("compare", help="OSPO (each redistribution) vs GRPO vs the warm start, over seeds")
+    _add_run_arguments(p, "runs/compare")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["grpo", "proportional", "rank", "hybrid", "potential"])
+    p.set_defaults(func=compare)
+
+    p = commands.add_parser("attribute", help="Owen values of a response's segments against a candidate pool")
+    p.add_argument("text", help="the response (with or without <think>/<answer> tags)")
+    p.add_argument("--request", help="pick the pool of this request of the shipped default data")
+    p.add_argument("--owner", type=int, default=0, help="or the pool's index")
+    p.add_argument("--reward", default="dense", choices=["dense", "bm25"])
+    p.add_argument("--method", default="auto", choices=["auto", "exact", "sampled"])
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--html", help="also write the response with coloured segments to this HTML file")
+    p.set_defaults(func=attribute)
+
+    p = commands.add_parser("demo", help="one response through the whole data flow, with a toy reward")
     p.add_argument("text", nargs="?", default=DEMO_TEXT, help="the response (default: a worked example)")
     p.add_argument("--query", default=DEMO_QUERY, help="the query whose words the demo reward counts")
     p.add_argument("--permutations", type=int, default=64, help="orders for the sampled estimate")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=demo)
+    p.set_defaults(func=demo)
+
     args = parser.parse_args(argv)
-    return args.run(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ ranking metric of each text used as a query against the candidate pool of its ow
 
 from .bm25 import BM25Reward
 from .dense import DenseRetrievalReward
+from .lsa import LSAEncoder
 from .encoder import MINILM_NAME, SentenceEncoder, default_cache_dir, encode_cached, load_minilm, mean_pool, minilm_path
 from .metrics import (
     ESCI_GAINS,
@@ -23,6 +24,7 @@ from .metrics import (
 __all__ = [
     "DenseRetrievalReward",
     "BM25Reward",
+    "LSAEncoder",
     "SentenceEncoder",
     "load_minilm",
     "minilm_path",

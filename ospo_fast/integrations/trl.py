@@ -1,0 +1,212 @@
+"""OSPO in TRL: ``OSPOGRPOTrainer``, a ``trl.GRPOTrainer`` whose advantages are per token.
+
+    from ospo_fast.integrations.trl import OSPOGRPOTrainer
+    trainer = OSPOGRPOTrainer(model, reward_funcs=my_reward, args=GRPOConfig(...), train_dataset=ds)
+    trainer.train()
+
+TRL computes its sequence advantages as usual (its reward functions, weights, ``scale_rewards``,
+``multi_objective_aggregation``); this trainer then spreads each completion's advantage over its tokens by
+the Owen values of the completion's segments (:func:`ospo_fast.redistribute`) and hands TRL's loss a
+``[B, T]`` tensor in place of the ``[B]`` one. TRL's ``_compute_loss`` unsqueezes a ``[B]`` advantage to
+``[B, 1]`` and uses a ``[B, T]`` one as it is, so every loss type (grpo, dapo, dr_grpo, bnpo, cispo, sapo,
+luspo, vespo) and the clipping metrics broadcast per token.
+
+What the attribution game scores (a coalition is the completion reduced to some of its segments):
+
+* by default, TRL's own reward functions, called as TRL calls them (``prompts``, ``completions``,
+  ``completion_ids`` and the dataset's other columns as keyword arguments), each coalition with its own
+  row's prompt and columns, and weighted by ``args.reward_weights``; the coalition's text is put back
+  between the text before the completion's first segment and after its last (think block, answer tags), as
+  a one-message assistant turn for conversational prompts. ``log_extra``/``log_metric`` calls made while
+  scoring coalitions are dropped, so the completions table shows only real completions. Model-based reward
+  functions (``nn.Module``) need ``ospo_reward``.
+* ``ospo_reward``: any ospo_fast reward ``reward(texts, owners)`` (e.g.
+  :class:`~ospo_fast.rewards.DenseRetrievalReward`, evaluated in one packed encoder forward), with each
+  example's owner read from the dataset column ``owner_column``.
+
+Distributed training: TRL gathers the rewards of all processes to normalise them, then keeps each
+process's slice of the advantages. The attribution runs after that, on each process's own completions
+only; no coalition is evaluated twice and nothing more is communicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+
+import torch
+from torch import nn
+from trl import GRPOTrainer
+from trl.data_utils import is_conversational
+
+from ..advantages import redistribute
+from ..attribution import OwenAttributor
+from .common import CompletionReward, attribute_completions
+
+__all__ = ["OSPOGRPOTrainer"]
+
+LIGER_MESSAGE = (
+    "use_liger_kernel=True: OSPOGRPOTrainer gives every completion token its own advantage (a [B, T] tensor), "
+    "and Liger's fused GRPO loss takes one advantage per sequence ([B]), so the token credit would be lost. "
+    "Set use_liger_kernel=False; TRL's own loss takes per-token advantages."
+)
+
+
+def _ignore(*args, **kwargs) -> None:
+    """Stands in for TRL's ``log_extra``/``log_metric`` while coalitions are scored."""
+
+
+class OSPOGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with Owen-value redistribution of each completion's advantage over its tokens.
+
+    Takes every argument of ``GRPOTrainer`` (same names and order up to ``processing_class``; the rest by
+    keyword), plus:
+
+    Args:
+        ospo_attributor: an :class:`~ospo_fast.OwenAttributor` to use as it is (its reward's owners are read
+            from ``owner_column``, unless the reward is a :class:`~ospo_fast.integrations.common.CompletionReward`).
+        ospo_reward: the reward of the attribution game, ``reward(texts, owners) -> float [N]``; None scores
+            coalitions with TRL's reward functions (module docstring).
+        owner_column: the dataset column holding each example's owner index for ``ospo_reward``.
+        redistribution: ``"proportional"``, ``"rank"``, ``"hybrid"`` or ``"potential"``
+            (:mod:`ospo_fast.advantages`).
+        alpha, floor, clip: see :func:`ospo_fast.redistribute`.
+        attribution_method, attribution_budget: the coalition plan ("auto": exact Owen values when they need
+            at most ``attribution_budget`` coalitions per completion, else sampled orders).
+        segmenter: cuts completions into segments (default :class:`~ospo_fast.Segmenter`).
+
+    Raises:
+        ValueError: ``args.use_liger_kernel=True``; a model-based reward function without ``ospo_reward``;
+            a bad redistribution option.
+    """
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        ospo_attributor: OwenAttributor | None = None,
+        ospo_reward=None,
+        owner_column: str = "owner",
+        redistribution: str = "proportional",
+        alpha: float = 0.5,
+        floor: float = 0.1,
+        clip: float | tuple[float, float] | None = None,
+        attribution_method: str = "auto",
+        attribution_budget: int = 64,
+        segmenter=None,
+        **kwargs,
+    ):
+        if args is not None and getattr(args, "use_liger_kernel", False):
+            raise ValueError(LIGER_MESSAGE)
+        if ospo_attributor is not None and ospo_reward is not None:
+            raise ValueError("ospo_reward: pass either ospo_attributor or ospo_reward, not both")
+        self.ospo_options = dict(mode=redistribution, alpha=alpha, floor=floor, clip=clip)
+        # Checks the options now, with errors naming them, rather than at the first generation.
+        redistribute(torch.zeros(1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), **self.ospo_options)
+        super().__init__(
+            model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, **kwargs,
+        )
+        if ospo_attributor is None:
+            if ospo_reward is None:
+                self._check_reward_funcs_are_callables()
+                ospo_reward = CompletionReward(self._score_rows)
+            ospo_attributor = OwenAttributor(
+                ospo_reward, segmenter=segmenter, method=attribution_method, budget=attribution_budget,
+                seed=self.args.seed,
+            )
+        self.ospo_attributor = ospo_attributor
+        self.owner_column = owner_column
+        self._ospo_batch: dict | None = None
+
+    def _check_reward_funcs_are_callables(self) -> None:
+        for func, name in zip(self.reward_funcs, self.reward_func_names):
+            if isinstance(func, nn.Module):
+                raise ValueError(
+                    f"reward_funcs: '{name}' is a reward model; coalitions are scored with TRL's reward functions "
+                    "only when all are Python functions. Pass ospo_reward=reward(texts, owners) (e.g. "
+                    "ospo_fast.rewards.DenseRetrievalReward) and an owner column."
+                )
+
+    # ------------------------------------------------------------------------------------------------
+    # The two TRL hooks: the batch's context is recorded where TRL scores it, and the advantages are
+    # replaced where TRL returns them.
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL calls this with this process's own rows, before gathering: the context of the local game.
+        self._ospo_batch = dict(inputs=inputs, prompts=prompts, completions=completions)
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's rollout, then its ``[B]`` advantages replaced by OSPO's ``[B, T]`` ones.
+
+        The output also holds ``sequence_advantages`` (TRL's ``[B]`` advantages): the token mean of
+        ``advantages`` over each completion's trained tokens equals it (without ``clip``).
+        """
+        output = super()._generate_and_score_completions(inputs)
+        batch = self._ospo_batch
+        mode = "train" if self.model.training else "eval"
+        mask = output["completion_mask"].bool()
+        if "tool_mask" in output:  # tool outputs are not trained; their tokens get no advantage
+            mask = mask & output["tool_mask"].bool()
+        row_reward = self.ospo_attributor.reward if isinstance(self.ospo_attributor.reward, CompletionReward) else None
+        if row_reward is not None:
+            owners = list(range(len(batch["inputs"])))
+        else:
+            owners = self._owners(batch["inputs"])
+        start = time.perf_counter()
+        try:
+            credit = attribute_completions(
+                self._tokenizer, output["completion_ids"], self.ospo_attributor, owners,
+                keep=output["completion_mask"].bool(), reward_scope=row_reward.bind if row_reward else None,
+            )
+        finally:
+            self._ospo_batch = None
+        sequence = output["advantages"]
+        output["sequence_advantages"] = sequence
+        output["advantages"] = redistribute(sequence, credit.credit, mask, **self.ospo_options).to(sequence.dtype)
+        self._metrics[mode]["ospo/attribution_seconds"].append(time.perf_counter() - start)
+        self._metrics[mode]["ospo/reward_evaluations"].append(float(credit.attributions.num_evaluations))
+        return output
+
+    def _owners(self, inputs) -> list[int]:
+        if any(self.owner_column not in x for x in inputs):
+            raise ValueError(
+                f"owner_column: the dataset has no column {self.owner_column!r} giving each example's owner "
+                f"(pool) index for the attribution reward; columns are {sorted(inputs[0])}"
+            )
+        return [int(x[self.owner_column]) for x in inputs]
+
+    # ------------------------------------------------------------------------------------------------
+    # TRL's reward functions as the game's reward
+
+    def _score_rows(self, completions: list[str], rows: list[int]) -> list[float]:
+        """Completion texts scored by TRL's reward functions (weighted sum), text k as a completion of row rows[k]."""
+        batch = self._ospo_batch
+        inputs, prompts = batch["inputs"], batch["prompts"]
+        if is_conversational({"prompt": prompts[0]}):
+            formatted = [[{"role": "assistant", "content": c}] for c in completions]
+        else:
+            formatted = list(completions)
+        columns = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
+        kwargs = {k: [inputs[r][k] for r in rows] for k in columns}
+        kwargs.update(trainer_state=self.state, log_extra=_ignore, log_metric=_ignore)
+        if getattr(self, "environments", None) is not None:
+            kwargs["environments"] = [self.environments[r] for r in rows]
+        completion_ids = self._tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        total = torch.zeros(len(completions), dtype=torch.float64)
+        for func, weight in zip(self.reward_funcs, self.reward_weights.tolist()):
+            scores = func(
+                prompts=[prompts[r] for r in rows], completions=formatted, completion_ids=completion_ids, **kwargs
+            )
+            if inspect.isawaitable(scores):  # an async reward function: run it on TRL's event loop
+                scores = asyncio.run_coroutine_threadsafe(scores, self.async_loop).result()
+            scores = torch.tensor([float("nan") if s is None else float(s) for s in scores], dtype=torch.float64)
+            total += weight * scores.nan_to_num(nan=0.0)  # TRL sums the functions that returned a value
+        return total.tolist()

@@ -1,0 +1,162 @@
+"""OSPOGRPOTrainer: TRL's GRPOTrainer with OSPO's per-token advantages, on CPU with a tiny local causal LM."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from trl import GRPOConfig  # noqa: E402
+
+from ospo_fast.integrations.trl import OSPOGRPOTrainer  # noqa: E402
+from ospo_fast.policy import build_tokenizer, tiny_causal_lm  # noqa: E402
+
+WORDS = (
+    "soft cotton tee for summer navy blue slim fit wireless charger for iphone fast charging cable usb "
+    "red running shoes for women size with arch support and white"
+).split()
+PROMPTS = ["find an iphone charger", "a cotton tee for summer", "running shoes for women", "navy blue slim fit"]
+TARGETS = ["iphone charger cable", "cotton tee summer", "running shoes women", "navy blue slim"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(300)]
+    return build_tokenizer(texts, vocab_size=400)
+
+
+class RecordingTrainer(OSPOGRPOTrainer):
+    """Keeps the inputs that reach TRL's loss."""
+
+    def _compute_loss(self, model, inputs):
+        self.loss_inputs.append({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+        return super()._compute_loss(model, inputs)
+
+
+def train_one_step(tokenizer, tmp_path, reward_funcs, dataset=None, **kwargs) -> RecordingTrainer:
+    dataset = dataset if dataset is not None else datasets.Dataset.from_dict({"prompt": PROMPTS, "target": TARGETS})
+    config_kwargs = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
+        max_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no", logging_steps=1, seed=0,
+        disable_tqdm=True,
+    )
+    config_kwargs.update(kwargs.pop("config", {}))
+    trainer = RecordingTrainer(
+        tiny_causal_lm(tokenizer, hidden_size=64, num_layers=1, num_heads=2), reward_funcs=reward_funcs,
+        args=GRPOConfig(**config_kwargs), train_dataset=dataset, processing_class=tokenizer, **kwargs,
+    )
+    trainer.loss_inputs = []
+    trainer.train()
+    return trainer
+
+
+def word_overlap(prompts, completions, target, **kwargs):
+    """A TRL reward function that needs a dataset column: the share of the target's words in the completion."""
+    out = []
+    for completion, words in zip(completions, target):
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        found = set(text.lower().split())
+        out.append(len(found & set(words.split())) / len(words.split()) + 0.01 * len(text.split()))
+    return out
+
+
+def token_means(inputs) -> torch.Tensor:
+    mask = inputs["completion_mask"].bool()
+    return (inputs["advantages"] * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def test_advantages_reaching_the_loss_are_per_token(tokenizer, tmp_path):
+    trainer = train_one_step(tokenizer, tmp_path, word_overlap)
+    assert trainer.loss_inputs
+    for inputs in trainer.loss_inputs:
+        assert inputs["advantages"].shape == inputs["completion_ids"].shape
+
+
+def test_token_mean_of_advantages_equals_trl_sequence_advantage(tokenizer, tmp_path):
+    trainer = train_one_step(tokenizer, tmp_path, word_overlap)
+    for inputs in trainer.loss_inputs:
+        mask = inputs["completion_mask"].bool()
+        has_tokens = mask.any(1)
+        torch.testing.assert_close(
+            token_means(inputs)[has_tokens], inputs["sequence_advantages"][has_tokens], rtol=1e-5, atol=1e-6
+        )
+        assert (inputs["advantages"][~mask] == 0).all()
+
+
+def test_redistribution_moves_advantage_between_tokens(tokenizer, tmp_path):
+    trainer = train_one_step(tokenizer, tmp_path, word_overlap)
+    inputs = trainer.loss_inputs[0]
+    mask = inputs["completion_mask"].bool()
+    spread = [inputs["advantages"][j][mask[j]].unique().numel() for j in range(mask.shape[0])]
+    assert max(spread) > 1  # GRPO would give every token of a completion the same advantage
+
+
+def test_use_liger_kernel_is_refused(tokenizer, tmp_path):
+    args = GRPOConfig(output_dir=str(tmp_path), use_liger_kernel=True, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="use_liger_kernel.*one advantage per sequence"):
+        OSPOGRPOTrainer(tiny_causal_lm(tokenizer, hidden_size=64, num_layers=1, num_heads=2),
+                        reward_funcs=word_overlap, args=args, processing_class=tokenizer)
+
+
+def test_coalitions_are_scored_with_their_own_rows_columns(tokenizer, tmp_path):
+    target_of = dict(zip(PROMPTS, TARGETS))
+    calls = []
+
+    def checked_overlap(prompts, completions, target, trainer_state, **kwargs):
+        assert len(prompts) == len(completions) == len(target)
+        assert all(target_of[p] == t for p, t in zip(prompts, target))
+        calls.append(len(completions))
+        return word_overlap(prompts, completions, target)
+
+    train_one_step(tokenizer, tmp_path, checked_overlap)
+    assert len(calls) == 2  # TRL's own call, then one call for every coalition of the batch
+    assert calls[1] > calls[0]
+
+
+def test_conversational_prompts_get_assistant_message_coalitions(tokenizer, tmp_path):
+    seen = []
+
+    def conversational_overlap(prompts, completions, target, **kwargs):
+        seen.extend(completions)
+        return word_overlap(prompts, completions, target)
+
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": p}] for p in PROMPTS], "target": TARGETS}
+    )
+    trainer = train_one_step(tokenizer, tmp_path, conversational_overlap, dataset=dataset)
+    assert all(isinstance(c, list) and c[-1]["role"] == "assistant" for c in seen)
+    for inputs in trainer.loss_inputs:
+        mask = inputs["completion_mask"].bool().any(1)
+        torch.testing.assert_close(token_means(inputs)[mask], inputs["sequence_advantages"][mask])
+
+
+def test_ospo_reward_reads_owners_from_the_owner_column(tokenizer, tmp_path):
+    owners_seen = set()
+
+    def pool_reward(texts, owners):
+        owners_seen.update(int(o) for o in owners)
+        return [float(len(t.split()) % 3) for t in texts]
+
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS, "owner": [7, 8, 9, 10]})
+    train_one_step(tokenizer, tmp_path, lambda completions, **kw: [0.0] * len(completions), dataset=dataset,
+                   ospo_reward=pool_reward, owner_column="owner")
+    assert owners_seen and owners_seen <= {7, 8, 9, 10}
+
+
+def test_reward_model_without_ospo_reward_is_refused(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    policy = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=1, num_heads=2)
+    config = LlamaConfig(**{**policy.config.to_dict(), "num_labels": 1})
+    reward_model = LlamaForSequenceClassification(config)
+    args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, num_generations=2,
+                      per_device_train_batch_size=2)
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    with pytest.raises(ValueError, match="reward model.*ospo_reward"):
+        OSPOGRPOTrainer(policy, reward_funcs=reward_model, args=args, train_dataset=dataset,
+                        processing_class=tokenizer, reward_processing_classes=tokenizer)

@@ -1,0 +1,281 @@
+"""verl integration: the "ospo" estimator's torch core, the dense token-reward encoding, response scoring, and
+(where verl is installed) the registered estimator and reward managers on real verl objects."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ospo_fast.integrations.common import CompletionReward, attribute_completions
+from ospo_fast.integrations.verl import (
+    build_attributor,
+    compute_ospo_advantage,
+    dense_token_rewards,
+    grpo_sequence_advantages,
+    last_token_mask,
+    ospo_advantages,
+    score_responses,
+    split_token_rewards,
+)
+from ospo_fast.policy import build_tokenizer
+from ospo_fast.segment import Segmenter
+
+RESPONSES = [
+    "<think>the user wants power</think><answer>wireless charger for iphone, fast charging cable</answer>",
+    "<answer>red running shoes for women with arch support</answer>",
+    "<answer>navy blue tee. slim fit cotton</answer>",
+    "no tags at all, just a cable for iphone",
+]
+GROUND_TRUTH = ["iphone charger cable", "running shoes women", "cotton tee", "iphone cable"]
+
+
+def random_batch(seed: int, B: int = 6, L: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    credit = torch.randn(B, L, generator=g) * mask * ~last_token_mask(mask)
+    rewards = torch.rand(B, generator=g)
+    index = np.array(["a", "a", "b", "b", "b", "c"][:B], dtype=object)
+    return rewards, credit, mask, index
+
+
+def grpo_loop(scores, index, epsilon=1e-6, norm=True):
+    """verl's compute_grpo_outcome_advantage, written as its loop (groups of one: mean 0, std 1)."""
+    out = scores.clone().float()
+    for uid in set(index.tolist()):
+        rows = [i for i, u in enumerate(index) if u == uid]
+        group = scores[rows].float()
+        mean, std = (group.mean(), group.std()) if len(rows) > 1 else (torch.tensor(0.0), torch.tensor(1.0))
+        out[rows] = (group - mean) / (std + epsilon) if norm else group - mean
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The torch core
+
+
+def test_dense_token_rewards_sum_to_the_sequence_reward():
+    rewards, credit, mask, _ = random_batch(0)
+    dense = dense_token_rewards(rewards, credit, mask)
+    torch.testing.assert_close(dense.sum(1), rewards)
+    assert (dense[~mask] == 0).all()
+
+
+def test_split_token_rewards_inverts_dense_token_rewards():
+    rewards, credit, mask, _ = random_batch(1)
+    back_rewards, back_credit = split_token_rewards(dense_token_rewards(rewards, credit, mask), mask)
+    torch.testing.assert_close(back_rewards, rewards)
+    torch.testing.assert_close(back_credit, credit)
+
+
+def test_grpo_sequence_advantages_match_verls_loop():
+    rewards, _, _, index = random_batch(2)
+    for norm in (True, False):
+        torch.testing.assert_close(grpo_sequence_advantages(rewards, index, norm_adv_by_std_in_grpo=norm),
+                                   grpo_loop(rewards, index, norm=norm))
+
+
+def test_token_mean_of_ospo_advantages_is_the_grpo_advantage():
+    rewards, credit, mask, index = random_batch(3)
+    for mode in ("proportional", "rank", "hybrid", "potential"):
+        adv = ospo_advantages(dense_token_rewards(rewards, credit, mask), mask, index, mode=mode)
+        torch.testing.assert_close((adv * mask).sum(1) / mask.sum(1), grpo_loop(rewards, index), rtol=1e-5, atol=1e-5)
+        assert (adv[~mask] == 0).all()
+
+
+def test_a_last_token_scalar_reward_gives_grpo_advantages():
+    rewards, _, mask, index = random_batch(4)
+    scalar = last_token_mask(mask) * rewards[:, None]  # what verl's naive reward manager writes
+    adv = ospo_advantages(scalar, mask, index)
+    torch.testing.assert_close(adv, grpo_loop(rewards, index)[:, None] * mask)
+
+
+def test_credit_moves_advantage_towards_credited_tokens():
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    credit = torch.tensor([[0.0, 0.6, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    rewards = torch.tensor([1.0, 0.0])
+    adv = ospo_advantages(dense_token_rewards(rewards, credit, mask), mask, np.array(["g", "g"], dtype=object))
+    assert adv[0, 1] == adv[0].max() and adv[0, 1] > adv[0, 0]
+
+
+def test_estimator_reads_options_from_the_config_section():
+    rewards, credit, mask, index = random_batch(5)
+    dense = dense_token_rewards(rewards, credit, mask)
+    adv, returns = compute_ospo_advantage(dense, mask, index, config={"ospo": {"mode": "rank", "floor": 0.3}})
+    torch.testing.assert_close(adv, ospo_advantages(dense, mask, index, mode="rank", floor=0.3))
+    assert returns is adv
+    no_std, _ = compute_ospo_advantage(dense, mask, index, config={"norm_adv_by_std_in_grpo": False})
+    torch.testing.assert_close((no_std * mask).sum(1) / mask.sum(1), grpo_loop(rewards, index, norm=False))
+
+
+def test_estimator_rejects_an_unknown_option():
+    rewards, credit, mask, index = random_batch(6)
+    with pytest.raises(ValueError, match="algorithm.ospo.*flor"):
+        compute_ospo_advantage(dense_token_rewards(rewards, credit, mask), mask, index, config={"ospo": {"flor": 0.1}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring responses with a verl-style compute_score
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(0)
+    words = " ".join(RESPONSES).replace("<", " <").replace(">", "> ").split()
+    texts = RESPONSES + [" ".join(rng.choice(words) for _ in range(10)) for _ in range(200)]
+    return build_tokenizer(texts, vocab_size=400)
+
+
+def answer_overlap(data_source, solution_str, ground_truth, extra_info=None):
+    """A verl compute_score that needs the answer tags: the share of the ground truth's words in the answer."""
+    m = re.search(r"<answer>(.*?)</answer>", solution_str, re.S)
+    answer = set(re.findall(r"\w+", m.group(1).lower())) if m else set()
+    return len(answer & set(ground_truth.split())) / len(ground_truth.split())
+
+
+def response_batch(tokenizer):
+    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in RESPONSES]
+    L = max(map(len, rows)) + 2
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, ids != tokenizer.pad_token_id
+
+
+class Rows:
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, texts, rows):
+        self.seen.extend(texts)
+        return [answer_overlap("esci", t, GROUND_TRUTH[r]) for t, r in zip(texts, rows)]
+
+
+def test_score_responses_rewards_are_compute_score_of_each_response(tokenizer):
+    ids, mask = response_batch(tokenizer)
+    rewards, dense, _ = score_responses(tokenizer, ids, mask, build_attributor(Rows()))
+    expected = torch.tensor([answer_overlap("esci", r, g) for r, g in zip(RESPONSES, GROUND_TRUTH)])
+    torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(dense.sum(1), rewards)
+
+
+def test_score_responses_credit_sums_to_the_owen_values(tokenizer):
+    ids, mask = response_batch(tokenizer)
+    _, dense, credit = score_responses(tokenizer, ids, mask, build_attributor(Rows()))
+    _, recovered = split_token_rewards(dense, mask)
+    for j, attribution in enumerate(credit.attributions):
+        torch.testing.assert_close(recovered[j].sum().double(), attribution.phi.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_coalitions_keep_the_response_frame(tokenizer):
+    ids, mask = response_batch(tokenizer)
+    rows = Rows()
+    score_responses(tokenizer, ids, mask, build_attributor(rows))
+    framed = [t for t in rows.seen if t.startswith("<think>the user wants power</think><answer>")]
+    assert framed and all(t.endswith("</answer>") for t in framed)
+
+
+def test_completion_reward_needs_a_bound_batch():
+    with pytest.raises(RuntimeError, match="bind"):
+        CompletionReward(lambda texts, rows: [0.0] * len(texts))(["a"], [0])
+
+
+def test_reserved_last_token_carries_no_credit(tokenizer):
+    ids, mask = response_batch(tokenizer)
+    reward = CompletionReward(Rows())
+    from ospo_fast.attribution import OwenAttributor
+
+    credit = attribute_completions(tokenizer, ids, OwenAttributor(reward, segmenter=Segmenter()), range(len(ids)),
+                                   keep=mask, reserve_last=last_token_mask(mask), reward_scope=reward.bind)
+    assert (credit.credit[last_token_mask(mask)] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# On real verl objects (only where verl is installed)
+
+
+@pytest.fixture(scope="module")
+def verl():
+    return pytest.importorskip("verl")
+
+
+def verl_batch(verl, tokenizer):
+    from tensordict import TensorDict
+
+    ids, mask = response_batch(tokenizer)
+    prompts = torch.full((len(ids), 3), tokenizer.bos_token_id)
+    batch = TensorDict(
+        {"prompts": prompts, "responses": ids, "attention_mask": torch.cat([torch.ones_like(prompts), mask.long()], 1)},
+        batch_size=len(ids),
+    )
+    non_tensor = {
+        "data_source": np.array(["esci"] * len(ids), dtype=object),
+        "reward_model": np.array([{"ground_truth": g} for g in GROUND_TRUTH], dtype=object),
+        "extra_info": np.array([{} for _ in GROUND_TRUTH], dtype=object),
+    }
+    return verl.DataProto(batch=batch, non_tensor_batch=non_tensor), mask
+
+
+def test_verl_registry_holds_the_ospo_estimator(verl):
+    from verl.trainer.ppo import core_algos
+
+    assert core_algos.get_adv_estimator_fn("ospo") is compute_ospo_advantage
+
+
+def test_verl_compute_advantage_with_ospo_keeps_grpo_means(verl):
+    ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")
+    from omegaconf import OmegaConf
+    from tensordict import TensorDict
+
+    rewards, credit, mask, index = random_batch(7)
+    data = verl.DataProto(
+        batch=TensorDict({"token_level_rewards": dense_token_rewards(rewards, credit, mask),
+                          "response_mask": mask.long()}, batch_size=len(rewards)),
+        non_tensor_batch={"uid": index},
+    )
+    config = OmegaConf.create({"norm_adv_by_std_in_grpo": True, "ospo": {"mode": "proportional"}})
+    data = ray_trainer.compute_advantage(data, adv_estimator="ospo", config=config)
+    grpo = ray_trainer.compute_advantage(
+        verl.DataProto(batch=TensorDict({"token_level_rewards": last_token_mask(mask) * rewards[:, None],
+                                         "response_mask": mask.long()}, batch_size=len(rewards)),
+                       non_tensor_batch={"uid": index}),
+        adv_estimator="grpo", config=config,
+    ).batch["advantages"]
+    adv = data.batch["advantages"]
+    torch.testing.assert_close((adv * mask).sum(1) / mask.sum(1), grpo[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_verl_reward_manager_writes_dense_rewards_for_a_dataproto(verl, tokenizer):
+    from verl.workers.reward_manager import get_reward_manager_cls
+
+    data, mask = verl_batch(verl, tokenizer)
+    manager = get_reward_manager_cls("ospo")(tokenizer=tokenizer, num_examine=0, compute_score=answer_overlap)
+    out = manager(data, return_dict=True)
+    expected = torch.tensor([answer_overlap("esci", r, g) for r, g in zip(RESPONSES, GROUND_TRUTH)])
+    assert out["reward_tensor"].shape == data.batch["responses"].shape
+    torch.testing.assert_close(out["reward_tensor"].sum(1), expected)
+
+
+def test_verl_reward_loop_manager_assembles_dense_rm_scores(verl, tokenizer):
+    registry = pytest.importorskip("verl.experimental.reward_loop.reward_manager")
+    from omegaconf import OmegaConf
+
+    data, mask = verl_batch(verl, tokenizer)
+    cls = registry.get_reward_manager_cls("ospo")
+    manager = cls(OmegaConf.create({"reward": {"ospo": {"budget": 64}}}), tokenizer, answer_overlap)
+
+    async def score_all():
+        return await asyncio.gather(*[manager.run_single(data[i : i + 1]) for i in range(len(data))])
+
+    outputs = manager.loop.run_until_complete(score_all())  # the loop verl's base class bound the manager to
+    rm_scores = cls.assemble_rm_scores(data, [o["reward_score"] for o in outputs])
+    scalars = [float(o["reward_score"]) for o in outputs]
+    legacy = registry.get_reward_manager_cls("naive").assemble_rm_scores(data, scalars)
+    torch.testing.assert_close(rm_scores.sum(1), legacy.sum(1))
+    assert (rm_scores[~mask] == 0).all()
+    assert (rm_scores != 0).sum() > (legacy != 0).sum()  # the credit is spread over the tokens
