@@ -6,6 +6,11 @@ Both runs use the same tiny policy (built from a config, tokenizer trained local
 the shipped default ESCI task, the bundled MiniLM dense-retrieval reward and the same seeds; they differ only
 in ``mode``. OSPO's extra work is the attribution (segmentation, plans, one packed evaluation of every
 coalition, Owen aggregation) and the redistribution; the bar is an OSPO step at most 1.3x a GRPO step.
+
+The policy is not warm-started by default (``--warm-start-steps 0``): its completions then run to the token
+limit without answer tags, so every completion is segmented whole into up to 16 segments and attributed
+with the full coalition budget: the heaviest attribution load per token a step can have. A tiny CPU policy
+is also far cheaper than a real LLM, so the ratio here is a pessimistic bound.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main(argv=None):
     parser.add_argument("--budget", type=int, default=64, help="coalitions per response")
     parser.add_argument("--hidden", type=int, default=256, help="policy width")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--warm-start-steps", type=int, default=0)
     parser.add_argument("--attribution-dtype", default=None, help="e.g. bfloat16 (AMX on recent x86 CPUs)")
     parser.add_argument("--json", default="bench/results/step.json")
     args = parser.parse_args(argv)
@@ -43,7 +49,9 @@ def main(argv=None):
     reward = task.reward("dense")
     base = tiny_causal_lm(tokenizer, hidden_size=args.hidden, num_layers=args.layers)
     targets = [f"<think>{s.query}</think><answer>{s.query}</answer>" for s in samples]
-    supervised_warm_start(base, tokenizer, [s.prompt for s in samples], targets, steps=30, progress=False)
+    if args.warm_start_steps:
+        supervised_warm_start(base, tokenizer, [s.prompt for s in samples], targets, steps=args.warm_start_steps,
+                              progress=False)
     weights = {k: v.clone() for k, v in base.state_dict().items()}
 
     results = {}
