@@ -83,12 +83,14 @@ def main(argv=None):
     parser.add_argument("--budget", type=int, default=64, help="coalitions per response (method='auto')")
     parser.add_argument("--loop-responses", type=int, default=2, help="responses timed with the slow providers")
     parser.add_argument("--no-shap", action="store_true")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", default="bench/results/attribution.json")
     args = parser.parse_args(argv)
 
     texts, labels = iphone_charger_pool()
     reward = of.rewards.DenseRetrievalReward(
-        items=[t[:400] for t in texts], pools=[list(range(len(texts)))], gains=[[of.rewards.esci_gain(x) for x in labels]]
+        items=[t[:400] for t in texts], pools=[list(range(len(texts)))], gains=[[of.rewards.esci_gain(x) for x in labels]],
+        device=args.device,
     )
     batch_texts = responses(args.responses)
     owners = [0] * len(batch_texts)
