@@ -69,22 +69,15 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import as_real_tensor
+
 SCALES = ("group", "batch", "none")
 REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid", "potential")
 
 
 def _as_float(x, name: str) -> torch.Tensor:
     """``x`` as a real float tensor: float64 stays, other floats and integers become float32."""
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{name}: expected a float tensor, got {type(x).__name__} ({exc})") from None
-    if x.dtype == torch.bool or x.is_complex():
-        raise ValueError(f"{name}: expected real numbers, got dtype {x.dtype}")
-    if x.dtype != torch.float64:
-        x = x.to(torch.float32)
-    return x
+    return as_real_tensor(x, name, integers_to=torch.float32)
 
 
 def _real_number(value, name: str, lo: float, hi: float) -> float:

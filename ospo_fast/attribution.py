@@ -20,6 +20,7 @@ import torch
 from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, evaluate_text_reward
 from .owen import owen_from_values
 from .plans import CoalitionPlan, make_plan
+from .rewards.metrics import check_queries
 from .segment import Segmentation, Segmenter
 from .structure import CoalitionStructure
 
@@ -176,8 +177,8 @@ class OwenAttributor:
 
         ``segmentations`` may be passed when the caller already segmented the texts.
         """
-        texts = _check_texts(texts)
-        owners = _check_owners(owners, len(texts), getattr(self.reward, "num_owners", None))
+        owners = check_queries(texts, owners, getattr(self.reward, "num_owners", None))
+        texts = list(texts)
         t0 = time.perf_counter()
         if segmentations is None:
             segmentations = [self.segmenter(t) for t in texts]
@@ -204,27 +205,3 @@ class OwenAttributor:
         ]
         timings = dict(segment=t1 - t0, plan=t2 - t1, evaluate=t3 - t2, aggregate=t4 - t3, total=t4 - t0)
         return Attributions(items=items, num_evaluations=evaluations, timings=timings)
-
-
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise ValueError(f"texts: expected a list of str, got {type(texts).__name__}")
-    if len(texts) == 0:
-        raise ValueError("texts: expected a non-empty list of responses")
-    for j, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ValueError(f"texts[{j}]: expected str, got {type(t).__name__}")
-    return list(texts)
-
-
-def _check_owners(owners, n: int, num_owners: int | None) -> torch.Tensor:
-    owners = torch.as_tensor(owners).reshape(-1).cpu()
-    if owners.is_floating_point() or owners.dtype == torch.bool:
-        raise ValueError(f"owners: expected integer owner indices, got dtype {owners.dtype}")
-    if owners.numel() != n:
-        raise ValueError(f"owners: expected {n} owner indices, one per text, got {owners.numel()}")
-    if n and owners.min() < 0:
-        raise ValueError(f"owners: owner index {int(owners.min())} is negative")
-    if num_owners is not None and n and owners.max() >= num_owners:
-        raise ValueError(f"owners: owner index {int(owners.max())} is out of range for {num_owners} pools")
-    return owners.long()

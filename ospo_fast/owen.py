@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import _extension
+from ._checks import as_real_tensor
 from .plans import CoalitionPlan, PlanBatch, make_plan
 from .structure import CoalitionStructure
 
@@ -108,17 +109,8 @@ def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Te
 
 
 def _as_float_values(values, name: str = "values") -> torch.Tensor:
-    if not isinstance(values, torch.Tensor):
-        try:
-            values = torch.as_tensor(values)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{name}: expected a float tensor, got {type(values).__name__} ({exc})") from None
-    if values.dtype == torch.bool or values.is_complex():
-        raise ValueError(f"{name}: expected real numbers, got dtype {values.dtype}")
-    if values.dtype != torch.float64:
-        # Kernels accumulate in float32 or float64; integers keep full precision in float64.
-        values = values.to(torch.float32 if values.is_floating_point() else torch.float64)
-    return values.contiguous()
+    # Kernels accumulate in float32 or float64; integer values keep full precision in float64.
+    return as_real_tensor(values, name, integers_to=torch.float64).contiguous()
 
 
 def owen_from_values(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -203,15 +204,20 @@ def test_to_html_colours_each_segment_and_escapes_text():
     [
         ([], [], "texts: expected a non-empty list"),
         ("one text", [0], "texts: expected a list of str"),
-        (["a b"], [0, 1], "owners: expected 1 owner indices"),
-        (["a b"], [5], "owners: owner index 5 is out of range for 2 pools"),
-        (["a b"], [-1], "owners: owner index -1 is negative"),
-        (["a b"], [0.5], "owners: expected integer"),
+        (["a b"], [0, 1], "owners: expected 1 owners (one per text), got 2"),
+        (["a b"], [5], "owners: owner index 5 out of range for 2 pools"),
+        (["a b"], [-1], "owners: owner index -1 out of range for 2 pools"),
+        (["a b"], [0.5], "owners: expected a 1-D sequence of int"),
     ],
 )
 def test_attributor_bad_input_names_the_argument(reward, texts, owners, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         of.OwenAttributor(reward)(texts, owners)
+
+
+def test_attributor_with_a_text_reward_refuses_negative_owners():
+    with pytest.raises(ValueError, match=r"owners: owner index -2 out of range \(owners are >= 0\)"):
+        of.OwenAttributor(CountingReward())(["a b"], [-2])
 
 
 def test_attributor_refuses_a_non_callable_reward():

@@ -402,8 +402,9 @@ def pad_pools(
     return index.to(device), gain_t.to(device), valid.to(device)
 
 
-def check_queries(texts, owners, num_owners: int):
-    """Validate a reward call's ``texts`` (non-empty list of str) and ``owners`` (one index per text).
+def check_queries(texts, owners, num_owners: Optional[int]):
+    """Validate a reward call's ``texts`` (non-empty list of str) and ``owners`` (one index per text, in
+    ``[0, num_owners)``; only non-negative when ``num_owners`` is None).
 
     Returns ``owners`` as a CPU long tensor [N]. Raises ValueError naming the bad argument.
     """
@@ -430,7 +431,8 @@ def check_queries(texts, owners, num_owners: int):
         own = own.to(torch.long).reshape(-1)
     if own.numel() != len(texts):
         raise ValueError(f"owners: expected {len(texts)} owners (one per text), got {own.numel()}")
-    bad = (own < 0) | (own >= num_owners)
+    bad = (own < 0) | (own >= num_owners) if num_owners is not None else own < 0
     if bad.any():
-        raise ValueError(f"owners: owner index {int(own[bad][0])} out of range for {num_owners} pools")
+        where = f"for {num_owners} pools" if num_owners is not None else "(owners are >= 0)"
+        raise ValueError(f"owners: owner index {int(own[bad][0])} out of range {where}")
     return own
