@@ -34,11 +34,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .advantages import REDISTRIBUTION_MODES, group_advantages, redistribute, spread_credit
+from .advantages import REDISTRIBUTION_MODES, group_advantages, redistribute
 from .attribution import OwenAttributor
 from .loss import grpo_loss
 from .policy import completion_offsets, prompt_text
-from .segment import Segmenter, coalition_text, token_player_maps
+from .rollout import attribute_completions
+from .segment import Segmenter, coalition_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -202,31 +203,28 @@ class OSPOTrainer:
         """Rewards, advantages and per-token advantages of a rollout (adds them to ``rollout``)."""
         cfg = self.config
         owners = [self.owners[i] for i in prompt_ids for _ in range(cfg.group_size)]
-        ids = rollout["completion_ids"].masked_fill(~rollout["completion_mask"], self.tokenizer.pad_token_id)
-        decoded = [completion_offsets(self.tokenizer, row) for row in ids.tolist()]
-        texts = [text for text, _ in decoded]
-        segmentations = [self.segmenter(t) for t in texts]
+        mask = rollout["completion_mask"]
         start = time.perf_counter()
         if self.attributor is not None:
-            out = self.attributor(texts, owners, segmentations=segmentations)
-            # v(N) of each response's game; a response without segments is worth v(empty).
-            rewards = torch.stack([a.values[a.plan.full_index] for a in out]).float()
-            evaluations, phi = out.num_evaluations, out.phi
+            credit = attribute_completions(self.tokenizer, rollout["completion_ids"], self.attributor, owners, keep=mask)
+            texts = credit.texts
+            rewards = credit.full_values  # v(N) of each response's game (v(empty) when it has no segment)
+            evaluations = credit.attributions.num_evaluations
         else:
-            answers = [coalition_text(sg, [True] * sg.num_players) for sg in segmentations]
-            rewards = torch.as_tensor(self.reward(answers, owners)).reshape(-1).float()
-            evaluations, phi = len(answers), None
+            ids = rollout["completion_ids"].masked_fill(~mask, self.tokenizer.pad_token_id)
+            texts = [completion_offsets(self.tokenizer, row)[0] for row in ids.tolist()]
+            answers = [coalition_text(sg, [True] * sg.num_players) for sg in map(self.segmenter, texts)]
+            rewards = torch.as_tensor(self.reward(answers, owners)).reshape(-1)
+            evaluations = len(answers)
         attribution_seconds = time.perf_counter() - start
-        rewards = rewards.to(self.device)
+        rewards = rewards.float().to(self.device)
         advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale)
-        mask = rollout["completion_mask"]
-        if phi is None:
+        if self.attributor is None:
             token_advantages = advantages[:, None].expand_as(mask).float() * mask
         else:
-            token_player = token_player_maps(segmentations, [offs for _, offs in decoded]).to(self.device)
-            credit = spread_credit([p.to(self.device).float() for p in phi], token_player)
             token_advantages = redistribute(
-                advantages, credit, mask, mode=cfg.redistribution, alpha=cfg.alpha, floor=cfg.floor, clip=cfg.clip
+                advantages, credit.credit.to(self.device), mask, mode=cfg.redistribution, alpha=cfg.alpha,
+                floor=cfg.floor, clip=cfg.clip,
             )
         rollout.update(
             texts=texts, owners=owners, rewards=rewards, advantages=advantages, token_advantages=token_advantages,
