@@ -210,3 +210,17 @@ def test_runs_of_games_sharing_a_plan_inside_a_mixed_batch(backend, device):
     values = torch.randn(batch.num_values, generator=g, dtype=torch.float32)
     expected = of.owen_from_values(batch, values.double(), backend="torch")
     assert_close(of.owen_from_values(batch, values.to(device), backend=backend), expected, 1e-5, 1e-5, what=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_long_runs_of_one_plan_match_the_reference(backend, device, dtype):
+    # Long runs of one plan (many full CPU tiles), a run of games with nothing to attribute, and a short tail.
+    exact = of.exact_plan(of.CoalitionStructure.from_sizes([3, 4, 2]))
+    sampled = of.sampled_plan(of.CoalitionStructure.from_sizes([5, 6]), 9, seed=2)
+    empty = of.exact_plan(of.CoalitionStructure([]))
+    batch = of.PlanBatch([exact] * 101 + [sampled] * 67 + [empty] * 70 + [exact] * 3)
+    values = torch.randn(batch.num_values, generator=_gen(13), dtype=dtype)
+    expected = of.owen_from_values(batch, values.double(), backend="torch")
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    assert_close(of.owen_from_values(batch, values.to(device), backend=backend), expected, tol, tol, what=backend)
