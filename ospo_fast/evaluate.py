@@ -134,6 +134,20 @@ class PackedSequences:
     def max_seqlen(self) -> int:
         return int(self.lengths.max()) if len(self.lengths) else 0
 
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """Maximal runs of consecutive sequences of equal length: (first token, first sequence, sequences,
+        length). A run's tokens are a ``[sequences, length]`` block, so per-sequence work on it needs no
+        padding and no index: a view."""
+        runs, token, s, lengths = [], 0, 0, self.lengths
+        while s < len(lengths):
+            e = s
+            while e < len(lengths) and lengths[e] == lengths[s]:
+                e += 1
+            runs.append((token, s, e - s, int(lengths[s])))
+            token += (e - s) * int(lengths[s])
+            s = e
+        return runs
+
 
 def pack_coalitions_reference(
     token_ids: torch.Tensor,
@@ -154,18 +168,27 @@ def pack_coalitions_reference(
     holds ``[CLS] kept tokens [SEP]``, truncated to its length). Returns int64 ``[total_tokens]``
     (``total_tokens == cu_seqlens[-1]``, passed from the host).
     """
-    out = torch.empty(total_tokens, dtype=torch.int64, device=token_ids.device)
-    for s in range(seq_text.numel()):
-        start, end = int(cu_seqlens[s]), int(cu_seqlens[s + 1])
-        out[start] = cls_id
-        out[end - 1] = sep_id
-        u = int(seq_text[s])
-        if u < 0 or end - start <= 2:
-            continue
-        lo, hi = int(text_offsets[u]), int(text_offsets[u + 1])
-        player = token_player[lo:hi]
-        kept = (player >= 0) & (((seq_keep[s] >> player.clamp(min=0)) & 1) == 1)
-        out[start + 1 : end - 1] = token_ids[lo:hi][kept][: end - start - 2]
+    device = token_ids.device
+    out = torch.empty(total_tokens, dtype=torch.int64, device=device)
+    starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+    out[starts] = cls_id
+    out[ends - 1] = sep_id
+    # One row per (sequence, token of its text), in order.
+    has_text = seq_text >= 0
+    text = seq_text.clamp(min=0)
+    first = torch.where(has_text, text_offsets[text], 0)
+    count = torch.where(has_text, text_offsets[text + 1] - first, 0)
+    seq = torch.repeat_interleave(torch.arange(seq_text.numel(), device=device), count)
+    row_start = torch.cumsum(count, 0) - count
+    token = first[seq] + torch.arange(seq.numel(), device=device) - row_start[seq]
+    player = token_player[token]
+    kept = (player >= 0) & (((seq_keep[seq] >> player.clamp(min=0)) & 1) == 1)
+    # Rank of each kept token inside its sequence; those past the sequence's room were truncated.
+    kept_so_far = torch.cumsum(kept.long(), 0)
+    kept_before = torch.cat([kept_so_far.new_zeros(1), kept_so_far])[row_start]
+    rank = kept_so_far - 1 - kept_before[seq]
+    write = kept & (rank < (ends - starts - 2)[seq])
+    out[starts[seq[write]] + 1 + rank[write]] = token_ids[token[write]]
     return out
 
 
@@ -309,7 +332,7 @@ class PackedBertForward:
         if self.attention == "flash":
             raise ValueError("attention='flash' needs flash-attn, a CUDA device and fp16/bf16 weights")
         out = torch.empty_like(q)
-        for start, count, length in runs:
+        for start, _, count, length in runs:
             end = start + count * length
 
             def view(x):  # [count * length, h, d] -> [count, h, length, d], no copy
@@ -318,19 +341,6 @@ class PackedBertForward:
             o = F.scaled_dot_product_attention(view(q), view(k), view(v))
             out[start:end] = o.transpose(1, 2).reshape(count * length, self.heads, self.head_dim)
         return out
-
-    @staticmethod
-    def _runs(lengths: np.ndarray) -> list[tuple[int, int, int]]:
-        """Maximal runs of consecutive sequences of equal length: (first token, sequences, length)."""
-        runs, token, s = [], 0, 0
-        while s < len(lengths):
-            e = s
-            while e < len(lengths) and lengths[e] == lengths[s]:
-                e += 1
-            runs.append((token, e - s, int(lengths[s])))
-            token += (e - s) * int(lengths[s])
-            s = e
-        return runs
 
     @torch.inference_mode()
     def hidden_states(self, packed: PackedSequences) -> torch.Tensor:
@@ -345,7 +355,7 @@ class PackedBertForward:
         emb = self.model.embeddings
         h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
         h = self._layer_norm(h + emb.token_type_embeddings.weight[0], self._embedding_ln)
-        runs = self._runs(packed.lengths)
+        runs = packed.runs()
         total = h.shape[0]
         for w in layers:
             q, k, v = F.linear(h, w["w_qkv"], w["b_qkv"]).view(total, 3, self.heads, self.head_dim).unbind(1)
@@ -368,16 +378,14 @@ class PackedBertForward:
 
 
 def pool_packed(hidden: torch.Tensor, packed: PackedSequences, pooling: str) -> torch.Tensor:
-    """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states."""
-    lengths = torch.from_numpy(packed.lengths).to(hidden.device)
-    if pooling == "cls":
-        emb = hidden.index_select(0, packed.cu_seqlens[:-1].long())
-    elif pooling == "mean":
-        seq = torch.repeat_interleave(torch.arange(len(packed.lengths), device=hidden.device), lengths, output_size=hidden.shape[0])
-        emb = torch.zeros(len(packed.lengths), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-        emb.index_add_(0, seq, hidden).div_(lengths[:, None].to(hidden.dtype))
-    else:
+    """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states, one view per run
+    of equal-length sequences."""
+    if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling: the packed path supports 'mean' and 'cls', got {pooling!r}")
+    emb = hidden.new_empty(packed.num_sequences, hidden.shape[1])
+    for start, first, count, length in packed.runs():
+        block = hidden[start : start + count * length].view(count, length, -1)
+        emb[first : first + count] = block.mean(1) if pooling == "mean" else block[:, 0]
     return F.normalize(emb.float(), p=2, dim=-1)
 
 
