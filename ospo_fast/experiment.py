@@ -282,6 +282,9 @@ def plot_curves(out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "reward.png", dpi=120)
         plt.close(fig)
+    warm = out / "warm_start_eval.json"
+    if warm.is_file():  # the warm start is the curve's step 0
+        evals = [{"step": 0, "eval_ndcg@10": json.loads(warm.read_text())["table"]["dense"]["ndcg@10"]}] + evals
     if evals:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([x["step"] for x in evals], [x["eval_ndcg@10"] for x in evals], marker="o")
