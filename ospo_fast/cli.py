@@ -2,7 +2,7 @@
 
     ospo-fast train   [--model NAME] [--task default|esci|hm] [--steps N] [--mode ospo|grpo] [--output DIR] [--resume]
     ospo-fast eval    --run DIR | --model NAME     NDCG/recall/MRR@10/20/50/100, training and unseen retrievers
-    ospo-fast attribute "TEXT" [--request Q | --owner N] [--reward dense|bm25] [--html FILE]
+    ospo-fast attribute "TEXT" [--request/--query Q | --owner/--pool N] [--reward dense|bm25] [--html FILE]
     ospo-fast compare [--seeds 0 1 2] [--steps N]  OSPO (each redistribution) vs GRPO vs the warm start
     ospo-fast demo    one response through the whole data flow, with a toy reward
 """
@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("attribute", help="Owen values of a response's segments against a candidate pool")
     p.add_argument("text", help="the response (with or without <think>/<answer> tags)")
-    p.add_argument("--request", help="pick the pool of this request of the shipped default data")
-    p.add_argument("--owner", type=int, default=0, help="or the pool's index")
+    p.add_argument("--request", "--query", dest="request", help="use the candidate pool of this request of the shipped data")
+    p.add_argument("--owner", "--pool", dest="owner", type=int, default=0, help="or the candidate pool's index")
     p.add_argument("--reward", default="dense", choices=["dense", "bm25"])
     p.add_argument("--method", default="auto", choices=["auto", "exact", "sampled"])
     p.add_argument("--budget", type=int, default=256)
