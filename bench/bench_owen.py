@@ -197,7 +197,7 @@ def main(argv=None):
         summary = dict(encoder_seconds_per_coalition=per_coalition, aggregation_share_of_attribution=agg / (agg + encode))
         print(f"\nMiniLM: {per_coalition * 1e3:.3f} ms per coalition text here; evaluating {args.games} games x "
               f"{plan.num_coalitions} coalitions would take {encode:.1f} s, aggregation {agg * 1e3:.2f} ms "
-              f"= {100 * summary['aggregation_share_of_attribution']:.4f}% of the step.")
+              f"= {100 * summary['aggregation_share_of_attribution']:.1e}% of the step.")
 
     meta = dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
                 torch=torch.__version__, threads=torch.get_num_threads(), python=sys.version.split()[0],
