@@ -7,20 +7,13 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .encoder import SentenceEncoder, encode_cached
-from .metrics import METRICS, check_queries, pad_pools, pool_metric
+from .metrics import METRICS, check_queries, check_texts, pad_pools, pool_metric
 
 __all__ = ["DenseRetrievalReward"]
 
 
 def _check_items(items) -> list:
-    if isinstance(items, str) or not isinstance(items, Sequence):
-        raise ValueError(f"items: expected a list of str, got {type(items).__name__}")
-    if len(items) == 0:
-        raise ValueError("items: expected a non-empty list of item texts")
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise ValueError(f"items[{i}]: expected str, got {type(t).__name__}")
-    return list(items)
+    return check_texts(items, "items")
 
 
 def _check_metric(metric: str, k: Optional[int]) -> None:

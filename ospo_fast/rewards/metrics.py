@@ -402,19 +402,25 @@ def pad_pools(
     return index.to(device), gain_t.to(device), valid.to(device)
 
 
+def check_texts(texts, name: str) -> list:
+    """``texts`` as a list after checking it is a non-empty sequence of str; ValueError naming ``name``."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise ValueError(f"{name}: expected a list of str, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError(f"{name}: expected a non-empty list of str")
+    for j, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{j}]: expected str, got {type(t).__name__}")
+    return list(texts)
+
+
 def check_queries(texts, owners, num_owners: Optional[int]):
     """Validate a reward call's ``texts`` (non-empty list of str) and ``owners`` (one index per text, in
     ``[0, num_owners)``; only non-negative when ``num_owners`` is None).
 
     Returns ``owners`` as a CPU long tensor [N]. Raises ValueError naming the bad argument.
     """
-    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-        raise ValueError(f"texts: expected a list of str, got {type(texts).__name__}")
-    if len(texts) == 0:
-        raise ValueError("texts: expected a non-empty list of str")
-    for j, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ValueError(f"texts[{j}]: expected str, got {type(t).__name__}")
+    check_texts(texts, "texts")
     if isinstance(owners, torch.Tensor):
         if owners.dim() != 1 or owners.dtype.is_floating_point or owners.dtype == torch.bool:
             raise ValueError(f"owners: expected a 1-D integer tensor, got {_describe(owners)}")
