@@ -416,6 +416,8 @@ class EncoderCoalitionEvaluator:
         tok = self.encoder.tokenizer
         if not getattr(tok, "is_fast", True):
             raise ValueError("reward.encoder.tokenizer: a fast tokenizer (with offset mappings) is needed")
+        if getattr(self.encoder, "pooling", "mean") not in ("mean", "cls"):
+            raise ValueError(f"reward.encoder.pooling: the packed path supports 'mean' and 'cls', got {self.encoder.pooling!r}")
         if dtype is None:
             dtype = torch.bfloat16 if reward.device.type == "cuda" else torch.float32
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
