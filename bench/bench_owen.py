@@ -33,7 +33,7 @@ from ospo_fast import plans as plans_module
 def median_seconds(fn, min_run_time: float = 0.5) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _extension
 from .plans import CoalitionPlan, PlanBatch
 from .segment import Segmentation, coalition_texts, token_player_maps
 
@@ -286,6 +287,7 @@ class PackedBertForward:
         self.attention = attention
         self.dtype = dtype
         self._layers = None
+        self._buffers: dict[str, torch.Tensor] = {}  # see _buffer
 
     def _folded_layers(self) -> list[dict]:
         """The layers' weights rearranged once for fewer passes over the activations (exact algebra):
@@ -331,6 +333,13 @@ class PackedBertForward:
             return flash(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
         if self.attention == "flash":
             raise ValueError("attention='flash' needs flash-attn, a CUDA device and fp16/bf16 weights")
+        if self.attention == "auto" and q.device.type == "cpu" and q.dtype == torch.float32 and _extension.has_cpp():
+            # The C++ kernel: one task per sequence, no per-length calls, output written in place.
+            out = self._buffer("context", q.shape[0], q.shape[1] * q.shape[2], q).view(q.shape)
+            torch.ops.ospo_fast.varlen_attention(
+                q, k, v, packed.cu_seqlens, packed.max_seqlen, self.head_dim**-0.5, out
+            )
+            return out
         out = torch.empty_like(q)
         for start, _, count, length in runs:
             end = start + count * length
@@ -354,16 +363,38 @@ class PackedBertForward:
         layers = self._folded_layers()
         emb = self.model.embeddings
         h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
-        h = self._layer_norm(h + emb.token_type_embeddings.weight[0], self._embedding_ln)
+        h = self._layer_norm(h + emb.token_type_embeddings.weight[0], self._embedding_ln, "stream0")
         runs = packed.runs()
         total = h.shape[0]
-        for w in layers:
-            q, k, v = F.linear(h, w["w_qkv"], w["b_qkv"]).view(total, 3, self.heads, self.head_dim).unbind(1)
+        for i, w in enumerate(layers):
+            last = i == len(layers) - 1
+            qkv = self._linear(h, w["w_qkv"].t(), w["b_qkv"])
+            q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)
             ctx = self._attend(q, k, v, packed, runs).reshape(total, -1)
-            h = self._layer_norm(self._residual_matmul(h, ctx, w["w_out_t"]), w["ln_attention"])
-            inner = _activation_(torch.addmm(w["b_up"], h, w["w_up_t"]), self.act)
-            h = self._layer_norm(self._residual_matmul(h, inner, w["w_down_t"]), w["ln_output"])
+            h = self._layer_norm(self._residual_matmul(h, ctx, w["w_out_t"]), w["ln_attention"], "stream1")
+            inner = _activation_(self._linear(h, w["w_up_t"], w["b_up"]), self.act)
+            # The last layer's output leaves the forward: a tensor of its own, never a reused buffer.
+            h = self._layer_norm(self._residual_matmul(h, inner, w["w_down_t"]), w["ln_output"], None if last else "stream0")
         return h
+
+    def _buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """A ``[rows, cols]`` activation buffer kept across layers and calls (float32 path).
+
+        A CPU forward of a few thousand tokens allocates activations of tens of MB; fresh allocations that
+        large come from the OS zeroed, page by page, on every call (about 15% of the forward's time). The
+        buffers grow to the largest batch seen and are reused: the residual stream alternates between two
+        of them, and QKV and FFN-up share one (QKV is dead before FFN-up is computed)."""
+        numel = rows * cols
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.device != like.device or buf.dtype != like.dtype:
+            buf = self._buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(rows, cols)
+
+    def _linear(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """bias + x @ w_t: into the shared "wide" buffer in float32; under autocast, out of place."""
+        if self.dtype != torch.float32:
+            return torch.addmm(bias, x, w_t)
+        return torch.addmm(bias, x, w_t, out=self._buffer("wide", x.shape[0], w_t.shape[1], x))
 
     def _residual_matmul(self, stream: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """stream + x @ w_t: accumulated into the stream in place in float32; under autocast, out of place."""
@@ -371,10 +402,16 @@ class PackedBertForward:
             return stream.addmm_(x, w_t)
         return stream + x @ w_t
 
-    @staticmethod
-    def _layer_norm(x: torch.Tensor, params) -> torch.Tensor:
+    def _layer_norm(self, x: torch.Tensor, params, buffer: str | None) -> torch.Tensor:
+        """LayerNorm of x; in float32 written to the named buffer (None: a new tensor)."""
         weight, bias, eps = params
-        return F.layer_norm(x, weight.shape, weight, bias, eps)
+        if self.dtype != torch.float32 or buffer is None:
+            return F.layer_norm(x, weight.shape, weight, bias, eps)
+        rows = x.shape[0]
+        out = self._buffer(buffer, rows, x.shape[1], x)
+        mean, rstd = self._buffer("ln_mean", rows, 1, x), self._buffer("ln_rstd", rows, 1, x)
+        torch.ops.aten.native_layer_norm.out(x, weight.shape, weight, bias, eps, out0=out, out1=mean, out2=rstd)
+        return out
 
 
 def pool_packed(hidden: torch.Tensor, packed: PackedSequences, pooling: str) -> torch.Tensor:

@@ -248,3 +248,67 @@ def test_bf16_packed_forward_matches_the_loop_to_bf16_tolerance(reward):
     got, expected = embeddings[torch.from_numpy(seq_index)], reference[torch.from_numpy(reference_index)]
     assert_close(got, expected, rtol=0.0, atol=4e-2, what="bf16 embeddings")
     assert (got * expected).sum(1).min() > 0.99  # cosine similarity of unit vectors
+
+
+def _attention_reference(q, k, v, lengths):
+    """Per-sequence float64 softmax attention: the plain definition."""
+    out, start = torch.empty(q.shape, dtype=torch.float64), 0
+    for length in lengths:
+        qs, ks, vs = (x[start : start + length].transpose(0, 1).double() for x in (q, k, v))
+        p = torch.softmax(qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        out[start : start + length] = (p @ vs).transpose(0, 1)
+        start += length
+    return out
+
+
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+@pytest.mark.parametrize("seed", range(4))
+def test_varlen_attention_kernel_matches_softmax_attention(seed):
+    g = torch.Generator().manual_seed(seed)
+    heads = [1, 3, 12, 2][seed]
+    head_dim = [8, 24, 32, 48][seed]  # 8, 24 and 48 take the kernel's tail path (not a multiple of 16)
+    lengths = [1, 15, 16, 17, 33] + torch.randint(1, 70, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+    total = sum(lengths)
+    # q, k and v as strided views into one fused activation, as the packed forward passes them.
+    qkv = 3 * torch.randn(total, 3, heads, head_dim, generator=g)
+    q, k, v = qkv.unbind(1)
+    cu_seqlens = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+    out = torch.full((total, heads, head_dim), float("nan"))
+    torch.ops.ospo_fast.varlen_attention(q, k, v, cu_seqlens, max(lengths), head_dim**-0.5, out)
+    reference = _attention_reference(q, k, v, lengths)
+    # As accurate as PyTorch's own float32 attention on the same inputs (large logits cost both some bits).
+    sdpa, start = torch.empty_like(out), 0
+    for length in lengths:
+        sdpa[start : start + length] = torch.nn.functional.scaled_dot_product_attention(
+            *(x[start : start + length].transpose(0, 1) for x in (q, k, v))
+        ).transpose(0, 1)
+        start += length
+    sdpa_error = (sdpa.double() - reference).abs().max().item()
+    assert (out.double() - reference).abs().max().item() <= 2 * sdpa_error + 1e-6
+    assert_close(out.double(), reference, rtol=1e-4, atol=1e-4, what="varlen attention")
+
+
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+def test_opcheck_varlen_attention():
+    qkv = torch.randn(20, 3, 2, 16)
+    q, k, v = qkv.unbind(1)
+    cu_seqlens = torch.tensor([0, 3, 4, 20], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.ospo_fast.varlen_attention.default, (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16)))
+
+
+def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_leak(reward):
+    """The default CPU attention (the C++ kernel where built) against the per-length SDPA path, on batches
+    of growing and shrinking size: the reused activation buffers never change a returned result."""
+    rng = random.Random(11)
+    fast = EncoderCoalitionEvaluator(reward)
+    sdpa = EncoderCoalitionEvaluator(reward, attention="sdpa")
+    kept = []
+    for n in (6, 2, 9):
+        coalitions = _batch([random_response(rng) for _ in range(n)], [0] * n)
+        got, index = fast.embed(coalitions)
+        expected, expected_index = sdpa.embed(coalitions)
+        assert_close(got[torch.from_numpy(index)], expected[torch.from_numpy(expected_index)], rtol=1e-5, atol=2e-5,
+                     what=f"kernel vs SDPA, {n} responses")
+        kept.append((got, got.clone()))
+    for got, snapshot in kept:  # earlier results are untouched by later calls
+        assert torch.equal(got, snapshot)
