@@ -13,17 +13,8 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_vector.h"
 #include "owen_aggregate.h"
-
-// The tile kernel is compiled for several instruction sets and picked at load time, so one wheel runs
-// with AVX-512 where the CPU has it and with SSE2 where it has nothing better. It uses GCC's vector
-// extension (GCC and Clang).
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define OSPO_FAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define OSPO_FAST_VECTOR_CLONES
-#endif
-#define OSPO_FAST_INLINE inline __attribute__((always_inline))
 
 namespace ospo_fast {
 

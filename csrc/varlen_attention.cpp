@@ -15,49 +15,14 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define OSPO_FAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define OSPO_FAST_VECTOR_CLONES
-#endif
+#include "cpu_vector.h"
 
 namespace ospo_fast {
 namespace {
 
 constexpr int64_t kKeys = 16;  // keys per score vector
-typedef float keys_t __attribute__((vector_size(kKeys * sizeof(float))));
-typedef int32_t keys_i_t __attribute__((vector_size(kKeys * sizeof(int32_t))));
-
-// exp(x) for x <= 0 to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
-// polynomial, 2^n built in the exponent bits. Below -87 the result is flushed to 0.
-inline __attribute__((always_inline)) keys_t exp_nonpositive(keys_t x) {
-  const keys_i_t low = x < -87.0f;  // all-ones lanes where exp underflows
-  x = x < -87.0f ? -87.0f : x;
-  const keys_t shifter = keys_t{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const keys_t n = (x * 1.44269504088896341f + shifter) - shifter;
-  const keys_t r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // ln2 split in two
-  keys_t p = keys_t{} + (1.0f / 5040.0f);
-  p = p * r + (1.0f / 720.0f);
-  p = p * r + (1.0f / 120.0f);
-  p = p * r + (1.0f / 24.0f);
-  p = p * r + (1.0f / 6.0f);
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const keys_i_t bits = (__builtin_convertvector(n, keys_i_t) + 127) << 23;
-  const keys_t out = p * reinterpret_cast<const keys_t&>(bits);
-  const keys_i_t kept = reinterpret_cast<const keys_i_t&>(out) & ~low;
-  return reinterpret_cast<const keys_t&>(kept);
-}
-
-inline __attribute__((always_inline)) keys_t load_keys(const float* x) {
-  keys_t out;
-  std::memcpy(&out, x, sizeof(keys_t));  // unaligned load
-  return out;
-}
 
 struct Strides {
   int64_t token, head;
@@ -70,13 +35,13 @@ struct Strides {
   x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));          \
   x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
 
-inline __attribute__((always_inline)) keys_t keys_max(keys_t a, keys_t b) { return a > b ? a : b; }
-inline __attribute__((always_inline)) keys_t keys_add(keys_t a, keys_t b) { return a + b; }
-inline __attribute__((always_inline)) float reduce_max(keys_t x) {
+OSPO_FAST_INLINE f32x16 keys_max(f32x16 a, f32x16 b) { return a > b ? a : b; }
+OSPO_FAST_INLINE f32x16 keys_add(f32x16 a, f32x16 b) { return a + b; }
+OSPO_FAST_INLINE float reduce_max(f32x16 x) {
   OSPO_FAST_KEYS_REDUCE(x, keys_max)
   return x[0];
 }
-inline __attribute__((always_inline)) float reduce_sum(keys_t x) {
+OSPO_FAST_INLINE float reduce_sum(f32x16 x) {
   OSPO_FAST_KEYS_REDUCE(x, keys_add)
   return x[0];
 }
@@ -97,26 +62,26 @@ OSPO_FAST_VECTOR_CLONES void attend_one(const float* q, const float* k, const fl
     for (int64_t j = 0; j < length; ++j) row[j] = k[(start + j) * ks.token + d];
     for (int64_t j = length; j < width; ++j) row[j] = 0.0f;
   }
-  const keys_i_t lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int64_t i0 = 0; i0 < length; i0 += kQueries) {
     const int64_t rows = std::min(kQueries, length - i0);
     const float* qr[kQueries];  // a short last tile repeats its last query and drops the copies
     for (int64_t r = 0; r < kQueries; ++r) qr[r] = q + (start + i0 + std::min(r, rows - 1)) * qs.token;
     float inv[kQueries];
-    keys_t best[kQueries], total[kQueries];
-    for (int64_t r = 0; r < kQueries; ++r) best[r] = keys_t{} - INFINITY, total[r] = keys_t{};
+    f32x16 best[kQueries], total[kQueries];
+    for (int64_t r = 0; r < kQueries; ++r) best[r] = f32x16{} - INFINITY, total[r] = f32x16{};
     for (int64_t b = 0; b < blocks; ++b) {
-      keys_t s[kQueries] = {};
+      f32x16 s[kQueries] = {};
       const float* column = kt + b * kKeys;
       for (int64_t d = 0; d < D; ++d) {
-        const keys_t kd = load_keys(column + d * width);
+        const f32x16 kd = load16(column + d * width);
         for (int64_t r = 0; r < kQueries; ++r) s[r] += qr[r][d] * kd;
       }
       // Padding keys (past the sequence's end) get -inf: they never win the max and get weight 0.
       const auto valid = lane < static_cast<int32_t>(length - b * kKeys);
       for (int64_t r = 0; r < kQueries; ++r) {
-        s[r] = valid ? s[r] * scale : keys_t{} - INFINITY;
-        std::memcpy(scores + r * width + b * kKeys, &s[r], sizeof(keys_t));  // scratch is not 64-byte aligned
+        s[r] = valid ? s[r] * scale : f32x16{} - INFINITY;
+        store16(scores + r * width + b * kKeys, s[r]);
         best[r] = keys_max(best[r], s[r]);
       }
     }
@@ -124,22 +89,22 @@ OSPO_FAST_VECTOR_CLONES void attend_one(const float* q, const float* k, const fl
       const float m = reduce_max(best[r]);
       for (int64_t b = 0; b < blocks; ++b) {
         float* sb = scores + r * width + b * kKeys;
-        const keys_t e = exp_nonpositive(load_keys(sb) - m);
-        std::memcpy(sb, &e, sizeof(keys_t));
+        const f32x16 e = exp_nonpositive(load16(sb) - m);
+        store16(sb, e);
         total[r] += e;
       }
       inv[r] = 1.0f / reduce_sum(total[r]);
     }
     int64_t d = 0;
     for (; d + kKeys <= D; d += kKeys) {  // sum_j p_j V_j, 16 head dimensions at a time, in registers
-      keys_t o[kQueries] = {};
+      f32x16 o[kQueries] = {};
       for (int64_t j = 0; j < length; ++j) {
-        const keys_t vj = load_keys(v + (start + j) * vs.token + d);
+        const f32x16 vj = load16(v + (start + j) * vs.token + d);
         for (int64_t r = 0; r < kQueries; ++r) o[r] += scores[r * width + j] * vj;
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const keys_t result = o[r] * inv[r];
-        std::memcpy(out + (start + i0 + r) * out_token_stride + d, &result, sizeof(keys_t));
+        const f32x16 result = o[r] * inv[r];
+        store16(out + (start + i0 + r) * out_token_stride + d, result);
       }
     }
     for (; d < D; ++d) {  // head dimensions past the last multiple of 16
