@@ -60,4 +60,47 @@ OSPO_FAST_INLINE f32x16 exp_nonpositive(f32x16 x) {
   return bits_as_float(float_as_bits(out) & ~low);
 }
 
+// Two-source shuffle patterns for an in-register transpose: stage s swaps bit s of the row and column
+// index, so four stages (three for doubles) turn 16 rows of 16 floats (8 of 8 doubles) into columns.
+#define OSPO_FAST_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define OSPO_FAST_F32_LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define OSPO_FAST_F32_HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define OSPO_FAST_F32_LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define OSPO_FAST_F32_HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define OSPO_FAST_F32_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define OSPO_FAST_F32_HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define OSPO_FAST_F32_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define OSPO_FAST_F32_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define OSPO_FAST_F64_LO1 0, 8, 2, 10, 4, 12, 6, 14
+#define OSPO_FAST_F64_HI1 1, 9, 3, 11, 5, 13, 7, 15
+#define OSPO_FAST_F64_LO2 0, 1, 8, 9, 4, 5, 12, 13
+#define OSPO_FAST_F64_HI2 2, 3, 10, 11, 6, 7, 14, 15
+#define OSPO_FAST_F64_LO4 0, 1, 2, 3, 8, 9, 10, 11
+#define OSPO_FAST_F64_HI4 4, 5, 6, 7, 12, 13, 14, 15
+#define OSPO_FAST_TRANSPOSE_STAGE(x, lanes, s, LO, HI)            \
+  for (int r = 0; r < lanes; ++r) {                              \
+    if (r & s) continue;                                         \
+    const auto a = x[r], b = x[r | s];                           \
+    x[r] = OSPO_FAST_SHUFFLE(a, b, LO);                          \
+    x[r | s] = OSPO_FAST_SHUFFLE(a, b, HI);                      \
+  }
+
+template <typename lanes_t>
+OSPO_FAST_INLINE void transpose_in_registers(lanes_t* x);
+
+template <>
+OSPO_FAST_INLINE void transpose_in_registers(f32x16* x) {
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 1, OSPO_FAST_F32_LO1, OSPO_FAST_F32_HI1)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 2, OSPO_FAST_F32_LO2, OSPO_FAST_F32_HI2)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 4, OSPO_FAST_F32_LO4, OSPO_FAST_F32_HI4)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 16, 8, OSPO_FAST_F32_LO8, OSPO_FAST_F32_HI8)
+}
+
+template <>
+OSPO_FAST_INLINE void transpose_in_registers(double __attribute__((vector_size(64)))* x) {
+  OSPO_FAST_TRANSPOSE_STAGE(x, 8, 1, OSPO_FAST_F64_LO1, OSPO_FAST_F64_HI1)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 8, 2, OSPO_FAST_F64_LO2, OSPO_FAST_F64_HI2)
+  OSPO_FAST_TRANSPOSE_STAGE(x, 8, 4, OSPO_FAST_F64_LO4, OSPO_FAST_F64_HI4)
+}
+
 }  // namespace ospo_fast

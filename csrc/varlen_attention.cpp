@@ -57,10 +57,21 @@ OSPO_FAST_VECTOR_CLONES void attend_one(const float* q, const float* k, const fl
                                         int64_t out_token_stride, float* kt, float* scores) {
   const int64_t blocks = (length + kKeys - 1) / kKeys;
   const int64_t width = blocks * kKeys;
-  for (int64_t d = 0; d < D; ++d) {  // K transposed: 16 keys of one head dimension are one vector
-    float* row = kt + d * width;
-    for (int64_t j = 0; j < length; ++j) row[j] = k[(start + j) * ks.token + d];
-    for (int64_t j = length; j < width; ++j) row[j] = 0.0f;
+  // K transposed, kt[d][j]: 16 keys of one head dimension are one vector. Whole 16 x 16 blocks go through
+  // an in-register transpose; padding keys repeat the last key (finite values, masked out below).
+  const int64_t D16 = D - D % 16;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* key[kKeys];
+    for (int64_t j = 0; j < kKeys; ++j) key[j] = k + (start + std::min(b * kKeys + j, length - 1)) * ks.token;
+    for (int64_t d0 = 0; d0 < D16; d0 += 16) {
+      f32x16 block[16];
+      for (int64_t j = 0; j < kKeys; ++j) block[j] = load16(key[j] + d0);
+      transpose_in_registers(block);
+      for (int64_t d = 0; d < 16; ++d) store16(kt + (d0 + d) * width + b * kKeys, block[d]);
+    }
+    for (int64_t d = D16; d < D; ++d) {  // head dimensions past the last multiple of 16
+      for (int64_t j = 0; j < kKeys; ++j) kt[d * width + b * kKeys + j] = key[j][d];
+    }
   }
   const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int64_t i0 = 0; i0 < length; i0 += kQueries) {
