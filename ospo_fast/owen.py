@@ -111,7 +111,12 @@ def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Te
 
 def _as_float_values(values, name: str = "values") -> torch.Tensor:
     # Kernels accumulate in float32 or float64; integer values keep full precision in float64.
+    if isinstance(values, torch.Tensor) and values.dtype in _KERNEL_DTYPES and values.is_contiguous():
+        return values  # the common case, without a call chain: aggregation is often microseconds
     return as_real_tensor(values, name, integers_to=torch.float64).contiguous()
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def owen_from_values(
@@ -146,10 +151,9 @@ def owen_from_values(
         raise ValueError(
             f"values: expected shape ({C},) or (B, {C}) - one value per row of plan.masks - got {tuple(values.shape)}"
         )
-    games = values.reshape(-1, C)
-    batch = _repeated_batch(plan, games.shape[0])
-    phi = _aggregate(batch, games.reshape(-1), resolve_backend(backend, values.device))
-    return phi.reshape(*values.shape[:-1], plan.num_players)
+    batch = _repeated_batch(plan, values.numel() // C)
+    phi = _aggregate(batch, values.view(-1), resolve_backend(backend, values.device))
+    return phi.view(*values.shape[:-1], plan.num_players)
 
 
 def _repeated_batch(plan: CoalitionPlan, num_games: int) -> PlanBatch:
