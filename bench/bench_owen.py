@@ -188,10 +188,10 @@ def encoder_seconds_per_coalition() -> float | None:
 
 
 def print_table(rows):
-    print(f"{'workload':<24} {'step':<14} {'provider':<22} {'device':<6} {'dtype':<8} {'median':>11} {'vs dense':>9}")
+    print(f"{'workload':<24} {'step':<14} {'provider':<36} {'device':<6} {'dtype':<8} {'median':>11} {'vs dense':>9}")
     for r in rows:
         vs = f"{r['vs_dense']:.2f}x" if "vs_dense" in r else ""
-        print(f"{r['workload']:<24} {r['step']:<14} {r['provider']:<22} {r['device']:<6} {r.get('dtype', ''):<8} "
+        print(f"{r['workload']:<24} {r['step']:<14} {r['provider']:<36} {r['device']:<6} {r.get('dtype', ''):<8} "
               f"{r['seconds'] * 1e3:>9.3f}ms {vs:>9}")
 
 
