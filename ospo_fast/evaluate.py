@@ -262,10 +262,14 @@ class PackedBertForward:
     """A BERT-family encoder run on packed variable-length sequences, with the model's own weights.
 
     Every linear layer works on the packed tokens ``[total, hidden]`` (no padding FLOPs; Q, K and V in one
-    matmul; residual projections accumulate in place, see :meth:`_folded_layers`). Attention uses flash-attn's varlen kernel where available (CUDA, fp16/bf16); otherwise it
-    runs PyTorch's SDPA once per run of consecutive sequences of equal length, on a zero-copy view of the
-    packed tokens — no padding, no mask. Callers that sort sequences by length (the evaluator does) get
-    one SDPA call per distinct length. Gives the unmodified model's hidden states (tested to fp32 tolerance).
+    matmul; residual projections accumulate in place, see :meth:`_folded_layers`). Attention, never padded:
+    in float32 on the CPU, the extension's varlen kernel (``csrc/varlen_attention.cpp``); on CUDA in
+    fp16/bf16, flash-attn's varlen kernel where installed; otherwise PyTorch's SDPA once per run of
+    consecutive sequences of equal length, on a zero-copy view of the packed tokens (``attention="sdpa"``
+    forces this path). Gives the unmodified model's hidden states (tested to fp32 tolerance).
+
+    In float32 the activations live in buffers kept across calls (see :meth:`_buffer`), about
+    ``intermediate + 3 * hidden`` floats per token of the largest batch; :meth:`release_buffers` frees them.
     """
 
     SUPPORTED = ("bert",)
@@ -389,6 +393,10 @@ class PackedBertForward:
         if buf is None or buf.numel() < numel or buf.device != like.device or buf.dtype != like.dtype:
             buf = self._buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(rows, cols)
+
+    def release_buffers(self) -> None:
+        """Frees the activation buffers (the next call allocates them again)."""
+        self._buffers.clear()
 
     def _linear(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """bias + x @ w_t: into the shared "wide" buffer in float32; under autocast, out of place."""

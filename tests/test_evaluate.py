@@ -312,3 +312,6 @@ def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_
         kept.append((got, got.clone()))
     for got, snapshot in kept:  # earlier results are untouched by later calls
         assert torch.equal(got, snapshot)
+    fast.forward.release_buffers()
+    again, _ = fast.embed(coalitions)
+    assert torch.equal(again, kept[-1][1])
