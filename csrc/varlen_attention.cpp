@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "cpu_vector.h"
@@ -147,7 +148,10 @@ void varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   const Strides qs{q.stride(0), q.stride(1)}, ks{k.stride(0), k.stride(1)}, vs{v.stride(0), v.stride(1)};
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t blocks = (std::max<int64_t>(max_seqlen, 1) + kKeys - 1) / kKeys;
+  // Scratch is sized by the longest sequence as cu_seqlens says, whatever max_seqlen claims.
+  int64_t longest = std::max<int64_t>(max_seqlen, 1);
+  for (int64_t s = 0; s < S; ++s) longest = std::max<int64_t>(longest, cu[s + 1] - cu[s]);
+  const int64_t blocks = (longest + kKeys - 1) / kKeys;
   // One task per sequence, its heads in turn: the sequence's rows are read while the previous one is
   // computed (prefetched), and reused from cache by every head.
   auto prefetch_rows = [&](int64_t s) {
