@@ -3,8 +3,8 @@
 // A coalition batch is hundreds of short sequences (tens of tokens). PyTorch's SDPA needs one call per
 // run of equal-length sequences plus a copy of each result back into the packed layout, and most of its
 // time goes to per-call overhead at these sizes. This kernel reads Q, K and V where they lie (strided
-// views into the fused QKV activation), does one task per sequence (its heads in turn, on rows prefetched
-// while the previous sequence was computed), and writes the packed output in place.
+// views into the fused QKV activation), does one task per sequence (its heads in turn), and writes the
+// packed output in place.
 //
 // Per head: K is transposed into a small local buffer so that 16 keys' scores are one vector FMA per head
 // dimension, four queries at a time; softmax uses a vectorised exp; outputs accumulate p_j * V_j in registers.
@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <utility>
 #include <vector>
 
 #include "cpu_vector.h"
@@ -152,22 +151,11 @@ void varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   int64_t longest = std::max<int64_t>(max_seqlen, 1);
   for (int64_t s = 0; s < S; ++s) longest = std::max<int64_t>(longest, cu[s + 1] - cu[s]);
   const int64_t blocks = (longest + kKeys - 1) / kKeys;
-  // One task per sequence, its heads in turn: the sequence's rows are read while the previous one is
-  // computed (prefetched), and reused from cache by every head.
-  auto prefetch_rows = [&](int64_t s) {
-    for (int64_t t = cu[s]; t < cu[s + 1]; ++t) {
-      for (const auto& [base, stride] : {std::pair{qp, qs}, std::pair{kp, ks}, std::pair{vp, vs}}) {
-        const char* row = reinterpret_cast<const char*>(base + t * stride.token);
-        const int64_t bytes = ((H - 1) * stride.head + D) * static_cast<int64_t>(sizeof(float));
-        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-      }
-    }
-  };
+  // One task per sequence, its heads in turn: the sequence's rows are reused from cache by every head.
   at::parallel_for(0, S, 1, [&](int64_t first, int64_t last) {
     std::vector<float> kt(static_cast<size_t>(D * blocks * kKeys));
     std::vector<float> scores(static_cast<size_t>(kQueries * blocks * kKeys));
     for (int64_t s = first; s < last; ++s) {
-      if (s + 1 < last) prefetch_rows(s + 1);
       const int64_t start = cu[s], length = cu[s + 1] - cu[s];
       if (length <= 0) continue;
       for (int64_t h = 0; h < H; ++h) {

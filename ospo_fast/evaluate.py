@@ -212,8 +212,6 @@ def pack_coalitions(
     when installed, else torch). ``total_tokens``, ``max_text_tokens``: the packed size and the longest
     text's token count, known on the host.
     """
-    from . import _extension
-
     use_triton = backend == "triton" or (
         backend == "auto" and token_ids.is_cuda and _extension.has_triton()
     )

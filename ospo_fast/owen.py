@@ -109,14 +109,14 @@ def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Te
     return triton_owen_aggregate(*args, max_terms=batch.max_terms_per_row)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def _as_float_values(values, name: str = "values") -> torch.Tensor:
     # Kernels accumulate in float32 or float64; integer values keep full precision in float64.
     if isinstance(values, torch.Tensor) and values.dtype in _KERNEL_DTYPES and values.is_contiguous():
         return values  # the common case, without a call chain: aggregation is often microseconds
     return as_real_tensor(values, name, integers_to=torch.float64).contiguous()
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def owen_from_values(
