@@ -10,7 +10,11 @@ number of coalitions per response:
                  its first call in the process (one-time setup included), then warmed up with the reward
                  batched over each call's texts (shap's intended use) and called one text at a time
 The GEMM-bound floor is the encoder's FLOPs on the kept tokens divided by a large matmul's FLOP rate
-measured here; ospo_fast's share of it = floor / its time.
+measured here (fp32 on the CPU, bf16 on CUDA); ospo_fast's share of it = floor / its time.
+
+On CUDA (``--device cuda``) it also prints the device half of an attribution (pack, forward, pool, score,
+Owen aggregation, on a layout prepared on the host) timed with CUDA events while torch's sync debug mode
+raises on any host synchronisation; ``bench/gpu_check.sh`` runs it at 64 responses x 64 coalitions.
 """
 
 from __future__ import annotations
@@ -51,12 +55,15 @@ def responses(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def matmul_flops_per_second(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops_per_second(size: int = 2048, repeats: int = 10, device="cpu", dtype=torch.float32) -> float:
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
@@ -86,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--loop-responses", type=int, default=2, help="responses timed with the slow providers")
     parser.add_argument("--no-shap", action="store_true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats of the GPU device half")
     parser.add_argument("--json", default="bench/results/attribution.json")
     args = parser.parse_args(argv)
 
@@ -96,18 +104,22 @@ def main(argv=None):
     )
     batch_texts = responses(args.responses)
     owners = [0] * len(batch_texts)
-    attributor = of.OwenAttributor(reward, method="auto", budget=args.budget, seed=0)
-    attributor(batch_texts[:2], owners[:2])  # warm-up
-    out = attributor(batch_texts, owners)
-    fast_seconds = best_of(lambda: attributor(batch_texts, owners))
-    coalitions = out.num_coalitions
-    rows = [dict(provider="ospo_fast packed fp32", responses=len(batch_texts), coalitions=coalitions,
-                 evaluations=out.num_evaluations, seconds=fast_seconds, coalitions_per_s=coalitions / fast_seconds)]
-    bf16 = of.OwenAttributor(reward, method="auto", budget=args.budget, seed=0, encoder_dtype=torch.bfloat16)
-    bf16(batch_texts[:2], owners[:2])
-    bf16_seconds = best_of(lambda: bf16(batch_texts, owners))
-    bf16_row = dict(provider="ospo_fast packed bf16 (opt-in)", responses=len(batch_texts), coalitions=coalitions,
-                    evaluations=out.num_evaluations, seconds=bf16_seconds, coalitions_per_s=coalitions / bf16_seconds)
+    on_cuda = reward.device.type == "cuda"
+    # The default precision first (fp32 on the CPU, bf16 on CUDA); the other one second.
+    dtypes = (torch.bfloat16, torch.float32) if on_cuda else (torch.float32, torch.bfloat16)
+    rows = []
+    for dtype in dtypes:
+        attributor = of.OwenAttributor(reward, method="auto", budget=args.budget, seed=0, encoder_dtype=dtype)
+        attributor(batch_texts[:2], owners[:2])  # warm-up
+        result = attributor(batch_texts, owners)
+        seconds = best_of(lambda: attributor(batch_texts, owners))
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        label = f"ospo_fast packed {name}" + (" (default)" if dtype == dtypes[0] else " (opt-in)")
+        rows.append(dict(provider=label, responses=len(batch_texts), coalitions=result.num_coalitions,
+                         evaluations=result.num_evaluations, seconds=seconds, coalitions_per_s=result.num_coalitions / seconds))
+        if dtype == dtypes[0]:
+            out, fast_seconds = result, seconds
+    other_row = rows.pop()
 
     # The GEMM floor of exactly the sequences ospo_fast embedded.
     evaluator = EncoderCoalitionEvaluator(reward)
@@ -115,7 +127,8 @@ def main(argv=None):
     plans = [a.plan for a in out]
     cb = CoalitionBatch.build(seg, plans, owners)
     lengths = _sequence_lengths(evaluator, cb)
-    rate = matmul_flops_per_second()
+    rate = matmul_flops_per_second(device=reward.device, dtype=torch.bfloat16 if on_cuda else torch.float32,
+                                   size=8192 if on_cuda else 2048)
     floor = encoder_flops(reward.encoder.model, lengths) / rate
 
     # One coalition at a time, on the first responses.
@@ -136,7 +149,9 @@ def main(argv=None):
         warmup = "usb c charger for car. 2 pack"
         rows += bench_shap(reward, loop_items, args.budget, warmup)
 
-    rows.insert(1, bf16_row)
+    rows.insert(1, other_row)
+    if reward.device.type == "cuda":
+        print_device_half(reward, out, owners, args.repeats)
     fast_rate = rows[0]["coalitions_per_s"]
     for r in rows:
         r["ospo_fast_speedup"] = fast_rate / r["coalitions_per_s"]
@@ -146,9 +161,9 @@ def main(argv=None):
               f"{r['coalitions_per_s']:>8.1f} {r['ospo_fast_speedup']:>10.1f}x")
     share = floor / fast_seconds
     print(f"\nGEMM floor: {encoder_flops(reward.encoder.model, lengths) / 1e9:.2f} GFLOP on {int(lengths.sum())} kept tokens "
-          f"in {len(lengths)} sequences at {rate / 1e9:.1f} GFLOP/s (2048^2 fp32 matmul here) = {floor:.3f} s; "
+          f"in {len(lengths)} sequences at {rate / 1e9:.1f} GFLOP/s ({'8192^2 bf16' if on_cuda else '2048^2 fp32'} matmul here) = {floor:.4f} s; "
           f"ospo_fast {fast_seconds:.3f} s = {100 * share:.0f}% of the floor")
-    print("ospo_fast x: speed-up of the fp32 packed path (the default on CPU) over each row")
+    print("ospo_fast x: speed-up of the default packed path (fp32 on the CPU, bf16 on CUDA) over each row")
     print("timings of one attribution (s): " + ", ".join(f"{k} {v:.4f}" for k, v in out.timings.items()))
 
     meta = dict(machine=platform.machine(), cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
@@ -158,6 +173,46 @@ def main(argv=None):
             json.dump(dict(meta=meta, rows=rows, gemm_floor_seconds=floor, floor_share=share,
                            matmul_flops_per_second=rate, timings=out.timings), f, indent=2)
         print(f"wrote {args.json}")
+
+
+def print_device_half(reward, out, owners, repeats: int) -> None:
+    """GPU rows: the device half of an attribution (pack, encoder forward, pool, score, NDCG, Owen
+    aggregation) on a layout prepared on the host, timed with CUDA events (median of ``repeats``) while
+    torch's sync debug mode raises on any stream synchronisation."""
+    seg = [a.segmentation for a in out]
+    plans = [a.plan for a in out]
+    coalitions = CoalitionBatch.build(seg, plans, owners)
+    print(f"\nGPU device half ({torch.cuda.get_device_name()}), {len(seg)} responses, {coalitions.batch.num_values} coalitions:")
+    print(f"{'encoder path':<40} {'evals':>6} {'tokens':>7} {'median ms':>10} {'min ms':>8} {'host sync':>9}")
+    for label, kwargs in (
+        ("bf16, varlen flash attention", dict(dtype=torch.bfloat16)),
+        ("bf16, SDPA per length", dict(dtype=torch.bfloat16, attention="sdpa")),
+        ("fp32, SDPA per length", dict(dtype=torch.float32, attention="sdpa")),
+    ):
+        try:
+            evaluator = EncoderCoalitionEvaluator(reward, **kwargs)
+            layout = evaluator.layout(coalitions)
+            for _ in range(3):  # warm-up: Triton compiles, cuBLAS picks kernels, the caching allocator fills
+                of.owen_from_values(coalitions.batch, evaluator.values(layout))
+            torch.cuda.synchronize()
+            times, synced = [], "none"
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    start.record()
+                    of.owen_from_values(coalitions.batch, evaluator.values(layout))
+                    end.record()
+                except RuntimeError as exc:
+                    synced = f"yes: {exc}"[:60]
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            tokens = int(layout.lengths.sum())
+            print(f"{label:<40} {layout.num_sequences:>6} {tokens:>7} {np.median(times):>10.2f} {min(times):>8.2f} {synced:>9}")
+        except Exception as exc:  # one failing path must not hide the others' numbers
+            print(f"{label:<40} failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _sequence_lengths(evaluator: EncoderCoalitionEvaluator, coalitions: CoalitionBatch) -> np.ndarray:

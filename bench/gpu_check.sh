@@ -1,18 +1,50 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine: build the CUDA extension, run the GPU tests (CUDA and compiled Triton
-# kernels, the fused loss, the no-sync trainer step) and the GPU benchmarks, and print a short table.
+# One script for a GPU machine: build the CUDA extension, run the GPU tests (the CUDA and compiled Triton
+# kernels, the packed encoder path, the fused loss, the no-sync trainer step), then the GPU benchmarks, and
+# print a short summary. Each stage has its own time limit so that a slow one cannot hide the others.
 # Logs and JSON go under ${OUT:-bench/results}.
+#
+#     bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
-python3 -c "import ospo_fast._extension as e; print('cpp', e.has_cpp(), 'cuda kernels', e.has_cuda_kernels(), 'triton', e.has_triton())"
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -3
-python3 -m pytest -q tests/test_owen.py tests/test_ops.py tests/test_evaluate.py 2>&1 | tail -1
-python3 bench/bench_owen.py --games 4096 --no-encoder --json "$out/owen_gpu.json" 2>&1 | grep -E "workload|cuda|triton|dense" | tee "$out/owen_gpu.log"
-python3 bench/bench_attribution.py --device cuda --responses 64 --budget 64 --no-shap --loop-responses 1 \
-  --json "$out/attribution_gpu.json" 2>&1 | grep -v Loading | tee "$out/attribution_gpu.log"
-python3 bench/bench_step.py --json "$out/step_gpu.json" 2>&1 | grep -v Loading | tail -5 | tee "$out/step_gpu.log"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# Build for this card only (one architecture compiles in a fraction of the time of torch's default list).
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+stage() { echo; echo "== $1 ($(date +%T))"; }
+
+stage "machine"
+python3 -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+
+stage "build (arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
+if ! timeout 300 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  echo "build failed"
+  exit 1
+fi
+python3 -c "import ospo_fast._extension as e; print('cpp', e.has_cpp(), '| cuda kernels', e.has_cuda_kernels(), '| triton', e.has_triton())"
+
+stage "GPU tests: -m gpu, then the kernel test files with their CUDA parametrisations"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -rfE --continue-on-collection-errors -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_owen.py tests/test_ops.py tests/test_evaluate.py tests/test_loss.py \
+  tests/test_metrics.py tests/test_advantages.py 2>&1 | tee "$out/kernel_tests.log" | tail -15
+
+stage "bench: attribution, 64 responses x 64 coalitions"
+timeout 240 python3 bench/bench_attribution.py --device cuda --responses 64 --budget 64 --no-shap --loop-responses 1 \
+  --json "$out/attribution_gpu.json" 2>&1 | grep -v "Loading weights" | tee "$out/attribution_gpu.log"
+
+stage "bench: Owen aggregation, 4096 games"
+timeout 180 python3 bench/bench_owen.py --games 4096 --no-encoder --json "$out/owen_gpu.json" 2>&1 | tee "$out/owen_gpu.log" \
+  | grep -E "workload| cuda +float"
+
+stage "bench: one training step"
+timeout 150 python3 bench/bench_step.py --json "$out/step_gpu.json" 2>&1 | grep -v "Loading weights" | tail -8 | tee "$out/step_gpu.log"
+
+stage "summary"
+echo "tests (-m gpu):    $(tail -1 "$out/gpu_tests.log")"
+echo "tests (kernels):   $(tail -1 "$out/kernel_tests.log")"
+grep -E "^(bf16|fp32),|GEMM floor" "$out/attribution_gpu.log"
+grep -E "aggregate.* cuda +float" "$out/owen_gpu.log"

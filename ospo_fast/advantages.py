@@ -70,6 +70,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import as_real_tensor
+from ._device import to_device
 
 SCALES = ("group", "batch", "none")
 REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid", "potential")
@@ -176,7 +177,7 @@ def spread_credit(
         if offsets.dim() != 1 or offsets.numel() != N + 1 or offsets.dtype.is_floating_point:
             got = f"{offsets.dtype} {list(offsets.shape)}"
             raise ValueError(f"player_offsets: expected integer [N + 1] = [{N + 1}], got {got}")
-        offsets = _to_device(offsets.to(torch.long), device)
+        offsets = to_device(offsets.to(torch.long), device)
     else:
         if player_offsets is not None:
             raise ValueError("player_offsets: only with a flat player_values tensor; a list carries its own lengths")
@@ -187,9 +188,9 @@ def spread_credit(
             if v.dim() != 1:
                 raise ValueError(f"player_values[{j}]: expected a 1-D tensor [n_j], got shape {list(v.shape)}")
         dtype = torch.float64 if any(v.dtype == torch.float64 for v in rows) else torch.float32
-        values = torch.cat([_to_device(v.to(dtype), device) for v in rows]) if rows else torch.zeros(0, device=device)
-        offsets = _to_device(torch.tensor([0] + [v.numel() for v in rows]).cumsum(0), device)  # lengths: from shapes
-    values = _to_device(values, device)
+        values = torch.cat([to_device(v.to(dtype), device) for v in rows]) if rows else torch.zeros(0, device=device)
+        offsets = to_device(torch.tensor([0] + [v.numel() for v in rows]).cumsum(0), device)  # lengths: from shapes
+    values = to_device(values, device)
     P = values.numel()
     if check_indices or (check_indices is None and device.type == "cpu"):
         _check_player_indices(token_player, offsets, P)
@@ -201,15 +202,6 @@ def spread_credit(
     counts.index_add_(0, slot, valid.reshape(-1).to(values.dtype))
     padded = torch.cat([values, values.new_zeros(1)])
     return (padded[slot] / counts[slot].clamp(min=1)).view(N, T)
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` on ``device``; a host tensor goes to the GPU through pinned memory, without a stream sync."""
-    if x.device == device:
-        return x
-    if x.device.type == "cpu" and device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 def _check_player_indices(token_player: torch.Tensor, offsets: torch.Tensor, num_values: int) -> None:

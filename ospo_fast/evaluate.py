@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension
+from ._device import to_device
 from .plans import CoalitionPlan, PlanBatch
 from .segment import Segmentation, coalition_texts, token_player_maps
 
@@ -248,12 +249,19 @@ def _activation_(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _flash_varlen():
+    """A varlen flash-attention function ``f(q, k, v, cu_q, cu_k, max_q, max_k)``: flash-attn's where
+    installed, else PyTorch's own (``torch.nn.attention.varlen``, torch >= 2.9); None when neither exists."""
     try:
         from flash_attn import flash_attn_varlen_func  # type: ignore
 
         return flash_attn_varlen_func
     except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
         return None
+    return varlen_attn
 
 
 class PackedBertForward:
@@ -262,7 +270,7 @@ class PackedBertForward:
     Every linear layer works on the packed tokens ``[total, hidden]`` (no padding FLOPs; Q, K and V in one
     matmul; residual projections accumulate in place, see :meth:`_folded_layers`). Attention, never padded:
     in float32 on the CPU, the extension's varlen kernel (``csrc/varlen_attention.cpp``); on CUDA in
-    fp16/bf16, flash-attn's varlen kernel where installed; otherwise PyTorch's SDPA once per run of
+    fp16/bf16, flash-attn's varlen kernel where installed, else PyTorch's (torch >= 2.9); otherwise PyTorch's SDPA once per run of
     consecutive sequences of equal length, on a zero-copy view of the packed tokens (``attention="sdpa"``
     forces this path). Gives the unmodified model's hidden states (tested to fp32 tolerance).
 
@@ -334,7 +342,10 @@ class PackedBertForward:
             cu = packed.cu_seqlens
             return flash(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
         if self.attention == "flash":
-            raise ValueError("attention='flash' needs flash-attn, a CUDA device and fp16/bf16 weights")
+            raise ValueError(
+                "attention='flash' needs flash-attn or torch >= 2.9 (torch.nn.attention.varlen), a CUDA device "
+                "and fp16/bf16 weights"
+            )
         if self.attention == "auto" and q.device.type == "cpu" and q.dtype == torch.float32 and _extension.has_cpp():
             # The C++ kernel: one task per sequence, no per-length calls, output written in place.
             out = self._buffer("context", q.shape[0], q.shape[1] * q.shape[2], q).view(q.shape)
@@ -420,11 +431,23 @@ class PackedBertForward:
         return out
 
 
-def pool_packed(hidden: torch.Tensor, packed: PackedSequences, pooling: str) -> torch.Tensor:
-    """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states, one view per run
-    of equal-length sequences."""
+def pool_packed(hidden: torch.Tensor, packed: PackedSequences, pooling: str, by_segments: bool | None = None) -> torch.Tensor:
+    """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states.
+
+    On the CPU, one view per run of equal-length sequences. On a GPU (``by_segments``, default: when
+    ``hidden`` is on CUDA) a batch has dozens of distinct lengths, so it takes a fixed handful of kernels
+    instead: a segment sum by sequence (ids from the positions, no host data) or a gather of first tokens."""
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling: the packed path supports 'mean' and 'cls', got {pooling!r}")
+    if by_segments if by_segments is not None else hidden.is_cuda:
+        starts = packed.cu_seqlens[:-1].long()
+        if pooling == "cls":
+            return F.normalize(hidden[starts].float(), p=2, dim=-1)
+        sequence = torch.cumsum(packed.position_ids == 0, 0) - 1
+        sums = hidden.new_zeros(packed.num_sequences, hidden.shape[1], dtype=torch.float32)
+        sums.index_add_(0, sequence, hidden.float())
+        counts = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).float()
+        return F.normalize(sums / counts[:, None], p=2, dim=-1)
     emb = hidden.new_empty(packed.num_sequences, hidden.shape[1])
     for start, first, count, length in packed.runs():
         block = hidden[start : start + count * length].view(count, length, -1)
@@ -474,16 +497,25 @@ class EncoderCoalitionEvaluator:
     def __call__(self, coalitions: CoalitionBatch) -> tuple[torch.Tensor, int]:
         """Values float32 ``[coalitions.batch.num_values]`` on the reward's device, and the number of
         sequences embedded."""
-        embeddings, seq_index = self.embed(coalitions)
-        device = embeddings.device
-        owners = torch.from_numpy(coalitions.value_owners()).to(device)
-        values = self.reward.score_embeddings(embeddings[torch.from_numpy(seq_index).to(device)], owners)
-        return values, embeddings.shape[0]
+        layout = self.layout(coalitions)
+        return self.values(layout), layout.num_sequences
 
     def embed(self, coalitions: CoalitionBatch) -> tuple[torch.Tensor, np.ndarray]:
         """Embeddings float32 ``[S, D]`` of the distinct coalition sequences, and for every value of
         ``coalitions.batch`` the row of its sequence (int64 ``[num_values]``)."""
-        device = self.reward.device
+        layout = self.layout(coalitions)
+        return self.embed_layout(layout), layout.value_sequence
+
+    def values(self, layout: "PackedLayout") -> torch.Tensor:
+        """The device half: pack, embed, score. Values float32 ``[num_values]``; never synchronises a GPU
+        stream (host arrays go over with non-blocking copies)."""
+        embeddings = self.embed_layout(layout)
+        device = embeddings.device
+        sequence, owners = to_device(layout.value_sequence, device), to_device(layout.value_owners, device)
+        return self.reward.score_embeddings(embeddings[sequence], owners)
+
+    def layout(self, coalitions: CoalitionBatch) -> "PackedLayout":
+        """The host half: tokenise each distinct text once and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
         tok = self.encoder.tokenizer(
             [sg.text for sg in seg_u], add_special_tokens=False, return_offsets_mapping=True, truncation=False
@@ -510,45 +542,77 @@ class EncoderCoalitionEvaluator:
             seq_keep += keys[nonempty].view(np.int64).tolist()
             lengths += (2 + np.minimum(kept[nonempty], budget)).tolist()
 
-        # Sequences sorted by length, so attention runs once per distinct length (see PackedBertForward).
+        # Sequences sorted by length, so equal lengths form runs (see PackedBertForward).
         order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
         position_of = np.empty_like(order)
         position_of[order] = np.arange(len(order))
-        lengths = np.asarray(lengths, dtype=np.int64)[order]
-        seq_text = np.asarray(seq_text, dtype=np.int64)[order]
-        seq_keep = np.asarray(seq_keep, dtype=np.int64)[order]
         seq_of_coalition = [position_of[index] for index in seq_of_coalition]
-        flat_ids = torch.tensor([t for ids in ids_u for t in ids], dtype=torch.int64)
-        flat_player = torch.cat(player_u) if player_u else torch.zeros(0, dtype=torch.long)
         text_offsets = np.zeros(len(ids_u) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in ids_u], out=text_offsets[1:])
-        max_text_tokens = max((len(x) for x in ids_u), default=0)
+        unique_rows, coalition = coalitions.value_rows()
+        return PackedLayout(
+            token_ids=np.asarray([t for ids in ids_u for t in ids], dtype=np.int64),
+            token_player=torch.cat(player_u).numpy() if player_u else np.zeros(0, dtype=np.int64),
+            text_offsets=text_offsets,
+            max_text_tokens=max((len(x) for x in ids_u), default=0),
+            lengths=np.asarray(lengths, dtype=np.int64)[order],
+            seq_text=np.asarray(seq_text, dtype=np.int64)[order],
+            seq_keep=np.asarray(seq_keep, dtype=np.int64)[order],
+            value_sequence=_lookup(seq_of_coalition, unique_rows, coalition),
+            value_owners=coalitions.value_owners(),
+        )
 
+    def embed_layout(self, layout: "PackedLayout") -> torch.Tensor:
+        """Embeddings float32 ``[S, D]`` of the layout's sequences: packed on the device, one forward per
+        chunk of at most ``chunk_tokens`` tokens."""
+        device = self.reward.device
+        lengths = layout.lengths
         embeddings = torch.empty(len(lengths), self.encoder.dim, dtype=torch.float32, device=device)
+        texts = dict(token_ids=to_device(layout.token_ids, device), token_player=to_device(layout.token_player, device),
+                     text_offsets=to_device(layout.text_offsets, device))
         for lo, hi in _chunks(lengths, self.chunk_tokens):
             chunk_lengths = lengths[lo:hi]
             cu = np.zeros(hi - lo + 1, dtype=np.int64)
             np.cumsum(chunk_lengths, out=cu[1:])
-            host = dict(
-                token_ids=flat_ids, token_player=flat_player, text_offsets=torch.from_numpy(text_offsets),
-                seq_text=torch.from_numpy(seq_text[lo:hi]), seq_keep=torch.from_numpy(seq_keep[lo:hi]),
-                cu_seqlens=torch.from_numpy(cu),
+            total = int(cu[-1])
+            cu_dev = to_device(cu, device)
+            input_ids = pack_coalitions(
+                **texts, seq_text=to_device(layout.seq_text[lo:hi], device), seq_keep=to_device(layout.seq_keep[lo:hi], device),
+                cu_seqlens=cu_dev, cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=total,
+                max_text_tokens=layout.max_text_tokens, backend=self.pack_backend,
             )
-            dev = {k: v.to(device, non_blocking=True) for k, v in host.items()}
-            input_ids = pack_coalitions(**dev, cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=int(cu[-1]),
-                                        max_text_tokens=max_text_tokens, backend=self.pack_backend)
-            positions = np.arange(int(cu[-1])) - np.repeat(cu[:-1], chunk_lengths)
+            positions = np.arange(total) - np.repeat(cu[:-1], chunk_lengths)
             packed = PackedSequences(
                 input_ids=input_ids,
-                position_ids=torch.from_numpy(positions).to(device, non_blocking=True),
-                cu_seqlens=dev["cu_seqlens"].to(torch.int32),
+                position_ids=to_device(positions, device),
+                cu_seqlens=cu_dev.to(torch.int32),
                 lengths=chunk_lengths,
             )
             hidden = self.forward.hidden_states(packed)
             embeddings[lo:hi] = pool_packed(hidden, packed, self.encoder.pooling)
+        return embeddings
 
-        unique_rows, coalition = coalitions.value_rows()
-        return embeddings, _lookup(seq_of_coalition, unique_rows, coalition)
+
+@dataclass
+class PackedLayout:
+    """The host-side layout of one packed evaluation (:meth:`EncoderCoalitionEvaluator.layout`): the distinct
+    texts' tokens, the sequences to embed sorted by length, and for every value of the batch its sequence
+    and owner. Everything here is numpy; the device half (:meth:`EncoderCoalitionEvaluator.values`) copies
+    it over without a stream sync."""
+
+    token_ids: np.ndarray  # int64 [N]: the tokens of all distinct texts, concatenated
+    token_player: np.ndarray  # int64 [N]: each token's player (-1: in no segment)
+    text_offsets: np.ndarray  # int64 [U + 1]
+    max_text_tokens: int
+    lengths: np.ndarray  # int64 [S]: sequence lengths, [CLS] and [SEP] included, ascending
+    seq_text: np.ndarray  # int64 [S]: each sequence's text (-1: the empty coalition)
+    seq_keep: np.ndarray  # int64 [S]: bit mask of each sequence's kept players
+    value_sequence: np.ndarray  # int64 [num_values]: the sequence of every value of the batch
+    value_owners: np.ndarray  # int64 [num_values]
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.lengths)
 
 
 def _lookup(per_text: list[np.ndarray], text: np.ndarray, coalition: np.ndarray) -> np.ndarray:

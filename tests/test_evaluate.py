@@ -12,7 +12,15 @@ from conftest import BACKENDS, assert_close, iphone_charger_pool
 
 import ospo_fast as of
 from ospo_fast import _extension
-from ospo_fast.evaluate import CoalitionBatch, EncoderCoalitionEvaluator, evaluate_text_reward, pack_coalitions, pack_coalitions_reference
+from ospo_fast.evaluate import (
+    CoalitionBatch,
+    EncoderCoalitionEvaluator,
+    PackedSequences,
+    evaluate_text_reward,
+    pack_coalitions,
+    pack_coalitions_reference,
+    pool_packed,
+)
 
 WORDS = (
     "iphone charger fast usb c cable for car wireless pad apple certified braided cord black white 6 ft "
@@ -27,15 +35,20 @@ def random_response(rng: random.Random) -> str:
     return f"<think>{rng.choice(WORDS)} {rng.choice(WORDS)}</think><answer>{answer}</answer>" if rng.random() < 0.5 else answer
 
 
-@pytest.fixture(scope="module")
-def reward():
+def _reward(device=None):
     texts, labels = iphone_charger_pool()
     return of.rewards.DenseRetrievalReward(
         items=[t[:300] for t in texts[:60]],
         pools=[list(range(0, 60)), list(range(10, 47))],
         gains=[[of.rewards.esci_gain(x) for x in labels[:60]], [of.rewards.esci_gain(x) for x in labels[10:47]]],
         cache_dir=False,
+        device=device,
     )
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return _reward()
 
 
 def _batch(texts, owners, method="auto", budget=40):
@@ -315,3 +328,42 @@ def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_
     fast.forward.release_buffers()
     again, _ = fast.embed(coalitions)
     assert torch.equal(again, kept[-1][1])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_segment_pooling_equals_pooling_by_runs(pooling):
+    """The GPU pooling (segment sums by sequence id) against the CPU one (views per run of equal lengths),
+    on odd lengths and runs of one."""
+    g = torch.Generator().manual_seed(5)
+    lengths = np.sort(torch.randint(2, 19, (37,), generator=g).numpy())
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
+    packed = PackedSequences(input_ids=torch.zeros(int(cu[-1]), dtype=torch.long), position_ids=torch.from_numpy(positions),
+                             cu_seqlens=torch.from_numpy(cu).to(torch.int32), lengths=lengths)
+    hidden = torch.randn(int(cu[-1]), 24, generator=g)
+    by_runs = pool_packed(hidden, packed, pooling, by_segments=False)
+    assert_close(pool_packed(hidden, packed, pooling, by_segments=True), by_runs, rtol=1e-5, atol=1e-6, what="pooled")
+
+
+@pytest.mark.gpu
+def test_packed_values_on_cuda_need_no_host_sync_and_match_the_cpu(reward):
+    """The device half of a packed evaluation (pack, bf16 forward with varlen attention, pool, score) runs
+    with no stream synchronisation and gives the fp32 CPU values to bf16 tolerance."""
+    rng = random.Random(21)
+    texts = [random_response(rng) for _ in range(9)]
+    coalitions = _batch(texts, [rng.randrange(2) for _ in texts])
+    expected, _ = EncoderCoalitionEvaluator(reward)(coalitions)
+    evaluator = EncoderCoalitionEvaluator(_reward("cuda"))
+    layout = evaluator.layout(coalitions)
+    evaluator.values(layout)  # warm-up: Triton compiles, cuBLAS initialises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = evaluator.values(layout)
+        phi = of.owen_from_values(coalitions.batch, got)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.is_cuda and phi.is_cuda
+    # NDCG of rankings from bf16 embeddings: a near-tie may swap, so compare in bulk and bound the worst case.
+    diff = (got.cpu() - expected).abs()
+    assert float(diff.median()) < 1e-3 and float(diff.max()) < 0.1, (float(diff.median()), float(diff.max()))

@@ -62,7 +62,7 @@ def load_minilm(device: Union[str, torch.device] = "cpu"):
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
-    return tokenizer, model.to(device).eval()
+    return tokenizer, model.to(device=device, dtype=torch.float32).eval()  # float32 whatever the files hold
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
