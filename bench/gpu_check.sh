@@ -20,28 +20,29 @@ python3 -c "import torch, triton; print('torch', torch.__version__, '| cuda', to
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 
 stage "build (arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
-if ! timeout 300 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+if ! timeout 240 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
   tail -40 "$out/build.log"
   echo "build failed"
   exit 1
 fi
 python3 -c "import ospo_fast._extension as e; print('cpp', e.has_cpp(), '| cuda kernels', e.has_cuda_kernels(), '| triton', e.has_triton())"
 
-stage "GPU tests: -m gpu, then the kernel test files with their CUDA parametrisations"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -rfE --continue-on-collection-errors -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_owen.py tests/test_ops.py tests/test_evaluate.py tests/test_loss.py \
-  tests/test_metrics.py tests/test_advantages.py 2>&1 | tee "$out/kernel_tests.log" | tail -15
-
+stage "GPU tests (-m gpu)"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --continue-on-collection-errors -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
 stage "bench: attribution, 64 responses x 64 coalitions"
-timeout 240 python3 bench/bench_attribution.py --device cuda --responses 64 --budget 64 --no-shap --loop-responses 1 \
+timeout 150 python3 bench/bench_attribution.py --device cuda --responses 64 --budget 64 --no-shap --loop-responses 1 \
   --json "$out/attribution_gpu.json" 2>&1 | grep -v "Loading weights" | tee "$out/attribution_gpu.log"
 
 stage "bench: Owen aggregation, 4096 games"
-timeout 180 python3 bench/bench_owen.py --games 4096 --no-encoder --json "$out/owen_gpu.json" 2>&1 | tee "$out/owen_gpu.log" \
+timeout 90 python3 bench/bench_owen.py --games 4096 --no-encoder --json "$out/owen_gpu.json" 2>&1 | tee "$out/owen_gpu.log" \
   | grep -E "workload| cuda +float"
 
+stage "kernel test files, with their CUDA and compiled Triton parametrisations"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_owen.py tests/test_ops.py tests/test_evaluate.py tests/test_loss.py \
+  tests/test_metrics.py tests/test_advantages.py 2>&1 | tee "$out/kernel_tests.log" | tail -15
+
 stage "bench: one training step"
-timeout 150 python3 bench/bench_step.py --json "$out/step_gpu.json" 2>&1 | grep -v "Loading weights" | tail -8 | tee "$out/step_gpu.log"
+timeout 90 python3 bench/bench_step.py --json "$out/step_gpu.json" 2>&1 | grep -v "Loading weights" | tail -8 | tee "$out/step_gpu.log"
 
 stage "summary"
 echo "tests (-m gpu):    $(tail -1 "$out/gpu_tests.log")"
