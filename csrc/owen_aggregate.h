@@ -8,7 +8,7 @@
 //   out[row_offsets[g] + i] = sum_t weight[t] * (v_g[plus[t]] - v_g[minus[t]]),   v_g = values + value_offsets[g]
 //
 // Games that share a plan point at the same player_ptr slice, so a plan is stored once per batch.
-// Torch-free on purpose: nvcc compiles owen_aggregate.cu on machines without a GPU or a torch install.
+// Torch-free on purpose: nvcc compiles owen_aggregate_kernel.cu on machines without a GPU or a torch install.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// CUDA implementation of ospo_fast::owen_aggregate: checks, then the torch-free launcher in owen_aggregate.cu.
+// CUDA implementation of ospo_fast::owen_aggregate: checks, then the torch-free launcher in owen_aggregate_kernel.cu.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

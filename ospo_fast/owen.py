@@ -9,7 +9,7 @@ with ``v_g`` the values of game g's coalitions (``csrc/owen_aggregate.h`` states
 * ``torch``: the reference, plain gathers and ``index_add_`` (float64 where the values are float64);
 * ``cpp``: ``torch.ops.ospo_fast.owen_aggregate`` on the CPU: games that share a plan in vector tiles (one
   lane per game), parallel over tiles;
-* ``cuda``: the same operator's CUDA kernel (``csrc/owen_aggregate.cu``);
+* ``cuda``: the same operator's CUDA kernel (``csrc/owen_aggregate_kernel.cu``);
 * ``triton``: ``ospo_fast.kernels.owen_aggregate`` (GPU, or the CPU under ``TRITON_INTERPRET=1``).
 """
 
