@@ -35,7 +35,7 @@ def _pack_coalitions_kernel(
     lo = tl.load(text_offsets + u, mask=has_text, other=0)
     hi = tl.load(text_offsets + u + 1, mask=has_text, other=0)
     room = end - start - 2  # kept tokens beyond this were truncated
-    written = 0
+    written = tl.zeros((), dtype=tl.int64)  # int64 from the start: a loop-carried value keeps its type
     for block in range(0, max_text_tokens, BLOCK):
         t = lo + block + tl.arange(0, BLOCK)
         live = t < hi

@@ -256,10 +256,11 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def _bad(**changes):
+    """Bad inputs on the CPU: there the loss also range-checks token ids (on a GPU that check would sync)."""
     full, ids, adv, mask, old, ref = make_inputs(13, V=101)
     args = dict(logits=full[:, :-1], input_ids=ids, advantages=adv, completion_mask=mask, old_logps=old, ref_logps=ref)
     args.update(changes)
-    return args
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
 _FULL, _IDS, _ADV, _MASK, _OLD, _REF = make_inputs(13, V=101)

