@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Sequence
 
 import numpy as np
@@ -517,48 +518,53 @@ class EncoderCoalitionEvaluator:
     def layout(self, coalitions: CoalitionBatch) -> "PackedLayout":
         """The host half: tokenise each distinct text once and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
+        U = len(seg_u)
+        # One tokenizer call and one vectorised token -> player map for all distinct texts.
         tok = self.encoder.tokenizer(
             [sg.text for sg in seg_u], add_special_tokens=False, return_offsets_mapping=True, truncation=False
         )
-        ids_u = [list(x) for x in tok["input_ids"]]
-        offsets_u = [[tuple(o) for o in x] for x in tok["offset_mapping"]]
-        player_u = [token_player_maps([sg], [off])[0] for sg, off in zip(seg_u, offsets_u)]
+        text_lengths = np.fromiter(map(len, tok["input_ids"]), dtype=np.int64, count=U)
+        text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
+        total = int(text_offsets[-1])
+        token_ids = np.fromiter(chain.from_iterable(tok["input_ids"]), dtype=np.int64, count=total)
+        char_spans = np.fromiter(chain.from_iterable(chain.from_iterable(tok["offset_mapping"])), dtype=np.int64, count=2 * total)
+        token_text = np.repeat(np.arange(U), text_lengths)
+        position = np.arange(total) - np.repeat(text_offsets[:-1], text_lengths)
+        padded = np.zeros((U, int(text_lengths.max(initial=0)), 2), dtype=np.int64)  # zero-width padding maps to -1
+        padded[token_text, position] = char_spans.reshape(-1, 2)
+        players = token_player_maps(seg_u, torch.from_numpy(padded)).numpy()[token_text, position]
+        width = max((p.num_players for p in plans_u), default=0)
+        inside = players >= 0
+        tokens_of_player = np.bincount(token_text[inside] * width + players[inside], minlength=U * width).reshape(U, width)
 
-        # Sequence 0 is the empty coalition, shared by every response; then every non-empty coalition of
-        # every distinct text, in plan order.
-        seq_text, seq_keep, lengths = [-1], [0], [2]
-        seq_of_coalition = []
-        budget = self.max_length - 2
-        for u, (plan, players) in enumerate(zip(plans_u, player_u)):
-            masks = plan.masks.numpy()
-            keys = (masks.astype(np.uint64) << np.arange(plan.num_players, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
-            tokens_of_player = np.bincount(players[players >= 0].numpy(), minlength=plan.num_players)
-            kept = masks.astype(np.int64) @ tokens_of_player  # kept tokens per coalition, before truncation
-            nonempty = keys != 0
-            index = np.zeros(plan.num_coalitions, dtype=np.int64)
-            index[nonempty] = len(seq_text) + np.arange(int(nonempty.sum()))
-            seq_of_coalition.append(index)
-            seq_text += [u] * int(nonempty.sum())
-            seq_keep += keys[nonempty].view(np.int64).tolist()
-            lengths += (2 + np.minimum(kept[nonempty], budget)).tolist()
+        # Every coalition of every distinct text, flat; kept tokens per coalition from its bit mask.
+        sizes = np.asarray([p.num_coalitions for p in plans_u], dtype=np.int64)
+        keys = np.concatenate([p.coalition_keys() for p in plans_u]) if U else np.zeros(0, dtype=np.int64)
+        coalition_text = np.repeat(np.arange(U), sizes)
+        kept = np.zeros(len(keys), dtype=np.int64)
+        for player in range(width):
+            kept += ((keys >> player) & 1) * tokens_of_player[coalition_text, player]
 
+        # Sequence 0 is the empty coalition, shared by every response; then every non-empty coalition.
+        nonempty = keys != 0
+        sequence_of = np.zeros(len(keys), dtype=np.int64)
+        sequence_of[nonempty] = 1 + np.arange(int(nonempty.sum()))
+        lengths = np.concatenate([[2], 2 + np.minimum(kept[nonempty], self.max_length - 2)])
         # Sequences sorted by length, so equal lengths form runs (see PackedBertForward).
-        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        order = np.argsort(lengths, kind="stable")
         position_of = np.empty_like(order)
         position_of[order] = np.arange(len(order))
-        seq_of_coalition = [position_of[index] for index in seq_of_coalition]
-        text_offsets = np.zeros(len(ids_u) + 1, dtype=np.int64)
-        np.cumsum([len(x) for x in ids_u], out=text_offsets[1:])
         unique_rows, coalition = coalitions.value_rows()
+        first_coalition = np.concatenate([[0], np.cumsum(sizes)])
         return PackedLayout(
-            token_ids=np.asarray([t for ids in ids_u for t in ids], dtype=np.int64),
-            token_player=torch.cat(player_u).numpy() if player_u else np.zeros(0, dtype=np.int64),
+            token_ids=token_ids,
+            token_player=players,
             text_offsets=text_offsets,
-            max_text_tokens=max((len(x) for x in ids_u), default=0),
-            lengths=np.asarray(lengths, dtype=np.int64)[order],
-            seq_text=np.asarray(seq_text, dtype=np.int64)[order],
-            seq_keep=np.asarray(seq_keep, dtype=np.int64)[order],
-            value_sequence=_lookup(seq_of_coalition, unique_rows, coalition),
+            max_text_tokens=padded.shape[1],
+            lengths=lengths[order],
+            seq_text=np.concatenate([[-1], coalition_text[nonempty]])[order],
+            seq_keep=np.concatenate([[0], keys[nonempty]])[order],
+            value_sequence=position_of[sequence_of[first_coalition[unique_rows] + coalition]],
             value_owners=coalitions.value_owners(),
         )
 
@@ -613,14 +619,6 @@ class PackedLayout:
     @property
     def num_sequences(self) -> int:
         return len(self.lengths)
-
-
-def _lookup(per_text: list[np.ndarray], text: np.ndarray, coalition: np.ndarray) -> np.ndarray:
-    """``per_text[text[k]][coalition[k]]`` for every k, without a Python loop over k."""
-    base = np.zeros(len(per_text) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in per_text], out=base[1:])
-    flat = np.concatenate([np.zeros(0, np.int64)] + per_text)
-    return flat[base[text] + coalition]
 
 
 def _chunks(lengths: np.ndarray, max_tokens: int):

@@ -78,6 +78,14 @@ class CoalitionPlan:
     def full_index(self) -> int:
         return self.num_coalitions - 1  # ... and the grand coalition last
 
+    def coalition_keys(self) -> np.ndarray:
+        """int64 ``[C]``: each coalition as a bit mask (bit i: player i is in it); computed once per plan."""
+        keys = self._device_cache.get("keys")
+        if keys is None:
+            bits = np.left_shift(np.uint64(1), np.arange(self.num_players, dtype=np.uint64))
+            keys = self._device_cache["keys"] = (self.masks.numpy() * bits).sum(axis=1, dtype=np.uint64).view(np.int64)
+        return keys
+
     @property
     def term_player(self) -> torch.Tensor:
         """int64 ``[T]``: the player of each term."""

@@ -39,6 +39,16 @@ def test_empty_and_grand_coalitions_are_first_and_last():
         assert plan.masks[plan.full_index].all()
 
 
+@pytest.mark.parametrize("n", [1, 5, 9])
+def test_coalition_keys_are_the_masks_as_bits(n):
+    plan = of.exact_plan(random_structure(n, _gen(n)))
+    keys = plan.coalition_keys()
+    bits = (keys[:, None] >> np.arange(plan.num_players)) & 1
+    assert keys.dtype == np.int64 and np.array_equal(bits.astype(bool), plan.masks.numpy())
+    assert len(set(keys.tolist())) == plan.num_coalitions  # distinct coalitions, distinct keys
+    assert plan.coalition_keys() is keys  # computed once
+
+
 def test_weight_matrix_gives_the_same_values_as_the_terms():
     s = of.CoalitionStructure([[0, 2], [1, 3, 4]])
     plan = of.exact_plan(s)
