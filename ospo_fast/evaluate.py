@@ -271,9 +271,10 @@ class PackedBertForward:
     Every linear layer works on the packed tokens ``[total, hidden]`` (no padding FLOPs; Q, K and V in one
     matmul; residual projections accumulate in place, see :meth:`_folded_layers`). Attention, never padded:
     in float32 on the CPU, the extension's varlen kernel (``csrc/varlen_attention.cpp``); on CUDA in
-    fp16/bf16, flash-attn's varlen kernel where installed, else PyTorch's (torch >= 2.9); otherwise PyTorch's SDPA once per run of
-    consecutive sequences of equal length, on a zero-copy view of the packed tokens (``attention="sdpa"``
-    forces this path). Gives the unmodified model's hidden states (tested to fp32 tolerance).
+    fp16/bf16, flash-attn's varlen kernel where installed, else PyTorch's (torch >= 2.9); otherwise
+    PyTorch's SDPA once per run of consecutive sequences of equal length, on a zero-copy view of the packed
+    tokens (``attention="sdpa"`` forces this path). Gives the unmodified model's hidden states (tested to
+    fp32 tolerance on the CPU, bf16 tolerance on CUDA).
 
     In float32 the activations live in buffers kept across calls (see :meth:`_buffer`), about
     ``intermediate + 3 * hidden`` floats per token of the largest batch; :meth:`release_buffers` frees them.
@@ -432,7 +433,9 @@ class PackedBertForward:
         return out
 
 
-def pool_packed(hidden: torch.Tensor, packed: PackedSequences, pooling: str, by_segments: bool | None = None) -> torch.Tensor:
+def pool_packed(
+    hidden: torch.Tensor, packed: PackedSequences, pooling: str, by_segments: bool | None = None
+) -> torch.Tensor:
     """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states.
 
     On the CPU, one view per run of equal-length sequences. On a GPU (``by_segments``, default: when
@@ -527,7 +530,9 @@ class EncoderCoalitionEvaluator:
         text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
         total = int(text_offsets[-1])
         token_ids = np.fromiter(chain.from_iterable(tok["input_ids"]), dtype=np.int64, count=total)
-        char_spans = np.fromiter(chain.from_iterable(chain.from_iterable(tok["offset_mapping"])), dtype=np.int64, count=2 * total)
+        char_spans = np.fromiter(
+            chain.from_iterable(chain.from_iterable(tok["offset_mapping"])), dtype=np.int64, count=2 * total
+        )
         token_text = np.repeat(np.arange(U), text_lengths)
         position = np.arange(total) - np.repeat(text_offsets[:-1], text_lengths)
         padded = np.zeros((U, int(text_lengths.max(initial=0)), 2), dtype=np.int64)  # zero-width padding maps to -1
@@ -535,7 +540,8 @@ class EncoderCoalitionEvaluator:
         players = token_player_maps(seg_u, torch.from_numpy(padded)).numpy()[token_text, position]
         width = max((p.num_players for p in plans_u), default=0)
         inside = players >= 0
-        tokens_of_player = np.bincount(token_text[inside] * width + players[inside], minlength=U * width).reshape(U, width)
+        tokens_of_player = np.bincount(token_text[inside] * width + players[inside], minlength=U * width)
+        tokens_of_player = tokens_of_player.reshape(U, width)
 
         # Every coalition of every distinct text, flat; kept tokens per coalition from its bit mask.
         sizes = np.asarray([p.num_coalitions for p in plans_u], dtype=np.int64)
@@ -583,7 +589,9 @@ class EncoderCoalitionEvaluator:
             total = int(cu[-1])
             cu_dev = to_device(cu, device)
             input_ids = pack_coalitions(
-                **texts, seq_text=to_device(layout.seq_text[lo:hi], device), seq_keep=to_device(layout.seq_keep[lo:hi], device),
+                **texts,
+                seq_text=to_device(layout.seq_text[lo:hi], device),
+                seq_keep=to_device(layout.seq_keep[lo:hi], device),
                 cu_seqlens=cu_dev, cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=total,
                 max_text_tokens=layout.max_text_tokens, backend=self.pack_backend,
             )
