@@ -335,6 +335,13 @@ class PackedBertForward:
                 ))
             emb_ln = self.model.embeddings.LayerNorm
             self._embedding_ln = (emb_ln.weight.detach(), emb_ln.bias.detach() + pending[0], emb_ln.eps)
+            if self.dtype != torch.float32:
+                # Reduced precision: the matmuls' weights and biases are cast once, here, not on every call
+                # as autocast would (detached weights miss its cast cache); LayerNorms and the residual
+                # stream stay float32, as under autocast.
+                for layer in self._layers:
+                    for name in ("w_qkv", "b_qkv", "w_out_t", "w_up_t", "b_up", "w_down_t"):
+                        layer[name] = layer[name].to(self.dtype)
         return self._layers
 
     def _attend(self, q, k, v, packed: PackedSequences, runs) -> torch.Tensor:
@@ -369,10 +376,7 @@ class PackedBertForward:
     @torch.inference_mode()
     def hidden_states(self, packed: PackedSequences) -> torch.Tensor:
         """Last hidden states float ``[total, hidden]`` of the packed tokens."""
-        # Reduced precision through autocast: matmuls in ``dtype`` (bf16 runs on AMX units on recent x86
-        # CPUs and on tensor cores on GPUs), normalisations and softmax accumulations in float32.
-        with torch.autocast(packed.input_ids.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self._hidden_states(packed)
+        return self._hidden_states(packed)
 
     def _hidden_states(self, packed: PackedSequences) -> torch.Tensor:
         layers = self._folded_layers()
@@ -410,16 +414,18 @@ class PackedBertForward:
         self._buffers.clear()
 
     def _linear(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """bias + x @ w_t: into the shared "wide" buffer in float32; under autocast, out of place."""
+        """bias + x @ w_t: into the shared "wide" buffer in float32; in reduced precision, out of place and
+        in ``dtype``."""
         if self.dtype != torch.float32:
-            return torch.addmm(bias, x, w_t)
+            return torch.addmm(bias, x.to(self.dtype), w_t)
         return torch.addmm(bias, x, w_t, out=self._buffer("wide", x.shape[0], w_t.shape[1], x))
 
     def _residual_matmul(self, stream: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        """stream + x @ w_t: accumulated into the stream in place in float32; under autocast, out of place."""
+        """stream + x @ w_t: accumulated into the stream in place in float32; in reduced precision, the
+        product in ``dtype`` added to the float32 stream."""
         if self.dtype == torch.float32:
             return stream.addmm_(x, w_t)
-        return stream + x @ w_t
+        return stream + x.to(self.dtype) @ w_t
 
     def _layer_norm(self, x: torch.Tensor, params, buffer: str | None) -> torch.Tensor:
         """LayerNorm of x; in float32 written to the named buffer (None: a new tensor)."""
