@@ -29,6 +29,7 @@ python3 -c "import ospo_fast._extension as e; print('cpp', e.has_cpp(), '| cuda 
 
 stage "GPU tests (-m gpu)"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --continue-on-collection-errors -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
+
 stage "bench: attribution, 64 responses x 64 coalitions"
 timeout 150 python3 bench/bench_attribution.py --device cuda --responses 64 --budget 64 --loop-responses 1 \
   --json "$out/attribution_gpu.json" 2>&1 | grep -v "Loading weights" | tee "$out/attribution_gpu.log"

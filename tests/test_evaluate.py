@@ -340,8 +340,12 @@ def test_segment_pooling_equals_pooling_by_runs(pooling):
     lengths = np.sort(torch.randint(2, 19, (37,), generator=g).numpy())
     cu = np.concatenate([[0], np.cumsum(lengths)])
     positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
-    packed = PackedSequences(input_ids=torch.zeros(int(cu[-1]), dtype=torch.long), position_ids=torch.from_numpy(positions),
-                             cu_seqlens=torch.from_numpy(cu).to(torch.int32), lengths=lengths)
+    packed = PackedSequences(
+        input_ids=torch.zeros(int(cu[-1]), dtype=torch.long),
+        position_ids=torch.from_numpy(positions),
+        cu_seqlens=torch.from_numpy(cu).to(torch.int32),
+        lengths=lengths,
+    )
     hidden = torch.randn(int(cu[-1]), 24, generator=g)
     by_runs = pool_packed(hidden, packed, pooling, by_segments=False)
     assert_close(pool_packed(hidden, packed, pooling, by_segments=True), by_runs, rtol=1e-5, atol=1e-6, what="pooled")
