@@ -111,7 +111,8 @@ def main(argv=None):
     dtypes = (torch.bfloat16, torch.float32) if on_cuda else (torch.float32, torch.bfloat16)
     rows = []
     for dtype in dtypes:
-        attributor = of.OwenAttributor(reward, method="auto", budget=args.budget, seed=0, encoder_dtype=dtype)
+        attributor = of.OwenAttributor(reward, method="auto", budget=args.budget, seed=0, encoder_dtype=dtype,
+                                       synchronize=True)  # wall times that include the device's work
         attributor(batch_texts[:2], owners[:2])  # warm-up
         result = attributor(batch_texts, owners)
         seconds = best_of(lambda: attributor(batch_texts, owners))
@@ -142,6 +143,8 @@ def main(argv=None):
         for coalition_texts, owner in loop_texts:
             for text in coalition_texts:
                 reward([text], [owner])
+        if on_cuda:
+            torch.cuda.synchronize()  # the time includes the device's work
 
     loop_seconds = best_of(loop, repeats=1)
     rows.append(dict(provider="loop (one coalition per call)", responses=len(loop_items), coalitions=loop_count,

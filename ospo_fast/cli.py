@@ -167,7 +167,8 @@ def attribute(args) -> int:
             raise SystemExit(f"attribute: --owner must be in 0..{len(task.pools) - 1}")
     request = next((request_of(s) for s in task.samples if s.owner == owner), "?")
     reward = task.reward(args.reward)
-    out = OwenAttributor(reward, method=args.method, budget=args.budget, seed=args.seed)([args.text], [owner])
+    attributor = OwenAttributor(reward, method=args.method, budget=args.budget, seed=args.seed, synchronize=True)
+    out = attributor([args.text], [owner])
     print(f"request (pool {owner}): {request}")
     print(f"retriever: {args.reward}; {out[0].plan.num_coalitions} coalitions ({out[0].plan.method}), "
           f"{out.num_evaluations} evaluations in {out.timings['total'] * 1e3:.0f} ms\n")
