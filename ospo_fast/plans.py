@@ -83,7 +83,8 @@ class CoalitionPlan:
         keys = self._device_cache.get("keys")
         if keys is None:
             bits = np.left_shift(np.uint64(1), np.arange(self.num_players, dtype=np.uint64))
-            keys = self._device_cache["keys"] = (self.masks.numpy() * bits).sum(axis=1, dtype=np.uint64).view(np.int64)
+            keys = (self.masks.numpy() * bits).sum(axis=1, dtype=np.uint64).view(np.int64)
+            self._device_cache["keys"] = keys
         return keys
 
     @property
