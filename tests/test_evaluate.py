@@ -396,3 +396,12 @@ def test_attributor_on_cuda_never_synchronises_the_host():
     # a ranking may swap, so bound the typical and the worst difference.
     diffs = np.array([abs(float(a.phi.sum()) - float(b.phi.sum())) for a, b in zip(out, expected)])
     assert np.median(diffs) < 0.02 and diffs.max() < 0.2, diffs
+
+
+def test_attention_choice_is_checked(reward):
+    with pytest.raises(ValueError, match="attention: expected 'auto', 'flash' or 'sdpa'"):
+        EncoderCoalitionEvaluator(reward, attention="flex")
+    # flash attention needs CUDA and reduced precision; on the CPU in float32 it is refused with the reason.
+    coalitions = _batch(["usb c cable for car"], [0])
+    with pytest.raises(ValueError, match="attention='flash' needs"):
+        EncoderCoalitionEvaluator(reward, attention="flash").embed(coalitions)
