@@ -108,52 +108,51 @@ void aggregate_tile_any(const double* v, const double* w, const uint64_t* pairs,
   aggregate_tile_double(v, w, pairs, b, g0, games, C, buf, out);
 }
 
-// Tiles: runs of at most kLanes consecutive games with the same plan (same player_ptr slice and size).
-std::vector<int64_t> tile_starts(const OwenBatch& b, int64_t lanes) {
-  std::vector<int64_t> starts;
-  starts.reserve(b.num_games / lanes + 1);
-  for (int64_t g = 0; g < b.num_games;) {
-    const int64_t C = b.value_offsets[g + 1] - b.value_offsets[g];
-    const int64_t n = b.row_offsets[g + 1] - b.row_offsets[g];
-    int64_t e = g + 1;
-    while (e < b.num_games && e - g < lanes && b.game_ptr_base[e] == b.game_ptr_base[g] &&
-           b.value_offsets[e + 1] - b.value_offsets[e] == C && b.row_offsets[e + 1] - b.row_offsets[e] == n) {
-      ++e;
-    }
-    starts.push_back(g);
-    g = e;
+// The end of the tile that starts at game g: a run of at most `lanes` consecutive games before `limit` with
+// the same plan (same player_ptr slice and sizes).
+int64_t tile_end(const OwenBatch& b, int64_t g, int64_t limit, int64_t lanes) {
+  const int64_t C = b.value_offsets[g + 1] - b.value_offsets[g];
+  const int64_t n = b.row_offsets[g + 1] - b.row_offsets[g];
+  int64_t e = g + 1;
+  while (e < limit && e - g < lanes && b.game_ptr_base[e] == b.game_ptr_base[g] &&
+         b.value_offsets[e + 1] - b.value_offsets[e] == C && b.row_offsets[e + 1] - b.row_offsets[e] == n) {
+    ++e;
   }
-  starts.push_back(b.num_games);
-  return starts;
+  return e;
 }
 
 template <typename scalar_t>
 void aggregate_cpu(const scalar_t* values, const scalar_t* weight, const OwenBatch& b, scalar_t* out) {
   constexpr int64_t L = kLanes<scalar_t>;
-  const std::vector<int64_t> starts = tile_starts(b, L);
-  const int64_t num_tiles = static_cast<int64_t>(starts.size()) - 1;
   const int64_t num_terms = b.num_terms;
   std::vector<uint64_t> pairs(static_cast<size_t>(num_terms));
   for (int64_t t = 0; t < num_terms; ++t) {
     pairs[t] = static_cast<uint64_t>(b.term_plus[t]) | (static_cast<uint64_t>(b.term_minus[t]) << 32);
   }
-  at::parallel_for(0, num_tiles, 16, [&](int64_t first, int64_t last) {
+  // Parallel over blocks of games; each block cuts its own tiles (a tile never crosses a block's edge),
+  // so no serial pass over the batch precedes the parallel one.
+  constexpr int64_t kBlockGames = 16 * L;
+  const int64_t num_blocks = (b.num_games + kBlockGames - 1) / kBlockGames;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
     // 64-byte aligned: buf is read as whole vectors.
     std::unique_ptr<scalar_t[], decltype(&std::free)> buf(nullptr, &std::free);
     int64_t capacity = 0;
-    for (int64_t k = first; k < last; ++k) {
-      const int64_t g0 = starts[k], games = starts[k + 1] - starts[k];
+    const int64_t limit = std::min(last * kBlockGames, b.num_games);
+    for (int64_t g0 = first * kBlockGames; g0 < limit;) {
+      const int64_t block_end = std::min((g0 / kBlockGames + 1) * kBlockGames, limit);
+      const int64_t g1 = tile_end(b, g0, block_end, L), games = g1 - g0;
       const int64_t C = b.value_offsets[g0 + 1] - b.value_offsets[g0];
       if (games == 1 || C > kMaxTileCoalitions) {
-        for (int64_t g = g0; g < g0 + games; ++g) aggregate_game<scalar_t>(values, weight, b, g, out);
-        continue;
+        for (int64_t g = g0; g < g1; ++g) aggregate_game<scalar_t>(values, weight, b, g, out);
+      } else {
+        if (C > capacity) {
+          capacity = C;
+          buf.reset(static_cast<scalar_t*>(std::aligned_alloc(64, static_cast<size_t>(C) * 64)));
+          TORCH_CHECK(buf != nullptr, "owen_aggregate_cpu: out of memory");
+        }
+        aggregate_tile_any(values, weight, pairs.data(), b, g0, games, C, buf.get(), out);
       }
-      if (C > capacity) {
-        capacity = C;
-        buf.reset(static_cast<scalar_t*>(std::aligned_alloc(64, static_cast<size_t>(C) * 64)));
-        TORCH_CHECK(buf != nullptr, "owen_aggregate_cpu: out of memory");
-      }
-      aggregate_tile_any(values, weight, pairs.data(), b, g0, games, C, buf.get(), out);
+      g0 = g1;
     }
   });
 }
