@@ -90,6 +90,20 @@ def test_owen_from_values_checks_the_values_shape():
         of.owen_from_values(batch, torch.zeros(2, 8))
 
 
+def test_owen_from_values_checks_every_new_shape_after_a_good_call():
+    """Repeated calls skip the checks for a shape already seen (a runner is kept on the plan); a new shape,
+    good or bad, is checked again."""
+    plan = of.exact_plan(of.CoalitionStructure([[0, 1], [2]]))
+    values = torch.randn(5, 8, dtype=torch.float64)
+    first = of.owen_from_values(plan, values)
+    torch.testing.assert_close(of.owen_from_values(plan, values), first)
+    torch.testing.assert_close(of.owen_from_values(plan, values[:2].clone()), first[:2])
+    torch.testing.assert_close(of.owen_from_values(plan, values.float()), first.float())
+    for bad in (torch.zeros(5, 7), torch.zeros(2, 5, 8)):
+        with pytest.raises(ValueError, match=r"values: expected shape \(8,\) or \(B, 8\)"):
+            of.owen_from_values(plan, bad)
+
+
 def test_backend_on_the_wrong_device_is_refused():
     plan = of.exact_plan(of.CoalitionStructure([[0, 1]]))
     with pytest.raises(ValueError, match="backend='cuda' runs on CUDA tensors"):
