@@ -14,7 +14,8 @@ measured here (fp32 on the CPU, bf16 on CUDA); ospo_fast's share of it = floor /
 
 On CUDA (``--device cuda``) it also prints the device half of an attribution (pack, forward, pool, score,
 Owen aggregation, on a layout prepared on the host) timed with CUDA events while torch's sync debug mode
-raises on any host synchronisation; ``bench/gpu_check.sh`` runs it at 64 responses x 64 coalitions.
+raises on any host synchronisation, then where its time goes (the host's time to issue it, its kernels by
+device time); ``bench/gpu_check.sh`` runs it at 64 responses x 64 coalitions.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
     coalitions = CoalitionBatch.build(seg, plans, owners)
     print(f"\nGPU device half ({torch.cuda.get_device_name()}), {len(seg)} responses, {coalitions.batch.num_values} coalitions:")
     print(f"{'encoder path':<52} {'evals':>6} {'tokens':>7} {'median ms':>10} {'min ms':>8} {'host sync':>9}")
+    first = None  # the default path's evaluator and layout, profiled below
     for label, kwargs in (
         (f"bf16, varlen attention ({getattr(_flash_varlen(), '__module__', 'none')})", dict(dtype=torch.bfloat16)),
         ("bf16, SDPA per length", dict(dtype=torch.bfloat16, attention="sdpa")),
@@ -215,8 +217,41 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
                 times.append(start.elapsed_time(end))
             tokens = int(layout.lengths.sum())
             print(f"{label:<52} {layout.num_sequences:>6} {tokens:>7} {np.median(times):>10.2f} {min(times):>8.2f} {synced:>9}")
+            if first is None:
+                first = (evaluator, layout)
         except Exception as exc:  # one failing path must not hide the others' numbers
             print(f"{label:<52} failed: {type(exc).__name__}: {str(exc)[:200]}")
+    if first is not None:
+        print_device_half_profile(*first, coalitions.batch, repeats)
+
+
+def print_device_half_profile(evaluator, layout, batch, repeats: int, row_limit: int = 12) -> None:
+    """Where the device half's time goes: the host's time to issue it (no sync: if it is close to the
+    device time, the GPU waits on Python and launches, not on its kernels), then its kernels by device time."""
+    device = evaluator.reward.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    issue = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        of.owen_from_values(batch, evaluator.values(layout))
+        issue.append(time.perf_counter() - start)
+    sync()
+    print(f"host time to issue the device half: median {1e3 * np.median(issue):.2f} ms")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        of.owen_from_values(batch, evaluator.values(layout))
+        sync()
+    if device.type == "cuda":
+        sort_by, what = "self_device_time_total", "GPU kernels"
+        count = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    else:
+        sort_by, what = "self_cpu_time_total", "top-level operators"
+        count = sum(e.cpu_parent is None for e in prof.events())
+    print(f"{what} in one device half: {count}; the top {row_limit} by {sort_by}:")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=48))
 
 
 def _sequence_lengths(evaluator: EncoderCoalitionEvaluator, coalitions: CoalitionBatch) -> np.ndarray:

@@ -48,5 +48,5 @@ timeout 90 python3 bench/bench_step.py --json "$out/step_gpu.json" 2>&1 | grep -
 stage "summary"
 echo "tests (-m gpu):    $(tail -1 "$out/gpu_tests.log")"
 echo "tests (kernels):   $(tail -1 "$out/kernel_tests.log")"
-grep -E "^(bf16|fp32),|GEMM floor|packed|shap|loop" "$out/attribution_gpu.log"
+grep -E "^(bf16|fp32),|GEMM floor|packed|shap|loop|host time to issue|timings of one" "$out/attribution_gpu.log"
 grep -E "aggregate.* cuda +float" "$out/owen_gpu.log"
