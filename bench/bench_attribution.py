@@ -222,7 +222,10 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
         except Exception as exc:  # one failing path must not hide the others' numbers
             print(f"{label:<52} failed: {type(exc).__name__}: {str(exc)[:200]}")
     if first is not None:
-        print_device_half_profile(*first, coalitions.batch, repeats)
+        try:
+            print_device_half_profile(*first, coalitions.batch, repeats)
+        except Exception as exc:  # a diagnostic: it must not stop the rows below
+            print(f"device half profile failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def print_device_half_profile(evaluator, layout, batch, repeats: int, row_limit: int = 12) -> None:
