@@ -177,6 +177,15 @@ class OwenAttributor:
                 if evaluator == "packed":
                     raise ValueError(f"evaluator='packed': {exc}") from None
 
+    def segment(self, texts: Sequence[str]) -> list[Segmentation]:
+        """The segmentation of every text, each distinct text segmented once (a GRPO group often samples the
+        same response more than once); repeated texts share one (immutable) :class:`Segmentation`."""
+        distinct: dict[str, Segmentation] = {}
+        for t in texts:
+            if t not in distinct:
+                distinct[t] = self.segmenter(t)
+        return [distinct[t] for t in texts]
+
     def __call__(self, texts: Sequence[str], owners, segmentations: Sequence[Segmentation] | None = None) -> Attributions:
         """Attribute ``texts[j]``'s reward against owner ``owners[j]`` to its segments.
 
@@ -186,7 +195,7 @@ class OwenAttributor:
         texts = list(texts)
         t0 = time.perf_counter()
         if segmentations is None:
-            segmentations = [self.segmenter(t) for t in texts]
+            segmentations = self.segment(texts)
         elif len(segmentations) != len(texts):
             raise ValueError(f"segmentations: expected {len(texts)}, one per text, got {len(segmentations)}")
         t1 = time.perf_counter()

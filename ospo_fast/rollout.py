@@ -81,7 +81,7 @@ def attribute_completions(
     decoded = [completion_offsets(tokenizer, row) for row in ids.tolist()]
     texts = [text for text, _ in decoded]
     offsets = [offs for _, offs in decoded]
-    segmentations = [attributor.segmenter(t) for t in texts]
+    segmentations = attributor.segment(texts)
     scope = reward_scope(texts, segmentations) if reward_scope is not None else contextlib.nullcontext()
     with scope:
         out = attributor(texts, list(owners), segmentations=segmentations)

@@ -206,6 +206,20 @@ def test_empty_answer_gives_an_empty_attribution_not_a_crash(reward):
     assert out[1].phi.numel() == out[1].segmentation.num_players > 0
 
 
+def test_attributor_segments_each_distinct_text_once():
+    calls = []
+
+    def segmenter(text):
+        calls.append(text)
+        return of.Segmenter()(text)
+
+    texts = ["usb c cable for car", "fast charger. black", "usb c cable for car", "usb c cable for car"]
+    out = of.OwenAttributor(CountingReward(), method="exact", segmenter=segmenter)(texts, [0, 0, 0, 1])
+    assert sorted(calls) == sorted(set(texts))
+    assert [a.segmentation for a in out] == [of.Segmenter()(t) for t in texts]
+    assert_close(out[0].phi, out[2].phi, rtol=0, atol=0, what="phi of a repeated text")
+
+
 def test_to_html_colours_each_segment_and_escapes_text():
     reward = CountingReward()
     out = of.OwenAttributor(reward, method="exact")(["<answer>red & blue shoes for men</answer>"], [0])
