@@ -24,6 +24,10 @@ namespace {
 template <typename scalar_t>
 constexpr int64_t kLanes = 64 / sizeof(scalar_t);
 
+// Above this many bytes of values per thread, a batch no longer sits in a core's L2 and tiles prefetch the
+// next tile's values while they compute; below it the prefetches would only cost issue slots.
+constexpr int64_t kPrefetchBytesPerThread = 1 << 20;
+
 // A tile's transposed values must stay cache-resident; games with larger plans take the per-game path.
 constexpr int64_t kMaxTileCoalitions = 2048;
 
@@ -48,7 +52,7 @@ OSPO_FAST_INLINE void aggregate_game(const scalar_t* values, const scalar_t* wei
 template <typename scalar_t>
 OSPO_FAST_INLINE void aggregate_tile(const scalar_t* values, const scalar_t* weight, const uint64_t* pairs,
                                      const OwenBatch& b, int64_t g0, int64_t games, int64_t C, scalar_t* buf,
-                                     scalar_t* out) {
+                                     scalar_t* out, const char* next, const char* next_end) {
   constexpr int64_t L = kLanes<scalar_t>;
   typedef scalar_t lanes_t __attribute__((vector_size(64)));
   const scalar_t* rows[L];
@@ -64,17 +68,26 @@ OSPO_FAST_INLINE void aggregate_tile(const scalar_t* values, const scalar_t* wei
   for (int64_t c = c0; c < C; ++c) {
     for (int64_t l = 0; l < L; ++l) buf[c * L + l] = rows[l][c];
   }
-  const lanes_t* v = reinterpret_cast<const lanes_t*>(buf);
   const int64_t* ptr = b.player_ptr + b.game_ptr_base[g0];
   const int64_t n = b.row_offsets[g0 + 1] - b.row_offsets[g0];
-  // pairs[t] packs (plus, minus) in one word: one load instead of two in the hottest loop.
-  auto gain = [&](int64_t t) { return v[pairs[t] & 0xffffffffu] - v[pairs[t] >> 32]; };
+  // pairs[t] packs the byte offsets in buf of (plus, minus) in one word: one load and no index arithmetic
+  // in the hottest loop.
+  const char* bytes = reinterpret_cast<const char*>(buf);
+  auto at = [&](uint64_t offset) { return *reinterpret_cast<const lanes_t*>(bytes + offset); };
+  auto gain = [&](int64_t t) { return at(pairs[t] & 0xffffffffu) - at(pairs[t] >> 32); };
   for (int64_t i = 0; i < n; ++i) {
     // Four independent accumulators hide the multiply-add latency of one long dependency chain.
     lanes_t acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
     int64_t t = ptr[i];
     const int64_t end = ptr[i + 1];
     for (; t + 4 <= end; t += 4) {
+      // The next tile's values stream into L1 while this one computes (two lines per four terms): without
+      // it, a tile waits on memory, then computes; float64 values of a large batch are read from L3.
+      if (next < next_end) {
+        __builtin_prefetch(next, 0, 3);
+        __builtin_prefetch(next + 64, 0, 3);
+        next += 128;
+      }
       acc0 += weight[t] * gain(t);
       acc1 += weight[t + 1] * gain(t + 1);
       acc2 += weight[t + 2] * gain(t + 2);
@@ -88,24 +101,24 @@ OSPO_FAST_INLINE void aggregate_tile(const scalar_t* values, const scalar_t* wei
 
 OSPO_FAST_VECTOR_CLONES void aggregate_tile_float(const float* values, const float* weight, const uint64_t* pairs,
                                                   const OwenBatch& b, int64_t g0, int64_t games, int64_t C, float* buf,
-                                                  float* out) {
-  aggregate_tile<float>(values, weight, pairs, b, g0, games, C, buf, out);
+                                                  float* out, const char* next, const char* next_end) {
+  aggregate_tile<float>(values, weight, pairs, b, g0, games, C, buf, out, next, next_end);
 }
 
 OSPO_FAST_VECTOR_CLONES void aggregate_tile_double(const double* values, const double* weight, const uint64_t* pairs,
                                                    const OwenBatch& b, int64_t g0, int64_t games, int64_t C,
-                                                   double* buf, double* out) {
-  aggregate_tile<double>(values, weight, pairs, b, g0, games, C, buf, out);
+                                                   double* buf, double* out, const char* next, const char* next_end) {
+  aggregate_tile<double>(values, weight, pairs, b, g0, games, C, buf, out, next, next_end);
 }
 
 // Overloads so the dispatch lambda below can stay generic over the dtype.
 void aggregate_tile_any(const float* v, const float* w, const uint64_t* pairs, const OwenBatch& b, int64_t g0,
-                        int64_t games, int64_t C, float* buf, float* out) {
-  aggregate_tile_float(v, w, pairs, b, g0, games, C, buf, out);
+                        int64_t games, int64_t C, float* buf, float* out, const char* next, const char* next_end) {
+  aggregate_tile_float(v, w, pairs, b, g0, games, C, buf, out, next, next_end);
 }
 void aggregate_tile_any(const double* v, const double* w, const uint64_t* pairs, const OwenBatch& b, int64_t g0,
-                        int64_t games, int64_t C, double* buf, double* out) {
-  aggregate_tile_double(v, w, pairs, b, g0, games, C, buf, out);
+                        int64_t games, int64_t C, double* buf, double* out, const char* next, const char* next_end) {
+  aggregate_tile_double(v, w, pairs, b, g0, games, C, buf, out, next, next_end);
 }
 
 // The end of the tile that starts at game g: a run of at most `lanes` consecutive games before `limit` with
@@ -125,10 +138,14 @@ template <typename scalar_t>
 void aggregate_cpu(const scalar_t* values, const scalar_t* weight, const OwenBatch& b, scalar_t* out) {
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t num_terms = b.num_terms;
+  // Byte offsets of a term's coalitions in a tile buffer (64 bytes a coalition); only tiled plans, of at
+  // most kMaxTileCoalitions coalitions, read them, so they fit in 32 bits.
   std::vector<uint64_t> pairs(static_cast<size_t>(num_terms));
   for (int64_t t = 0; t < num_terms; ++t) {
-    pairs[t] = static_cast<uint64_t>(b.term_plus[t]) | (static_cast<uint64_t>(b.term_minus[t]) << 32);
+    pairs[t] = static_cast<uint64_t>(b.term_plus[t]) * 64 | (static_cast<uint64_t>(b.term_minus[t]) * 64 << 32);
   }
+  const bool prefetch =
+      b.value_offsets[b.num_games] * int64_t(sizeof(scalar_t)) > kPrefetchBytesPerThread * at::get_num_threads();
   // Parallel over blocks of games; each block cuts its own tiles (a tile never crosses a block's edge),
   // so no serial pass over the batch precedes the parallel one.
   constexpr int64_t kBlockGames = 16 * L;
@@ -150,7 +167,10 @@ void aggregate_cpu(const scalar_t* values, const scalar_t* weight, const OwenBat
           buf.reset(static_cast<scalar_t*>(std::aligned_alloc(64, static_cast<size_t>(C) * 64)));
           TORCH_CHECK(buf != nullptr, "owen_aggregate_cpu: out of memory");
         }
-        aggregate_tile_any(values, weight, pairs.data(), b, g0, games, C, buf.get(), out);
+        const char* next = reinterpret_cast<const char*>(values + b.value_offsets[g1]);  // the next L games
+        const char* next_end =
+            prefetch ? reinterpret_cast<const char*>(values + b.value_offsets[std::min(g1 + L, b.num_games)]) : next;
+        aggregate_tile_any(values, weight, pairs.data(), b, g0, games, C, buf.get(), out, next, next_end);
       }
       g0 = g1;
     }
