@@ -528,9 +528,14 @@ class EncoderCoalitionEvaluator:
         """The host half: tokenise each distinct text once and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
         U = len(seg_u)
-        # One tokenizer call and one vectorised token -> player map for all distinct texts.
+        # One tokenizer call and one vectorised token -> player map for all distinct texts. Only the span from
+        # the first player to the last is tokenised: a think block and the tags never enter a coalition, and
+        # players start and end where a BERT pre-tokenizer splits anyway (whitespace, punctuation), so the
+        # span's tokens are the ones each player gets in the coalition texts.
+        regions = [(sg.spans[0][0], sg.spans[-1][1]) if sg.spans else (0, 0) for sg in seg_u]
         tok = self.encoder.tokenizer(
-            [sg.text for sg in seg_u], add_special_tokens=False, return_offsets_mapping=True, truncation=False
+            [sg.text[lo:hi] for sg, (lo, hi) in zip(seg_u, regions)],
+            add_special_tokens=False, return_offsets_mapping=True, truncation=False,
         )
         text_lengths = np.fromiter(map(len, tok["input_ids"]), dtype=np.int64, count=U)
         text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
@@ -543,7 +548,7 @@ class EncoderCoalitionEvaluator:
         position = np.arange(total) - np.repeat(text_offsets[:-1], text_lengths)
         padded = np.zeros((U, int(text_lengths.max(initial=0)), 2), dtype=np.int64)  # zero-width padding maps to -1
         padded[token_text, position] = char_spans.reshape(-1, 2)
-        players = token_player_maps(seg_u, torch.from_numpy(padded)).numpy()[token_text, position]
+        players = token_player_maps(seg_u, torch.from_numpy(padded), [lo for lo, _ in regions]).numpy()[token_text, position]
         width = max((p.num_players for p in plans_u), default=0)
         inside = players >= 0
         tokens_of_player = np.bincount(token_text[inside] * width + players[inside], minlength=U * width)

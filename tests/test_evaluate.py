@@ -72,6 +72,18 @@ def test_packed_forward_matches_per_coalition_loop_through_unmodified_model(rewa
     assert_close(got, expected, rtol=1e-5, atol=2e-5, what="packed embeddings")
 
 
+def test_layout_tokenises_only_the_players_and_a_think_block_changes_no_value(reward):
+    answer = "usb c cable for car, 2 pack. apple certified"
+    thinking = "<think>" + " ".join(["the user wants a charger that is fast and small"] * 20) + "</think>"
+    coalitions = _batch([f"{thinking}<answer>{answer}</answer>", answer], [0, 0], method="exact")
+    evaluator = EncoderCoalitionEvaluator(reward)
+    layout = evaluator.layout(coalitions)
+    answer_tokens = len(reward.encoder.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    assert layout.text_offsets.tolist() == [0, answer_tokens, 2 * answer_tokens]  # no token of the think block
+    values = coalitions.batch.split_values(evaluator.values(layout))
+    assert_close(values[0], values[1], rtol=0, atol=1e-6, what="values with and without the think block")
+
+
 def test_packed_values_equal_the_reward_of_each_coalition_text(reward):
     rng = random.Random(1)
     texts = [random_response(rng) for _ in range(9)]
