@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import _extension
 from ._device import to_device
 from .plans import CoalitionPlan, PlanBatch
-from .segment import Segmentation, coalition_texts, token_player_maps
+from .segment import Segmentation, coalition_texts
 
 # ----------------------------------------------------------------------------------------------------
 # Which coalitions of which responses: the batch layout shared by both kinds of reward.
@@ -469,6 +469,10 @@ def pool_packed(
 # Encoder rewards
 
 
+# Phrases whose tokens an evaluator keeps; past this, the cache starts over (memory stays bounded).
+_PHRASE_CACHE_SIZE = 1 << 17
+
+
 class EncoderCoalitionEvaluator:
     """Values of every coalition of a batch for a :class:`~ospo_fast.rewards.DenseRetrievalReward`, with one
     packed encoder forward.
@@ -490,8 +494,6 @@ class EncoderCoalitionEvaluator:
         self.reward = reward
         self.encoder = reward.encoder
         tok = self.encoder.tokenizer
-        if not getattr(tok, "is_fast", True):
-            raise ValueError("reward.encoder.tokenizer: a fast tokenizer (with offset mappings) is needed")
         if getattr(self.encoder, "pooling", "mean") not in ("mean", "cls"):
             raise ValueError(f"reward.encoder.pooling: the packed path supports 'mean' and 'cls', got {self.encoder.pooling!r}")
         if dtype is None:
@@ -503,6 +505,7 @@ class EncoderCoalitionEvaluator:
         self.max_length = self.encoder.max_length
         self.chunk_tokens = chunk_tokens
         self.pack_backend = pack_backend
+        self._phrase_tokens: dict[str, list[int]] = {}  # phrase -> its token ids (see _player_tokens)
 
     def __call__(self, coalitions: CoalitionBatch) -> tuple[torch.Tensor, int]:
         """Values float32 ``[coalitions.batch.num_values]`` on the reward's device, and the number of
@@ -525,34 +528,15 @@ class EncoderCoalitionEvaluator:
         return self.reward.score_embeddings(embeddings[sequence], owners)
 
     def layout(self, coalitions: CoalitionBatch) -> "PackedLayout":
-        """The host half: tokenise each distinct text once and lay out the sequences to embed."""
+        """The host half: tokenise the players of the distinct texts (each phrase once, see
+        :meth:`_player_tokens`) and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
         U = len(seg_u)
-        # One tokenizer call and one vectorised token -> player map for all distinct texts. Only the span from
-        # the first player to the last is tokenised: a think block and the tags never enter a coalition, and
-        # players start and end where a BERT pre-tokenizer splits anyway (whitespace, punctuation), so the
-        # span's tokens are the ones each player gets in the coalition texts.
-        regions = [(sg.spans[0][0], sg.spans[-1][1]) if sg.spans else (0, 0) for sg in seg_u]
-        tok = self.encoder.tokenizer(
-            [sg.text[lo:hi] for sg, (lo, hi) in zip(seg_u, regions)],
-            add_special_tokens=False, return_offsets_mapping=True, truncation=False,
-        )
-        text_lengths = np.fromiter(map(len, tok["input_ids"]), dtype=np.int64, count=U)
+        token_ids, token_players, text_lengths = self._player_tokens(seg_u)
         text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
-        total = int(text_offsets[-1])
-        token_ids = np.fromiter(chain.from_iterable(tok["input_ids"]), dtype=np.int64, count=total)
-        char_spans = np.fromiter(
-            chain.from_iterable(chain.from_iterable(tok["offset_mapping"])), dtype=np.int64, count=2 * total
-        )
         token_text = np.repeat(np.arange(U), text_lengths)
-        position = np.arange(total) - np.repeat(text_offsets[:-1], text_lengths)
-        padded = np.zeros((U, int(text_lengths.max(initial=0)), 2), dtype=np.int64)  # zero-width padding maps to -1
-        padded[token_text, position] = char_spans.reshape(-1, 2)
-        players = token_player_maps(seg_u, torch.from_numpy(padded), [lo for lo, _ in regions]).numpy()[token_text, position]
         width = max((p.num_players for p in plans_u), default=0)
-        inside = players >= 0
-        tokens_of_player = np.bincount(token_text[inside] * width + players[inside], minlength=U * width)
-        tokens_of_player = tokens_of_player.reshape(U, width)
+        tokens_of_player = np.bincount(token_text * width + token_players, minlength=U * width).reshape(U, width)
 
         # Every coalition of every distinct text, flat; kept tokens per coalition from its bit mask.
         sizes = np.asarray([p.num_coalitions for p in plans_u], dtype=np.int64)
@@ -575,15 +559,44 @@ class EncoderCoalitionEvaluator:
         first_coalition = np.concatenate([[0], np.cumsum(sizes)])
         return PackedLayout(
             token_ids=token_ids,
-            token_player=players,
+            token_player=token_players,
             text_offsets=text_offsets,
-            max_text_tokens=padded.shape[1],
+            max_text_tokens=int(text_lengths.max(initial=0)),
             lengths=lengths[order],
             seq_text=np.concatenate([[-1], coalition_text[nonempty]])[order],
             seq_keep=np.concatenate([[0], keys[nonempty]])[order],
             value_sequence=position_of[sequence_of[first_coalition[unique_rows] + coalition]],
             value_owners=coalitions.value_owners(),
         )
+
+    def _player_tokens(self, segmentations: Sequence[Segmentation]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tokens of every player of every text, in order: ids (int64 ``[N]``), each token's player
+        (int64 ``[N]``) and each text's token count (int64 ``[U]``).
+
+        A player is tokenised on its own: it starts and ends where a BERT pre-tokenizer splits anyway
+        (whitespace, punctuation), so its tokens are the ones it has in the response and in every coalition
+        text. Tokens between players (punctuation), a think block and the tags never enter a coalition and
+        are not tokenised at all. Phrases recur across the responses of a batch and across batches, so their
+        tokens are kept (up to ``_PHRASE_CACHE_SIZE`` phrases): one tokenizer call covers the new ones."""
+        phrases = [sg.text[start:end] for sg in segmentations for start, end in sg.spans]
+        cache = self._phrase_tokens
+        new = list(dict.fromkeys(p for p in phrases if p not in cache))
+        if new and len(cache) + len(new) > _PHRASE_CACHE_SIZE:
+            cache.clear()  # start over with this batch's phrases
+            new = list(dict.fromkeys(phrases))
+        if new:
+            ids = self.encoder.tokenizer(new, add_special_tokens=False, truncation=False)["input_ids"]
+            cache.update(zip(new, ids))
+        pieces = [cache[p] for p in phrases]
+        counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        token_ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=int(counts.sum()))
+        U = len(segmentations)
+        players_per_text = np.fromiter((sg.num_players for sg in segmentations), dtype=np.int64, count=U)
+        first_phrase = np.repeat(np.cumsum(players_per_text) - players_per_text, players_per_text)
+        token_players = np.repeat(np.arange(len(phrases)) - first_phrase, counts)
+        text_of_phrase = np.repeat(np.arange(U), players_per_text)
+        text_lengths = np.bincount(text_of_phrase, weights=counts, minlength=U).astype(np.int64)
+        return token_ids, token_players, text_lengths
 
     def embed_layout(self, layout: "PackedLayout") -> torch.Tensor:
         """Embeddings float32 ``[S, D]`` of the layout's sequences: packed on the device, one forward per
@@ -625,8 +638,8 @@ class PackedLayout:
     and owner. Everything here is numpy; the device half (:meth:`EncoderCoalitionEvaluator.values`) copies
     it over without a stream sync."""
 
-    token_ids: np.ndarray  # int64 [N]: the tokens of all distinct texts, concatenated
-    token_player: np.ndarray  # int64 [N]: each token's player (-1: in no segment)
+    token_ids: np.ndarray  # int64 [N]: the players' tokens of all distinct texts, concatenated
+    token_player: np.ndarray  # int64 [N]: each token's player
     text_offsets: np.ndarray  # int64 [U + 1]
     max_text_tokens: int
     lengths: np.ndarray  # int64 [S]: sequence lengths, [CLS] and [SEP] included, ascending

@@ -72,16 +72,34 @@ def test_packed_forward_matches_per_coalition_loop_through_unmodified_model(rewa
     assert_close(got, expected, rtol=1e-5, atol=2e-5, what="packed embeddings")
 
 
-def test_layout_tokenises_only_the_players_and_a_think_block_changes_no_value(reward):
+def test_layout_tokenises_only_the_players_once_and_a_think_block_changes_no_value(reward):
     answer = "usb c cable for car, 2 pack. apple certified"
     thinking = "<think>" + " ".join(["the user wants a charger that is fast and small"] * 20) + "</think>"
     coalitions = _batch([f"{thinking}<answer>{answer}</answer>", answer], [0, 0], method="exact")
     evaluator = EncoderCoalitionEvaluator(reward)
     layout = evaluator.layout(coalitions)
-    answer_tokens = len(reward.encoder.tokenizer(answer, add_special_tokens=False)["input_ids"])
-    assert layout.text_offsets.tolist() == [0, answer_tokens, 2 * answer_tokens]  # no token of the think block
+    tokenizer = reward.encoder.tokenizer
+    segments = coalitions.segmentations[1].segments
+    player_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in segments)
+    assert layout.text_offsets.tolist() == [0, player_tokens, 2 * player_tokens]  # no token of the think block
     values = coalitions.batch.split_values(evaluator.values(layout))
     assert_close(values[0], values[1], rtol=0, atol=1e-6, what="values with and without the think block")
+    again = evaluator.layout(coalitions)  # every phrase's tokens now come from the evaluator's cache
+    for name in ("token_ids", "token_player", "lengths", "seq_keep", "value_sequence"):
+        assert np.array_equal(getattr(again, name), getattr(layout, name)), name
+
+
+def test_phrase_token_cache_starts_over_when_full_and_changes_no_layout(reward, monkeypatch):
+    import ospo_fast.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_PHRASE_CACHE_SIZE", 6)
+    rng = random.Random(12)
+    texts = [random_response(rng) for _ in range(7)]
+    evaluator = EncoderCoalitionEvaluator(reward)
+    for start in (0, 2, 4):  # each batch has more phrases than the cache holds, and a text of the one before
+        coalitions = _batch(texts[start : start + 3], [0, 1, 0])
+        got, fresh = evaluator.layout(coalitions), EncoderCoalitionEvaluator(reward).layout(coalitions)
+        assert np.array_equal(got.token_ids, fresh.token_ids) and np.array_equal(got.token_player, fresh.token_player)
 
 
 def test_packed_values_equal_the_reward_of_each_coalition_text(reward):
