@@ -275,9 +275,8 @@ class Segmenter(_SegmenterBase):
         prev_end, prev_token = -1, ""
         for m in _TOKEN.finditer(text, lo, hi):
             start, end = m.span()
-            gap = text[prev_end:start] if prev_end >= 0 else " "
-            if gap != " ":  # one plain space, the common case, breaks nothing
-                level = _gap_level(gap, clause, prev_token)
+            if start != prev_end + 1 or text[prev_end] != " ":  # one plain space, the common case, breaks nothing
+                level = _gap_level(text[prev_end:start], clause, prev_token) if prev_end >= 0 else _NO_BREAK
                 if level == _UNION_BREAK:
                     phrases.end_union()
                 elif level == _PHRASE_BREAK:
@@ -287,8 +286,8 @@ class Segmenter(_SegmenterBase):
             is_opener = len(token) <= 11 and token.lower() in _OPENERS
             if is_opener and phrases.has_content:
                 phrases.end_phrase()
-            if _WORD_CHAR.search(token) is not None:
-                phrases.add_word(start, end, content=not is_opener)
+            if token[0].isalnum() or _WORD_CHAR.search(token) is not None:  # a letter or a digit
+                phrases.add_word(start, end, not is_opener)
         phrases.end_union()
         return unions
 
