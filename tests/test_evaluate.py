@@ -89,6 +89,24 @@ def test_layout_tokenises_only_the_players_once_and_a_think_block_changes_no_val
         assert np.array_equal(getattr(again, name), getattr(layout, name)), name
 
 
+def test_players_tokenised_alone_get_their_tokens_in_the_whole_response(reward):
+    # The layout tokenises each player on its own; that equals the player's tokens in the response because
+    # players start and end where the encoder's pre-tokenizer splits. Checked on messy random answers.
+    rng = random.Random(13)
+    extra = ["t-shirt", "men's", "3.5", "1,000", "$20", "(2 pack)", "e.g.", "usb-c/lightning", "naïve", "café;", "x2!",
+             "中文字", "a—b", "wait…", "•item", "ＡＢＣ", "😀ok", "Ünïcödé", "50%", "#1", "a_b", "q&a"]
+    texts = [random_response(rng) + " " + " ".join(rng.sample(extra, 3)) + rng.choice([".", ", and", "?"]) for _ in range(40)]
+    coalitions = _batch(texts, [0] * len(texts))
+    layout = EncoderCoalitionEvaluator(reward).layout(coalitions)
+    tokenizer = reward.encoder.tokenizer
+    for u, sg in enumerate(coalitions.segmentations):
+        whole = tokenizer(sg.text, add_special_tokens=False, return_offsets_mapping=True)
+        player = of.token_player_map(sg, whole["offset_mapping"]).tolist()
+        expected = [(t, p) for t, p in zip(whole["input_ids"], player) if p >= 0]
+        lo, hi = layout.text_offsets[u], layout.text_offsets[u + 1]
+        assert list(zip(layout.token_ids[lo:hi].tolist(), layout.token_player[lo:hi].tolist())) == expected, sg.text
+
+
 def test_phrase_token_cache_starts_over_when_full_and_changes_no_layout(reward, monkeypatch):
     import ospo_fast.evaluate as evaluate
 
