@@ -28,6 +28,7 @@ from . import _extension
 from ._device import to_device
 from .plans import CoalitionPlan, PlanBatch
 from .segment import Segmentation, coalition_texts
+from .structure import MAX_PLAYERS
 
 # ----------------------------------------------------------------------------------------------------
 # Which coalitions of which responses: the batch layout shared by both kinds of reward.
@@ -469,6 +470,23 @@ def pool_packed(
 # Encoder rewards
 
 
+# Odd multipliers that fold a row of phrase ids into one 64-bit key (wrapping arithmetic).
+_ROW_KEY_MULTIPLIERS = np.random.default_rng(0x05F0).integers(1, 1 << 62, size=MAX_PLAYERS, dtype=np.int64) * 2 + 1
+
+
+def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For int64 ``rows [N, W]``: the index of one row of each distinct value, and for every row the number
+    of its distinct value. Rows are compared by a 64-bit key, checked exactly (np.unique over whole rows is
+    about 10x slower); on a key collision the rows themselves are compared."""
+    keys = rows @ _ROW_KEY_MULTIPLIERS[: rows.shape[1]]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not np.array_equal(rows[first][inverse], rows):
+        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    return first, inverse
+
+
 # Phrases whose tokens an evaluator keeps; past this, the cache starts over (memory stays bounded).
 _PHRASE_CACHE_SIZE = 1 << 17
 
@@ -532,25 +550,38 @@ class EncoderCoalitionEvaluator:
         :meth:`_player_tokens`) and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
         U = len(seg_u)
-        token_ids, token_players, text_lengths = self._player_tokens(seg_u)
+        token_ids, token_players, text_lengths, phrase_ids = self._player_tokens(seg_u)
         text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
         token_text = np.repeat(np.arange(U), text_lengths)
         width = max((p.num_players for p in plans_u), default=0)
         tokens_of_player = np.bincount(token_text * width + token_players, minlength=U * width).reshape(U, width)
+        players = np.asarray([p.num_players for p in plans_u], dtype=np.int64)
+        first_phrase = np.cumsum(players) - players
 
-        # Every coalition of every distinct text, flat; kept tokens per coalition from its bit mask.
+        # Every coalition of every distinct text, flat: its kept tokens, and its content (the phrases it
+        # keeps, in order), from its bit mask.
         sizes = np.asarray([p.num_coalitions for p in plans_u], dtype=np.int64)
         keys = np.concatenate([p.coalition_keys() for p in plans_u]) if U else np.zeros(0, dtype=np.int64)
         coalition_text = np.repeat(np.arange(U), sizes)
         kept = np.zeros(len(keys), dtype=np.int64)
+        content = np.zeros((len(keys), width), dtype=np.int64)  # 1 + phrase id, 0 past the last kept player
+        rank = np.zeros(len(keys), dtype=np.int64)
         for player in range(width):
-            kept += ((keys >> player) & 1) * tokens_of_player[coalition_text, player]
+            rows = np.flatnonzero((keys >> player) & 1)
+            kept[rows] += tokens_of_player[coalition_text[rows], player]
+            content[rows, rank[rows]] = 1 + phrase_ids[first_phrase[coalition_text[rows]] + player]
+            rank[rows] += 1
 
-        # Sequence 0 is the empty coalition, shared by every response; then every non-empty coalition.
-        nonempty = keys != 0
+        # Sequence 0 is the empty coalition, shared by every response; then one sequence per distinct
+        # content: coalitions of different responses that keep the same phrases embed identically.
+        nonempty = np.flatnonzero(keys)
         sequence_of = np.zeros(len(keys), dtype=np.int64)
-        sequence_of[nonempty] = 1 + np.arange(int(nonempty.sum()))
-        lengths = np.concatenate([[2], 2 + np.minimum(kept[nonempty], self.max_length - 2)])
+        representative = nonempty
+        if len(nonempty):
+            first, inverse = _distinct_rows(content[nonempty])
+            representative = nonempty[first]
+            sequence_of[nonempty] = 1 + inverse
+        lengths = np.concatenate([[2], 2 + np.minimum(kept[representative], self.max_length - 2)])
         # Sequences sorted by length, so equal lengths form runs (see PackedBertForward).
         order = np.argsort(lengths, kind="stable")
         position_of = np.empty_like(order)
@@ -563,15 +594,18 @@ class EncoderCoalitionEvaluator:
             text_offsets=text_offsets,
             max_text_tokens=int(text_lengths.max(initial=0)),
             lengths=lengths[order],
-            seq_text=np.concatenate([[-1], coalition_text[nonempty]])[order],
-            seq_keep=np.concatenate([[0], keys[nonempty]])[order],
+            seq_text=np.concatenate([[-1], coalition_text[representative]])[order],
+            seq_keep=np.concatenate([[0], keys[representative]])[order],
             value_sequence=position_of[sequence_of[first_coalition[unique_rows] + coalition]],
             value_owners=coalitions.value_owners(),
         )
 
-    def _player_tokens(self, segmentations: Sequence[Segmentation]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _player_tokens(
+        self, segmentations: Sequence[Segmentation]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The tokens of every player of every text, in order: ids (int64 ``[N]``), each token's player
-        (int64 ``[N]``) and each text's token count (int64 ``[U]``).
+        (int64 ``[N]``), each text's token count (int64 ``[U]``), and for every player of every text, in
+        order, an id of its phrase (int64 ``[P]``; equal phrases, equal ids).
 
         A player is tokenised on its own: it starts and ends where a BERT pre-tokenizer splits anyway
         (whitespace, punctuation), so its tokens are the ones it has in the response and in every coalition
@@ -596,7 +630,9 @@ class EncoderCoalitionEvaluator:
         token_players = np.repeat(np.arange(len(phrases)) - first_phrase, counts)
         text_of_phrase = np.repeat(np.arange(U), players_per_text)
         text_lengths = np.bincount(text_of_phrase, weights=counts, minlength=U).astype(np.int64)
-        return token_ids, token_players, text_lengths
+        numbering: dict[str, int] = {}
+        phrase_ids = np.fromiter((numbering.setdefault(p, len(numbering)) for p in phrases), np.int64, len(phrases))
+        return token_ids, token_players, text_lengths, phrase_ids
 
     def embed_layout(self, layout: "PackedLayout") -> torch.Tensor:
         """Embeddings float32 ``[S, D]`` of the layout's sequences: packed on the device, one forward per

@@ -107,6 +107,26 @@ def test_players_tokenised_alone_get_their_tokens_in_the_whole_response(reward):
         assert list(zip(layout.token_ids[lo:hi].tolist(), layout.token_player[lo:hi].tolist())) == expected, sg.text
 
 
+@pytest.mark.parametrize("collide", [False, True])
+def test_coalitions_keeping_the_same_phrases_share_one_sequence(reward, monkeypatch, collide):
+    import ospo_fast.evaluate as evaluate
+
+    if collide:  # every row gets the same key: the exact check must catch it and compare whole rows
+        monkeypatch.setattr(evaluate, "_ROW_KEY_MULTIPLIERS", np.zeros_like(evaluate._ROW_KEY_MULTIPLIERS))
+    texts = ["usb c cable for car. black", "usb c cable with magsafe. black", "usb c cable for car. black, 2 pack"]
+    coalitions = _batch(texts, [0, 1, 0], method="exact")
+    contents = {
+        tuple(s for s, keep in zip(sg.segments, mask) if keep)
+        for sg, plan in zip(coalitions.segmentations, coalitions.plans)
+        for mask in plan.masks.tolist()
+    }
+    evaluator = EncoderCoalitionEvaluator(reward)
+    layout = evaluator.layout(coalitions)
+    assert layout.num_sequences == len(contents) < coalitions.batch.num_values
+    text_values, _ = evaluate_text_reward(reward, coalitions)  # one reward call per distinct coalition text
+    assert_close(evaluator.values(layout), text_values, rtol=1e-5, atol=1e-5, what="values with shared sequences")
+
+
 def test_phrase_token_cache_starts_over_when_full_and_changes_no_layout(reward, monkeypatch):
     import ospo_fast.evaluate as evaluate
 
