@@ -550,13 +550,11 @@ class EncoderCoalitionEvaluator:
         :meth:`_player_tokens`) and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
         U = len(seg_u)
-        token_ids, token_players, text_lengths, phrase_ids = self._player_tokens(seg_u)
+        token_ids, token_players, text_lengths, player_phrases = self._player_tokens(seg_u)
         text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
         token_text = np.repeat(np.arange(U), text_lengths)
-        width = max((p.num_players for p in plans_u), default=0)
+        width = player_phrases.shape[1]
         tokens_of_player = np.bincount(token_text * width + token_players, minlength=U * width).reshape(U, width)
-        players = np.asarray([p.num_players for p in plans_u], dtype=np.int64)
-        first_phrase = np.cumsum(players) - players
 
         # Every coalition of every distinct text, flat: its kept tokens, and its content (the phrases it
         # keeps, in order), from its bit mask.
@@ -569,7 +567,7 @@ class EncoderCoalitionEvaluator:
         for player in range(width):
             rows = np.flatnonzero((keys >> player) & 1)
             kept[rows] += tokens_of_player[coalition_text[rows], player]
-            content[rows, rank[rows]] = 1 + phrase_ids[first_phrase[coalition_text[rows]] + player]
+            content[rows, rank[rows]] = 1 + player_phrases[coalition_text[rows], player]
             rank[rows] += 1
 
         # Sequence 0 is the empty coalition, shared by every response; then one sequence per distinct
@@ -604,8 +602,8 @@ class EncoderCoalitionEvaluator:
         self, segmentations: Sequence[Segmentation]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The tokens of every player of every text, in order: ids (int64 ``[N]``), each token's player
-        (int64 ``[N]``), each text's token count (int64 ``[U]``), and for every player of every text, in
-        order, an id of its phrase (int64 ``[P]``; equal phrases, equal ids).
+        (int64 ``[N]``), each text's token count (int64 ``[U]``), and an id of each player's phrase (int64
+        ``[U, most players]``, -1 past a text's last player; equal phrases, equal ids).
 
         A player is tokenised on its own: it starts and ends where a BERT pre-tokenizer splits anyway
         (whitespace, punctuation), so its tokens are the ones it has in the response and in every coalition
@@ -626,13 +624,16 @@ class EncoderCoalitionEvaluator:
         token_ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=int(counts.sum()))
         U = len(segmentations)
         players_per_text = np.fromiter((sg.num_players for sg in segmentations), dtype=np.int64, count=U)
-        first_phrase = np.repeat(np.cumsum(players_per_text) - players_per_text, players_per_text)
-        token_players = np.repeat(np.arange(len(phrases)) - first_phrase, counts)
         text_of_phrase = np.repeat(np.arange(U), players_per_text)
+        text_start = np.cumsum(players_per_text) - players_per_text  # the first phrase of each text
+        player_of_phrase = np.arange(len(phrases)) - np.repeat(text_start, players_per_text)
+        token_players = np.repeat(player_of_phrase, counts)
         text_lengths = np.bincount(text_of_phrase, weights=counts, minlength=U).astype(np.int64)
         numbering: dict[str, int] = {}
         phrase_ids = np.fromiter((numbering.setdefault(p, len(numbering)) for p in phrases), np.int64, len(phrases))
-        return token_ids, token_players, text_lengths, phrase_ids
+        player_phrases = np.full((U, int(players_per_text.max(initial=0))), -1, dtype=np.int64)
+        player_phrases[text_of_phrase, player_of_phrase] = phrase_ids
+        return token_ids, token_players, text_lengths, player_phrases
 
     def embed_layout(self, layout: "PackedLayout") -> torch.Tensor:
         """Embeddings float32 ``[S, D]`` of the layout's sequences: packed on the device, one forward per
