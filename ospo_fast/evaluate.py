@@ -433,8 +433,12 @@ class PackedBertForward:
         weight, bias, eps = params
         if self.dtype != torch.float32 or buffer is None:
             return F.layer_norm(x, weight.shape, weight, bias, eps)
+        out = self._buffer(buffer, x.shape[0], x.shape[1], x)
+        if x.device.type == "cpu" and _extension.has_cpp():
+            # Straight into the buffer: native_layer_norm.out computes into a new tensor and copies it over.
+            torch.ops.ospo_fast.layer_norm_rows(x, weight, bias, eps, out)
+            return out
         rows = x.shape[0]
-        out = self._buffer(buffer, rows, x.shape[1], x)
         mean, rstd = self._buffer("ln_mean", rows, 1, x), self._buffer("ln_rstd", rows, 1, x)
         torch.ops.aten.native_layer_norm.out(x, weight.shape, weight, bias, eps, out0=out, out1=mean, out2=rstd)
         return out

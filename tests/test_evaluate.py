@@ -393,6 +393,25 @@ def test_opcheck_varlen_attention():
     torch.library.opcheck(torch.ops.ospo_fast.varlen_attention.default, (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16)))
 
 
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+@pytest.mark.parametrize("cols", [1, 15, 16, 37, 384])
+def test_layer_norm_rows_kernel_matches_layer_norm(cols):
+    g = torch.Generator().manual_seed(cols)
+    x = 3 * torch.randn(203, cols, generator=g) + 5  # an offset mean tests the two-pass variance
+    weight, bias = torch.randn(cols, generator=g), torch.randn(cols, generator=g)
+    out = torch.full_like(x, float("nan"))
+    torch.ops.ospo_fast.layer_norm_rows(x, weight, bias, 1e-12, out)
+    reference = torch.nn.functional.layer_norm(x.double(), (cols,), weight.double(), bias.double(), 1e-12)
+    aten = torch.nn.functional.layer_norm(x, (cols,), weight, bias, 1e-12)  # as accurate as ATen's float32
+    assert (out.double() - reference).abs().max() <= 2 * (aten.double() - reference).abs().max() + 1e-6
+
+
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+def test_opcheck_layer_norm_rows():
+    x = torch.randn(7, 24)
+    torch.library.opcheck(torch.ops.ospo_fast.layer_norm_rows.default, (x, torch.randn(24), torch.randn(24), 1e-5, torch.empty(7, 24)))
+
+
 def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_leak(reward):
     """The default CPU attention (the C++ kernel where built) against the per-length SDPA path, on batches
     of growing and shrinking size: the reused activation buffers never change a returned result."""
