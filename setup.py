@@ -23,7 +23,7 @@ def want_cuda() -> bool:
 def extension():
     # -fopenmp: at::parallel_for is inlined from ATen's headers and runs serially without it.
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    sources = ["csrc/owen_aggregate.cpp", "csrc/varlen_attention.cpp", "csrc/layer_norm.cpp"]
+    sources = ["csrc/owen_aggregate.cpp", "csrc/varlen_attention.cpp", "csrc/encoder_rows.cpp"]
     if not want_cuda():
         return CppExtension("ospo_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
     sources += ["csrc/owen_aggregate_cuda.cpp"] + sorted(glob.glob("csrc/*.cu"))

@@ -392,10 +392,20 @@ class PackedBertForward:
             q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)
             ctx = self._attend(q, k, v, packed, runs).reshape(total, -1)
             h = self._layer_norm(self._residual_matmul(h, ctx, w["w_out_t"]), w["ln_attention"], "stream1")
-            inner = _activation_(self._linear(h, w["w_up_t"], w["b_up"]), self.act)
+            inner = self._feed_forward_up(h, w)
             # The last layer's output leaves the forward: a tensor of its own, never a reused buffer.
             h = self._layer_norm(self._residual_matmul(h, inner, w["w_down_t"]), w["ln_output"], None if last else "stream0")
         return h
+
+    def _feed_forward_up(self, h: torch.Tensor, w: dict) -> torch.Tensor:
+        """activation(h @ w_up + b_up). In float32 on the CPU with the exact GELU, bias and GELU are one pass of
+        a C++ kernel over the product: addmm's bias would otherwise be copied into the output first."""
+        fused = self.dtype == torch.float32 and h.device.type == "cpu" and self.act in ("gelu", "gelu_python")
+        if fused and _extension.has_cpp():
+            inner = torch.mm(h, w["w_up_t"], out=self._buffer("wide", h.shape[0], w["w_up_t"].shape[1], h))
+            torch.ops.ospo_fast.bias_gelu_(inner, w["b_up"])
+            return inner
+        return _activation_(self._linear(h, w["w_up_t"], w["b_up"]), self.act)
 
     def _buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
         """A ``[rows, cols]`` activation buffer kept across layers and calls (float32 path).

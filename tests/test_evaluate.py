@@ -407,6 +407,25 @@ def test_layer_norm_rows_kernel_matches_layer_norm(cols):
 
 
 @pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+@pytest.mark.parametrize("cols", [1, 15, 16, 37, 1536])
+def test_bias_gelu_kernel_matches_gelu_of_the_sum(cols):
+    g = torch.Generator().manual_seed(cols)
+    x = 4 * torch.randn(211, cols, generator=g)
+    x[0, 0], x[-1, -1] = 30.0, -30.0  # past erf's clamp: gelu(x) = x and 0
+    bias = torch.randn(cols, generator=g)
+    out = x.clone()
+    torch.ops.ospo_fast.bias_gelu_(out, bias)
+    reference = torch.nn.functional.gelu((x + bias).double())
+    aten = torch.nn.functional.gelu(x + bias)
+    assert (out.double() - reference).abs().max() <= 2 * (aten.double() - reference).abs().max() + 1e-6
+
+
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+def test_opcheck_bias_gelu():
+    torch.library.opcheck(torch.ops.ospo_fast.bias_gelu_.default, (torch.randn(7, 24), torch.randn(24)))
+
+
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
 def test_opcheck_layer_norm_rows():
     x = torch.randn(7, 24)
     torch.library.opcheck(torch.ops.ospo_fast.layer_norm_rows.default, (x, torch.randn(24), torch.randn(24), 1e-5, torch.empty(7, 24)))
