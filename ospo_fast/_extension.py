@@ -25,7 +25,7 @@ def _load():
         return values.new_empty(num_rows)
 
     @torch.library.register_fake("ospo_fast::varlen_attention")
-    def _(q, k, v, cu_seqlens, max_seqlen, scale, out):
+    def _(q, k, v, cu_seqlens, max_seqlen, scale, out, qkv_bias=None):
         return None
 
     @torch.library.register_fake("ospo_fast::layer_norm_rows")

@@ -345,8 +345,14 @@ class PackedBertForward:
                         layer[name] = layer[name].to(self.dtype)
         return self._layers
 
-    def _attend(self, q, k, v, packed: PackedSequences, runs) -> torch.Tensor:
-        """q, k, v: [total, heads, head_dim] -> [total, heads, head_dim]."""
+    def _attention_kernel(self, device: torch.device) -> bool:
+        """Whether attention runs in the extension's C++ varlen kernel: float32 on the CPU, where built."""
+        cpu_float32 = device.type == "cpu" and self.dtype == torch.float32
+        return self.attention == "auto" and cpu_float32 and _extension.has_cpp()
+
+    def _attend(self, q, k, v, packed: PackedSequences, runs, qkv_bias=None) -> torch.Tensor:
+        """q, k, v: [total, heads, head_dim] -> [total, heads, head_dim]; ``qkv_bias`` (the C++ kernel only) is
+        added to q, k and v inside it."""
         flash = _flash_varlen() if q.is_cuda and self.attention in ("auto", "flash") else None
         if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
             cu = packed.cu_seqlens
@@ -356,11 +362,11 @@ class PackedBertForward:
                 "attention='flash' needs flash-attn or torch >= 2.9 (torch.nn.attention.varlen), a CUDA device "
                 "and fp16/bf16 weights"
             )
-        if self.attention == "auto" and q.device.type == "cpu" and q.dtype == torch.float32 and _extension.has_cpp():
+        if self._attention_kernel(q.device):
             # The C++ kernel: one task per sequence, no per-length calls, output written in place.
             out = self._buffer("context", q.shape[0], q.shape[1] * q.shape[2], q).view(q.shape)
             torch.ops.ospo_fast.varlen_attention(
-                q, k, v, packed.cu_seqlens, packed.max_seqlen, self.head_dim**-0.5, out
+                q, k, v, packed.cu_seqlens, packed.max_seqlen, self.head_dim**-0.5, out, qkv_bias
             )
             return out
         out = torch.empty_like(q)
@@ -386,11 +392,13 @@ class PackedBertForward:
         h = self._layer_norm(h + emb.token_type_embeddings.weight[0], self._embedding_ln, "stream0")
         runs = packed.runs()
         total = h.shape[0]
+        # The C++ attention kernel adds the QKV bias itself: the projection is then a plain matmul.
+        kernel = self._attention_kernel(h.device)
         for i, w in enumerate(layers):
             last = i == len(layers) - 1
-            qkv = self._linear(h, w["w_qkv"].t(), w["b_qkv"])
+            qkv = self._linear(h, w["w_qkv"].t(), None if kernel else w["b_qkv"])
             q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)
-            ctx = self._attend(q, k, v, packed, runs).reshape(total, -1)
+            ctx = self._attend(q, k, v, packed, runs, w["b_qkv"] if kernel else None).reshape(total, -1)
             h = self._layer_norm(self._residual_matmul(h, ctx, w["w_out_t"]), w["ln_attention"], "stream1")
             inner = self._feed_forward_up(h, w)
             # The last layer's output leaves the forward: a tensor of its own, never a reused buffer.
@@ -402,7 +410,7 @@ class PackedBertForward:
         a C++ kernel over the product: addmm's bias would otherwise be copied into the output first."""
         fused = self.dtype == torch.float32 and h.device.type == "cpu" and self.act in ("gelu", "gelu_python")
         if fused and _extension.has_cpp():
-            inner = torch.mm(h, w["w_up_t"], out=self._buffer("wide", h.shape[0], w["w_up_t"].shape[1], h))
+            inner = self._linear(h, w["w_up_t"], None)
             torch.ops.ospo_fast.bias_gelu_(inner, w["b_up"])
             return inner
         return _activation_(self._linear(h, w["w_up_t"], w["b_up"]), self.act)
@@ -424,12 +432,14 @@ class PackedBertForward:
         """Frees the activation buffers (the next call allocates them again)."""
         self._buffers.clear()
 
-    def _linear(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """bias + x @ w_t: into the shared "wide" buffer in float32; in reduced precision, out of place and
-        in ``dtype``."""
+    def _linear(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """bias + x @ w_t (None: no bias): into the shared "wide" buffer in float32; in reduced precision, out
+        of place and in ``dtype``."""
         if self.dtype != torch.float32:
-            return torch.addmm(bias, x.to(self.dtype), w_t)
-        return torch.addmm(bias, x, w_t, out=self._buffer("wide", x.shape[0], w_t.shape[1], x))
+            x = x.to(self.dtype)
+            return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+        out = self._buffer("wide", x.shape[0], w_t.shape[1], x)
+        return torch.mm(x, w_t, out=out) if bias is None else torch.addmm(bias, x, w_t, out=out)
 
     def _residual_matmul(self, stream: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         """stream + x @ w_t: accumulated into the stream in place in float32; in reduced precision, the

@@ -359,8 +359,9 @@ def _attention_reference(q, k, v, lengths):
 
 
 @pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_varlen_attention_kernel_matches_softmax_attention(seed):
+def test_varlen_attention_kernel_matches_softmax_attention(seed, with_bias):
     g = torch.Generator().manual_seed(seed)
     heads = [1, 3, 12, 2][seed]
     head_dim = [8, 24, 32, 48][seed]  # 8, 24 and 48 take the kernel's tail path (not a multiple of 16)
@@ -369,9 +370,14 @@ def test_varlen_attention_kernel_matches_softmax_attention(seed):
     # q, k and v as strided views into one fused activation, as the packed forward passes them.
     qkv = 3 * torch.randn(total, 3, heads, head_dim, generator=g)
     q, k, v = qkv.unbind(1)
+    bias = torch.randn(3, heads, head_dim, generator=g) if with_bias else None
     cu_seqlens = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
     out = torch.full((total, heads, head_dim), float("nan"))
-    torch.ops.ospo_fast.varlen_attention(q, k, v, cu_seqlens, max(lengths), head_dim**-0.5, out)
+    torch.ops.ospo_fast.varlen_attention(
+        q, k, v, cu_seqlens, max(lengths), head_dim**-0.5, out, None if bias is None else bias.reshape(-1)
+    )
+    if bias is not None:  # the reference sees q, k and v with the bias added
+        q, k, v = (x + b for x, b in zip((q, k, v), bias))
     reference = _attention_reference(q, k, v, lengths)
     # As accurate as PyTorch's own float32 attention on the same inputs (large logits cost both some bits).
     sdpa, start = torch.empty_like(out), 0
@@ -391,6 +397,9 @@ def test_opcheck_varlen_attention():
     q, k, v = qkv.unbind(1)
     cu_seqlens = torch.tensor([0, 3, 4, 20], dtype=torch.int32)
     torch.library.opcheck(torch.ops.ospo_fast.varlen_attention.default, (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16)))
+    torch.library.opcheck(
+        torch.ops.ospo_fast.varlen_attention.default, (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16), torch.randn(96))
+    )
 
 
 @pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
