@@ -60,6 +60,24 @@ OSPO_FAST_INLINE f32x16 exp_nonpositive(f32x16 x) {
   return bits_as_float(float_as_bits(out) & ~low);
 }
 
+// Horizontal max and sum of a vector in four shuffle steps (not a 15-step scalar chain).
+#define OSPO_FAST_LANES_REDUCE(x, op)                                                                       \
+  x = op(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));          \
+  x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));          \
+  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));          \
+  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+
+OSPO_FAST_INLINE f32x16 lanes_max(f32x16 a, f32x16 b) { return a > b ? a : b; }
+OSPO_FAST_INLINE f32x16 lanes_add(f32x16 a, f32x16 b) { return a + b; }
+OSPO_FAST_INLINE float reduce_max(f32x16 x) {
+  OSPO_FAST_LANES_REDUCE(x, lanes_max)
+  return x[0];
+}
+OSPO_FAST_INLINE float reduce_sum(f32x16 x) {
+  OSPO_FAST_LANES_REDUCE(x, lanes_add)
+  return x[0];
+}
+
 // Two-source shuffle patterns for an in-register transpose: stage s swaps bit s of the row and column
 // index, so four stages (three for doubles) turn 16 rows of 16 floats (8 of 8 doubles) into columns.
 #define OSPO_FAST_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)

@@ -20,12 +20,6 @@
 namespace ospo_fast {
 namespace {
 
-OSPO_FAST_INLINE float sum16(f32x16 x) {
-  float s = 0;
-  for (int i = 0; i < 16; ++i) s += x[i];
-  return s;
-}
-
 // Rows [first, last) of x [*, C] -> out; C a multiple of 16 goes through vectors only, any C works.
 OSPO_FAST_VECTOR_CLONES void layer_norm_rows_range(const float* x, const float* weight, const float* bias, float eps,
                                                    int64_t C, int64_t first, int64_t last, float* out) {
@@ -35,7 +29,7 @@ OSPO_FAST_VECTOR_CLONES void layer_norm_rows_range(const float* x, const float* 
     float* o = out + r * C;
     f32x16 acc = {};
     for (int64_t c = 0; c < vec; c += 16) acc += load16(row + c);
-    float sum = sum16(acc);
+    float sum = reduce_sum(acc);
     for (int64_t c = vec; c < C; ++c) sum += row[c];
     const float mean = sum / static_cast<float>(C);
     f32x16 sq = {};
@@ -43,7 +37,7 @@ OSPO_FAST_VECTOR_CLONES void layer_norm_rows_range(const float* x, const float* 
       const f32x16 d = load16(row + c) - mean;
       sq += d * d;
     }
-    float var = sum16(sq);
+    float var = reduce_sum(sq);
     for (int64_t c = vec; c < C; ++c) var += (row[c] - mean) * (row[c] - mean);
     const float rstd = 1.0f / std::sqrt(var / static_cast<float>(C) + eps);
     for (int64_t c = 0; c < vec; c += 16) {
@@ -63,7 +57,8 @@ void layer_norm_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const at
                     t->is_contiguous(),
                 "layer_norm_rows: weight and bias must be contiguous float32 CPU vectors of x.size(1)");
   }
-  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == at::kFloat && out.device().is_cpu() && out.is_contiguous(),
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == at::kFloat && out.device().is_cpu() &&
+                  out.is_contiguous(),
               "layer_norm_rows: out must be a contiguous float32 CPU tensor shaped like x");
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();

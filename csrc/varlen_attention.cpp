@@ -32,24 +32,6 @@ struct Strides {
   int64_t token, head;
 };
 
-// Horizontal max and sum of a vector in four shuffle steps (not a 15-step scalar chain).
-#define OSPO_FAST_KEYS_REDUCE(x, op)                                                                        \
-  x = op(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));          \
-  x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));          \
-  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));          \
-  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
-
-OSPO_FAST_INLINE f32x16 keys_max(f32x16 a, f32x16 b) { return a > b ? a : b; }
-OSPO_FAST_INLINE f32x16 keys_add(f32x16 a, f32x16 b) { return a + b; }
-OSPO_FAST_INLINE float reduce_max(f32x16 x) {
-  OSPO_FAST_KEYS_REDUCE(x, keys_max)
-  return x[0];
-}
-OSPO_FAST_INLINE float reduce_sum(f32x16 x) {
-  OSPO_FAST_KEYS_REDUCE(x, keys_add)
-  return x[0];
-}
-
 // Queries per tile: each loaded key vector (scores) and value vector (output) serves four queries, and the
 // four multiply-add chains are independent.
 constexpr int64_t kQueries = 4;
@@ -102,7 +84,7 @@ OSPO_FAST_VECTOR_CLONES void attend_one(const float* q, const float* k, const fl
       for (int64_t r = 0; r < kQueries; ++r) {
         s[r] = valid ? s[r] * scale : f32x16{} - INFINITY;
         store16(scores + r * width + b * kKeys, s[r]);
-        best[r] = keys_max(best[r], s[r]);
+        best[r] = lanes_max(best[r], s[r]);
       }
     }
     for (int64_t r = 0; r < kQueries; ++r) {

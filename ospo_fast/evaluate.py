@@ -345,10 +345,13 @@ class PackedBertForward:
                         layer[name] = layer[name].to(self.dtype)
         return self._layers
 
+    def _cpu_kernels(self, device: torch.device) -> bool:
+        """Whether the extension's C++ row kernels run this forward: float32 on the CPU, where built."""
+        return device.type == "cpu" and self.dtype == torch.float32 and _extension.has_cpp()
+
     def _attention_kernel(self, device: torch.device) -> bool:
-        """Whether attention runs in the extension's C++ varlen kernel: float32 on the CPU, where built."""
-        cpu_float32 = device.type == "cpu" and self.dtype == torch.float32
-        return self.attention == "auto" and cpu_float32 and _extension.has_cpp()
+        """Whether attention runs in the extension's C++ varlen kernel."""
+        return self.attention == "auto" and self._cpu_kernels(device)
 
     def _attend(self, q, k, v, packed: PackedSequences, runs, qkv_bias=None) -> torch.Tensor:
         """q, k, v: [total, heads, head_dim] -> [total, heads, head_dim]; ``qkv_bias`` (the C++ kernel only) is
@@ -408,8 +411,7 @@ class PackedBertForward:
     def _feed_forward_up(self, h: torch.Tensor, w: dict) -> torch.Tensor:
         """activation(h @ w_up + b_up). In float32 on the CPU with the exact GELU, bias and GELU are one pass of
         a C++ kernel over the product: addmm's bias would otherwise be copied into the output first."""
-        fused = self.dtype == torch.float32 and h.device.type == "cpu" and self.act in ("gelu", "gelu_python")
-        if fused and _extension.has_cpp():
+        if self.act in ("gelu", "gelu_python") and self._cpu_kernels(h.device):
             inner = self._linear(h, w["w_up_t"], None)
             torch.ops.ospo_fast.bias_gelu_(inner, w["b_up"])
             return inner
@@ -454,7 +456,7 @@ class PackedBertForward:
         if self.dtype != torch.float32 or buffer is None:
             return F.layer_norm(x, weight.shape, weight, bias, eps)
         out = self._buffer(buffer, x.shape[0], x.shape[1], x)
-        if x.device.type == "cpu" and _extension.has_cpp():
+        if self._cpu_kernels(x.device):
             # Straight into the buffer: native_layer_norm.out computes into a new tensor and copies it over.
             torch.ops.ospo_fast.layer_norm_rows(x, weight, bias, eps, out)
             return out
@@ -574,11 +576,10 @@ class EncoderCoalitionEvaluator:
         :meth:`_player_tokens`) and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
         U = len(seg_u)
-        token_ids, token_players, text_lengths, player_phrases = self._player_tokens(seg_u)
+        token_ids, token_players, tokens_of_player, player_phrases = self._player_tokens(seg_u)
+        text_lengths = tokens_of_player.sum(axis=1)
         text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
-        token_text = np.repeat(np.arange(U), text_lengths)
         width = player_phrases.shape[1]
-        tokens_of_player = np.bincount(token_text * width + token_players, minlength=U * width).reshape(U, width)
 
         # Every coalition of every distinct text, flat: its kept tokens, and its content (the phrases it
         # keeps, in order), from its bit mask.
@@ -625,9 +626,9 @@ class EncoderCoalitionEvaluator:
     def _player_tokens(
         self, segmentations: Sequence[Segmentation]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The tokens of every player of every text, in order: ids (int64 ``[N]``), each token's player
-        (int64 ``[N]``), each text's token count (int64 ``[U]``), and an id of each player's phrase (int64
-        ``[U, most players]``, -1 past a text's last player; equal phrases, equal ids).
+        """The tokens of every player of every text, in order: ids (int64 ``[N]``) and each token's player
+        (int64 ``[N]``); then two int64 tables ``[U, most players]``: each player's token count (0 past a
+        text's last player) and an id of its phrase (-1 past the last player; equal phrases, equal ids).
 
         A player is tokenised on its own: it starts and ends where a BERT pre-tokenizer splits anyway
         (whitespace, punctuation), so its tokens are the ones it has in the response and in every coalition
@@ -652,12 +653,14 @@ class EncoderCoalitionEvaluator:
         text_start = np.cumsum(players_per_text) - players_per_text  # the first phrase of each text
         player_of_phrase = np.arange(len(phrases)) - np.repeat(text_start, players_per_text)
         token_players = np.repeat(player_of_phrase, counts)
-        text_lengths = np.bincount(text_of_phrase, weights=counts, minlength=U).astype(np.int64)
         numbering: dict[str, int] = {}
         phrase_ids = np.fromiter((numbering.setdefault(p, len(numbering)) for p in phrases), np.int64, len(phrases))
-        player_phrases = np.full((U, int(players_per_text.max(initial=0))), -1, dtype=np.int64)
+        width = int(players_per_text.max(initial=0))
+        player_tokens = np.zeros((U, width), dtype=np.int64)
+        player_tokens[text_of_phrase, player_of_phrase] = counts
+        player_phrases = np.full((U, width), -1, dtype=np.int64)
         player_phrases[text_of_phrase, player_of_phrase] = phrase_ids
-        return token_ids, token_players, text_lengths, player_phrases
+        return token_ids, token_players, player_tokens, player_phrases
 
     def embed_layout(self, layout: "PackedLayout") -> torch.Tensor:
         """Embeddings float32 ``[S, D]`` of the layout's sequences: packed on the device, one forward per
