@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension
-from ._device import to_device
+from ._device import to_device_all
 from .plans import CoalitionPlan, PlanBatch
 from .segment import Segmentation, coalition_texts
 from .structure import MAX_PLAYERS
@@ -565,10 +565,8 @@ class EncoderCoalitionEvaluator:
 
     def values(self, layout: "PackedLayout") -> torch.Tensor:
         """The device half: pack, embed, score. Values float32 ``[num_values]``; never synchronises a GPU
-        stream (host arrays go over with non-blocking copies)."""
-        embeddings = self.embed_layout(layout)
-        device = embeddings.device
-        sequence, owners = to_device(layout.value_sequence, device), to_device(layout.value_owners, device)
+        stream (the host arrays go over in one non-blocking copy)."""
+        embeddings, (sequence, owners) = self._embed(layout, layout.value_sequence, layout.value_owners)
         return self.reward.score_embeddings(embeddings[sequence], owners)
 
     def layout(self, coalitions: CoalitionBatch) -> "PackedLayout":
@@ -665,34 +663,34 @@ class EncoderCoalitionEvaluator:
     def embed_layout(self, layout: "PackedLayout") -> torch.Tensor:
         """Embeddings float32 ``[S, D]`` of the layout's sequences: packed on the device, one forward per
         chunk of at most ``chunk_tokens`` tokens."""
+        return self._embed(layout)[0]
+
+    def _embed(self, layout: "PackedLayout", *extra: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`embed_layout`, and the host arrays ``extra`` on the device: every host array of the call
+        goes over in one transfer (see :func:`to_device_all`)."""
         device = self.reward.device
         lengths = layout.lengths
-        embeddings = torch.empty(len(lengths), self.encoder.dim, dtype=torch.float32, device=device)
-        texts = dict(token_ids=to_device(layout.token_ids, device), token_player=to_device(layout.token_player, device),
-                     text_offsets=to_device(layout.text_offsets, device))
-        for lo, hi in _chunks(lengths, self.chunk_tokens):
-            chunk_lengths = lengths[lo:hi]
+        chunks = list(_chunks(lengths, self.chunk_tokens))
+        host = [layout.token_ids, layout.token_player, layout.text_offsets, layout.seq_text, layout.seq_keep, *extra]
+        for lo, hi in chunks:
             cu = np.zeros(hi - lo + 1, dtype=np.int64)
-            np.cumsum(chunk_lengths, out=cu[1:])
-            total = int(cu[-1])
-            cu_dev = to_device(cu, device)
+            np.cumsum(lengths[lo:hi], out=cu[1:])
+            positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths[lo:hi])
+            host += [cu, cu.astype(np.int32), positions]
+        token_ids, token_player, text_offsets, seq_text, seq_keep, *rest = to_device_all(host, device)
+        extra_on_device, per_chunk = rest[: len(extra)], rest[len(extra) :]
+        embeddings = torch.empty(len(lengths), self.encoder.dim, dtype=torch.float32, device=device)
+        for c, (lo, hi) in enumerate(chunks):
+            cu, cu32, positions = per_chunk[3 * c : 3 * c + 3]
             input_ids = pack_coalitions(
-                **texts,
-                seq_text=to_device(layout.seq_text[lo:hi], device),
-                seq_keep=to_device(layout.seq_keep[lo:hi], device),
-                cu_seqlens=cu_dev, cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=total,
+                token_ids, token_player, text_offsets, seq_text[lo:hi], seq_keep[lo:hi], cu,
+                cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=positions.shape[0],
                 max_text_tokens=layout.max_text_tokens, backend=self.pack_backend,
             )
-            positions = np.arange(total) - np.repeat(cu[:-1], chunk_lengths)
-            packed = PackedSequences(
-                input_ids=input_ids,
-                position_ids=to_device(positions, device),
-                cu_seqlens=cu_dev.to(torch.int32),
-                lengths=chunk_lengths,
-            )
+            packed = PackedSequences(input_ids=input_ids, position_ids=positions, cu_seqlens=cu32, lengths=lengths[lo:hi])
             hidden = self.forward.hidden_states(packed)
             embeddings[lo:hi] = pool_packed(hidden, packed, self.encoder.pooling)
-        return embeddings
+        return embeddings, extra_on_device
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._device import to_device
+from ._device import to_device_all
 from .structure import CoalitionStructure
 
 #: The exact plan refuses structures that would need more coalitions than this; use the sampled plan.
@@ -428,7 +428,7 @@ class PlanBatch:
                 self.term_minus,
                 self.term_weight.to(dtype),
             )
-            self._device_cache[key] = tuple(to_device(t, device) for t in host)
+            self._device_cache[key] = tuple(to_device_all(host, device))
         return self._device_cache[key]
 
 
