@@ -15,7 +15,8 @@ measured here (fp32 on the CPU, bf16 on CUDA); ospo_fast's share of it = floor /
 On CUDA (``--device cuda``) it also prints the device half of an attribution (pack, forward, pool, score,
 Owen aggregation, on a layout prepared on the host) timed with CUDA events while torch's sync debug mode
 raises on any host synchronisation, then where its time goes (the host's time to issue it, its kernels by
-device time); ``bench/gpu_check.sh`` runs it at 64 responses x 64 coalitions.
+device time), then whole ``OwenAttributor`` calls (the GPU bar's measure) with ``pipeline`` 1, 2 and 4;
+``bench/gpu_check.sh`` runs it at 64 responses x 64 coalitions.
 """
 
 from __future__ import annotations
@@ -226,6 +227,39 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
             print_device_half_profile(*first, coalitions.batch, repeats)
         except Exception as exc:  # a diagnostic: it must not stop the rows below
             print(f"device half profile failed: {type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        print_whole_call(reward, texts, owners, budget, repeats)
+    except Exception as exc:
+        print(f"whole call rows failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def print_whole_call(reward, texts, owners, budget: int, repeats: int) -> None:
+    """The GPU bar's own measure: a whole ``OwenAttributor`` call, host text work included, from the texts to
+    Owen values on the device, with one synchronisation at its end only to stop the clock (the call itself
+    runs under sync debug mode "error" until then). One row per ``pipeline`` setting: in k groups, the
+    host's work on a group overlaps the GPU's work on the one before."""
+    sync = torch.cuda.synchronize if reward.device.type == "cuda" else (lambda: None)
+    print(f"\nwhole OwenAttributor call, {len(texts)} responses, budget {budget}, median of {repeats}:")
+    print(f"{'pipeline':>8} {'ms':>8} {'min ms':>8}  host stages of the last call (ms)")
+    for groups in (1, 2, 4):
+        attributor = of.OwenAttributor(reward, method="auto", budget=budget, seed=0, pipeline=groups)
+        for _ in range(3):
+            attributor(texts, owners)
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            if reward.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = attributor(texts, owners)
+            finally:
+                if reward.device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+            sync()
+            times.append(time.perf_counter() - start)
+        stages = ", ".join(f"{k} {1e3 * v:.2f}" for k, v in out.timings.items())
+        print(f"{groups:>8} {1e3 * np.median(times):>8.2f} {1e3 * min(times):>8.2f}  {stages}")
 
 
 def print_device_half_profile(evaluator, layout, batch, repeats: int, row_limit: int = 12) -> None:

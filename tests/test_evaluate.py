@@ -288,6 +288,33 @@ def test_attributor_segments_each_distinct_text_once():
     assert_close(out[0].phi, out[2].phi, rtol=0, atol=0, what="phi of a repeated text")
 
 
+@pytest.mark.parametrize("evaluator", ["packed", "text"])
+def test_pipelined_groups_give_the_attributions_of_one_batch(reward, evaluator):
+    """``pipeline=k`` attributes the batch in k groups of consecutive responses: the same segmentations,
+    plans and values as one group, in order, with a repeated text and an empty answer straddling groups."""
+    rng = random.Random(12)
+    texts = [random_response(rng) for _ in range(9)]
+    texts[6] = texts[1]
+    texts[4] = "<think>nothing to say</think><answer> </answer>"
+    owners = [rng.randrange(2) for _ in texts]
+    whole = of.OwenAttributor(reward, budget=30, seed=4, evaluator=evaluator)(texts, owners)
+    for groups in (2, 4, 20):
+        out = of.OwenAttributor(reward, budget=30, seed=4, evaluator=evaluator, pipeline=groups)(texts, owners)
+        assert [a.text for a in out] == texts and [a.owner for a in out] == owners
+        assert out.num_coalitions == whole.num_coalitions and out.num_evaluations >= whole.num_evaluations
+        for a, b in zip(out, whole):
+            assert a.segmentation == b.segmentation and torch.equal(a.plan.masks, b.plan.masks)
+            assert_close(a.values, b.values, rtol=1e-5, atol=1e-6, what=f"values, {groups} groups")
+            assert_close(a.phi, b.phi, rtol=1e-5, atol=1e-5, what=f"phi, {groups} groups")
+        assert set(out.timings) == {"segment", "plan", "evaluate", "aggregate", "total"}
+
+
+@pytest.mark.parametrize("pipeline", [0, -1, 1.5, True, "2"])
+def test_pipeline_must_be_a_positive_int(reward, pipeline):
+    with pytest.raises(ValueError, match=r"pipeline: expected an int >= 1"):
+        of.OwenAttributor(reward, pipeline=pipeline)
+
+
 def test_to_html_colours_each_segment_and_escapes_text():
     reward = CountingReward()
     out = of.OwenAttributor(reward, method="exact")(["<answer>red & blue shoes for men</answer>"], [0])
