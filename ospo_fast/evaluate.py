@@ -274,8 +274,9 @@ class PackedBertForward:
     in float32 on the CPU, the extension's varlen kernel (``csrc/varlen_attention.cpp``); on CUDA in
     fp16/bf16, flash-attn's varlen kernel where installed, else PyTorch's (torch >= 2.9); otherwise
     PyTorch's SDPA once per run of consecutive sequences of equal length, on a zero-copy view of the packed
-    tokens (``attention="sdpa"`` forces this path). Gives the unmodified model's hidden states (tested to
-    fp32 tolerance on the CPU, bf16 tolerance on CUDA).
+    tokens (``attention="sdpa"`` forces this path). In reduced precision on CUDA, each residual add,
+    LayerNorm and cast to the matmuls' dtype is one Triton kernel (``kernels/residual_layer_norm.py``).
+    Gives the unmodified model's hidden states (tested to fp32 tolerance on the CPU, bf16 tolerance on CUDA).
 
     In float32 the activations live in buffers kept across calls (see :meth:`_buffer`), about
     ``intermediate + 3 * hidden`` floats per token of the largest batch; :meth:`release_buffers` frees them.
@@ -392,21 +393,41 @@ class PackedBertForward:
         layers = self._folded_layers()
         emb = self.model.embeddings
         h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
-        h = self._layer_norm(h + emb.token_type_embeddings.weight[0], self._embedding_ln, "stream0")
+        h, low = self._add_and_norm(h.add_(emb.token_type_embeddings.weight[0]), None, self._embedding_ln, "stream0")
         runs = packed.runs()
         total = h.shape[0]
         # The C++ attention kernel adds the QKV bias itself: the projection is then a plain matmul.
         kernel = self._attention_kernel(h.device)
         for i, w in enumerate(layers):
             last = i == len(layers) - 1
-            qkv = self._linear(h, w["w_qkv"].t(), None if kernel else w["b_qkv"])
+            qkv = self._linear(h if low is None else low, w["w_qkv"].t(), None if kernel else w["b_qkv"])
             q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)
             ctx = self._attend(q, k, v, packed, runs, w["b_qkv"] if kernel else None).reshape(total, -1)
-            h = self._layer_norm(self._residual_matmul(h, ctx, w["w_out_t"]), w["ln_attention"], "stream1")
-            inner = self._feed_forward_up(h, w)
+            h, low = self._add_and_norm(h, (ctx, w["w_out_t"]), w["ln_attention"], "stream1")
+            inner = self._feed_forward_up(h if low is None else low, w)
             # The last layer's output leaves the forward: a tensor of its own, never a reused buffer.
-            h = self._layer_norm(self._residual_matmul(h, inner, w["w_down_t"]), w["ln_output"], None if last else "stream0")
+            h, low = self._add_and_norm(h, (inner, w["w_down_t"]), w["ln_output"], None if last else "stream0")
         return h
+
+    def _fused_norm(self, device: torch.device) -> bool:
+        """Whether the residual add, LayerNorm and cast to ``dtype`` are one Triton kernel: in reduced
+        precision on CUDA, where Triton is installed."""
+        return self.dtype != torch.float32 and device.type == "cuda" and _extension.has_triton()
+
+    def _add_and_norm(self, stream: torch.Tensor, product, params, buffer: str | None):
+        """The post-LN residual step: ``LayerNorm(stream + x @ w_t)`` for ``product = (x, w_t)`` (None: of
+        the stream alone); returns the new float32 stream and, where the step is fused (see
+        :meth:`_fused_norm`), its cast to ``dtype`` for the next matmul (else None: ``_linear`` casts)."""
+        if self._fused_norm(stream.device):
+            from .kernels.residual_layer_norm import residual_layer_norm_
+
+            delta = None if product is None else product[0].to(self.dtype) @ product[1]
+            low = torch.empty(stream.shape, dtype=self.dtype, device=stream.device)
+            weight, bias, eps = params
+            return residual_layer_norm_(stream, delta, weight, bias, eps, low), low
+        if product is not None:
+            stream = self._residual_matmul(stream, *product)
+        return self._layer_norm(stream, params, buffer), None
 
     def _feed_forward_up(self, h: torch.Tensor, w: dict) -> torch.Tensor:
         """activation(h @ w_up + b_up). In float32 on the CPU with the exact GELU, bias and GELU are one pass of

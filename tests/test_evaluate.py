@@ -456,6 +456,53 @@ def test_bias_gelu_kernel_matches_gelu_of_the_sum(cols):
     assert (out.double() - reference).abs().max() <= 2 * (aten.double() - reference).abs().max() + 1e-6
 
 
+@pytest.mark.skipif(not _extension.has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("low_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [1, 5, 37, 384])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_triton_residual_layer_norm_matches_add_layer_norm_cast(cols, low_dtype, with_delta):
+    """The fused residual step (add, LayerNorm, cast) against its three torch ops: the float32 stream as
+    accurate as ATen's LayerNorm against float64, the low copy the cast of the kernel's stream (on CUDA
+    exactly, rounded to nearest)."""
+    from ospo_fast.kernels.residual_layer_norm import residual_layer_norm_
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(cols)
+    rows = 67
+    stream = (3 * torch.randn(rows, cols, generator=g) + 5).to(device)  # an offset mean tests the variance
+    delta = torch.randn(rows, cols, generator=g).to(device, low_dtype) if with_delta else None
+    weight, bias = torch.randn(cols, generator=g).to(device), torch.randn(cols, generator=g).to(device)
+    summed = stream + delta if with_delta else stream.clone()
+    reference = torch.nn.functional.layer_norm(summed.double(), (cols,), weight.double(), bias.double(), 1e-12)
+    aten = torch.nn.functional.layer_norm(summed, (cols,), weight, bias, 1e-12)
+    low = torch.full((rows, cols), float("nan"), dtype=low_dtype, device=device)
+    out = residual_layer_norm_(stream, delta, weight, bias, 1e-12, low)
+    assert out is stream
+    assert (stream.double() - reference).abs().max() <= 2 * (aten.double() - reference).abs().max() + 1e-6
+    if stream.is_cuda:
+        assert torch.equal(low, stream.to(low_dtype))
+    else:  # the interpreter truncates float casts instead of rounding them: within one unit in the last place
+        assert ((low.float() - stream).abs() <= torch.finfo(low_dtype).eps * stream.abs()).all()
+
+
+def test_fused_residual_steps_give_the_unfused_reduced_precision_forward(reward, monkeypatch):
+    """The bf16 forward with the fused Triton residual steps (the CUDA path; here on the CPU in the
+    interpreter) against the same forward with torch's add, layer_norm and cast."""
+    if not _extension.has_triton():
+        pytest.skip("triton is not installed")
+    rng = random.Random(13)
+    coalitions = _batch([random_response(rng) for _ in range(2)], [0] * 2, budget=12)  # the interpreter: a program per token
+    unfused, index = EncoderCoalitionEvaluator(reward, dtype=torch.bfloat16).embed(coalitions)
+    fused_evaluator = EncoderCoalitionEvaluator(reward, dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(fused_evaluator.forward, "_fused_norm", lambda device: calls.append(device) or True)
+    fused, fused_index = fused_evaluator.embed(coalitions)
+    assert len(calls) == 13  # the embeddings' LayerNorm and two per layer
+    got, expected = fused[torch.from_numpy(fused_index)], unfused[torch.from_numpy(index)]
+    assert_close(got, expected, rtol=0.0, atol=1e-2, what="fused vs unfused bf16 embeddings")
+    assert (got * expected).sum(1).min() > 0.999
+
+
 @pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
 def test_opcheck_bias_gelu():
     torch.library.opcheck(torch.ops.ospo_fast.bias_gelu_.default, (torch.randn(7, 24), torch.randn(24)))
