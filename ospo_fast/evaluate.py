@@ -487,30 +487,50 @@ class PackedBertForward:
         return out
 
 
-def pool_packed(
-    hidden: torch.Tensor, packed: PackedSequences, pooling: str, by_segments: bool | None = None
-) -> torch.Tensor:
-    """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states.
+_POOLING_METHODS = ("runs", "segments", "triton")
 
-    On the CPU, one view per run of equal-length sequences. On a GPU (``by_segments``, default: when
-    ``hidden`` is on CUDA) a batch has dozens of distinct lengths, so it takes a fixed handful of kernels
-    instead: a segment sum by sequence (ids from the positions, no host data) or a gather of first tokens."""
+
+def pool_packed(
+    hidden: torch.Tensor, packed: PackedSequences, pooling: str, method: str | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states, written to ``out``
+    (float32 ``[S, hidden]``, contiguous) when given.
+
+    ``method`` (None: "runs" on the CPU; on a GPU "triton" where installed, else "segments"):
+
+    * "runs": one view per run of equal-length sequences (the CPU's way: a handful of runs);
+    * "segments": a fixed handful of kernels whatever the lengths (a GPU batch has dozens of distinct
+      lengths): a segment sum by sequence (ids from the positions, no host data) or a gather of first tokens;
+    * "triton": one kernel, a program per sequence (``kernels/pool_sequences.py``), with no atomics.
+    """
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling: the packed path supports 'mean' and 'cls', got {pooling!r}")
-    if by_segments if by_segments is not None else hidden.is_cuda:
+    if method is None:
+        method = ("triton" if _extension.has_triton() else "segments") if hidden.is_cuda else "runs"
+    if method not in _POOLING_METHODS:
+        raise ValueError(f"method: expected one of {_POOLING_METHODS}, got {method!r}")
+    if method == "triton":
+        from .kernels.pool_sequences import pool_sequences
+
+        if out is None:
+            out = hidden.new_empty(packed.num_sequences, hidden.shape[1], dtype=torch.float32)
+        return pool_sequences(hidden, packed.cu_seqlens, out, mean=pooling == "mean")
+    if method == "segments":
         starts = packed.cu_seqlens[:-1].long()
         if pooling == "cls":
-            return F.normalize(hidden[starts].float(), p=2, dim=-1)
-        sequence = torch.cumsum(packed.position_ids == 0, 0) - 1
-        sums = hidden.new_zeros(packed.num_sequences, hidden.shape[1], dtype=torch.float32)
-        sums.index_add_(0, sequence, hidden.float())
-        counts = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).float()
-        return F.normalize(sums / counts[:, None], p=2, dim=-1)
-    emb = hidden.new_empty(packed.num_sequences, hidden.shape[1])
-    for start, first, count, length in packed.runs():
-        block = hidden[start : start + count * length].view(count, length, -1)
-        emb[first : first + count] = block.mean(1) if pooling == "mean" else block[:, 0]
-    return F.normalize(emb.float(), p=2, dim=-1)
+            emb = hidden[starts].float()
+        else:
+            sequence = torch.cumsum(packed.position_ids == 0, 0) - 1
+            sums = hidden.new_zeros(packed.num_sequences, hidden.shape[1], dtype=torch.float32)
+            sums.index_add_(0, sequence, hidden.float())
+            emb = sums / (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).float()[:, None]
+    else:
+        emb = hidden.new_empty(packed.num_sequences, hidden.shape[1])
+        for start, first, count, length in packed.runs():
+            block = hidden[start : start + count * length].view(count, length, -1)
+            emb[first : first + count] = block.mean(1) if pooling == "mean" else block[:, 0]
+    normalised = F.normalize(emb.float(), p=2, dim=-1)
+    return normalised if out is None else out.copy_(normalised)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -710,7 +730,7 @@ class EncoderCoalitionEvaluator:
             )
             packed = PackedSequences(input_ids=input_ids, position_ids=positions, cu_seqlens=cu32, lengths=lengths[lo:hi])
             hidden = self.forward.hidden_states(packed)
-            embeddings[lo:hi] = pool_packed(hidden, packed, self.encoder.pooling)
+            pool_packed(hidden, packed, self.encoder.pooling, out=embeddings[lo:hi])
         return embeddings, extra_on_device
 
 

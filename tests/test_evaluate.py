@@ -536,22 +536,38 @@ def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_segment_pooling_equals_pooling_by_runs(pooling):
-    """The GPU pooling (segment sums by sequence id) against the CPU one (views per run of equal lengths),
-    on odd lengths and runs of one."""
-    g = torch.Generator().manual_seed(5)
-    lengths = np.sort(torch.randint(2, 19, (37,), generator=g).numpy())
+@pytest.mark.parametrize("method", ["segments", "triton"])
+@pytest.mark.parametrize("cols,dtype", [(24, torch.float32), (37, torch.bfloat16)])
+def test_gpu_poolings_equal_pooling_by_runs(pooling, method, cols, dtype):
+    """The GPU poolings (segment sums by sequence id; the Triton kernel, a program per sequence) against the
+    CPU one (views per run of equal lengths), on odd lengths and widths, runs of one, sequences longer than
+    the kernel's row block; written into a slice of a larger output, whose other rows stay untouched."""
+    if method == "triton" and not _extension.has_triton():
+        pytest.skip("triton is not installed")
+    g = torch.Generator().manual_seed(5 + cols)
+    lengths = np.sort(np.concatenate([torch.randint(1, 19, (37,), generator=g).numpy(), [40, 41]]))
     cu = np.concatenate([[0], np.cumsum(lengths)])
     positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
+    device = "cuda" if method == "triton" and torch.cuda.is_available() else "cpu"
     packed = PackedSequences(
-        input_ids=torch.zeros(int(cu[-1]), dtype=torch.long),
-        position_ids=torch.from_numpy(positions),
-        cu_seqlens=torch.from_numpy(cu).to(torch.int32),
+        input_ids=torch.zeros(int(cu[-1]), dtype=torch.long, device=device),
+        position_ids=torch.from_numpy(positions).to(device),
+        cu_seqlens=torch.from_numpy(cu).to(device, torch.int32),
         lengths=lengths,
     )
-    hidden = torch.randn(int(cu[-1]), 24, generator=g)
-    by_runs = pool_packed(hidden, packed, pooling, by_segments=False)
-    assert_close(pool_packed(hidden, packed, pooling, by_segments=True), by_runs, rtol=1e-5, atol=1e-6, what="pooled")
+    hidden = torch.randn(int(cu[-1]), cols, generator=g).to(device, dtype)
+    by_runs = pool_packed(hidden.cpu().float(), packed, pooling, method="runs")
+    frame = torch.full((len(lengths) + 3, cols), 7.0, device=device)
+    got = pool_packed(hidden, packed, pooling, method=method, out=frame[2:-1])
+    assert got.data_ptr() == frame[2:-1].data_ptr()
+    assert_close(got.cpu(), by_runs, rtol=1e-5, atol=1e-6, what=f"{method} pooling")
+    assert bool((frame[:2] == 7).all() and (frame[-1] == 7).all())
+
+
+def test_pooling_method_is_checked():
+    packed = PackedSequences(torch.zeros(2, dtype=torch.long), torch.arange(2), torch.tensor([0, 2], dtype=torch.int32), np.array([2]))
+    with pytest.raises(ValueError, match="method: expected one of"):
+        pool_packed(torch.zeros(2, 4), packed, "mean", method="atomic")
 
 
 def test_host_arrays_staged_in_one_buffer_come_back_whole():
