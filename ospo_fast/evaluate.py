@@ -274,8 +274,9 @@ class PackedBertForward:
     in float32 on the CPU, the extension's varlen kernel (``csrc/varlen_attention.cpp``); on CUDA in
     fp16/bf16, flash-attn's varlen kernel where installed, else PyTorch's (torch >= 2.9); otherwise
     PyTorch's SDPA once per run of consecutive sequences of equal length, on a zero-copy view of the packed
-    tokens (``attention="sdpa"`` forces this path). In reduced precision on CUDA, each residual add,
-    LayerNorm and cast to the matmuls' dtype is one Triton kernel (``kernels/residual_layer_norm.py``).
+    tokens (``attention="sdpa"`` forces this path). In reduced precision on CUDA, the embeddings' sum and
+    LayerNorm, and each residual add, LayerNorm and cast to the matmuls' dtype, are one Triton kernel each
+    (``kernels/residual_layer_norm.py``).
     Gives the unmodified model's hidden states (tested to fp32 tolerance on the CPU, bf16 tolerance on CUDA).
 
     In float32 the activations live in buffers kept across calls (see :meth:`_buffer`), about
@@ -391,9 +392,7 @@ class PackedBertForward:
 
     def _hidden_states(self, packed: PackedSequences) -> torch.Tensor:
         layers = self._folded_layers()
-        emb = self.model.embeddings
-        h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
-        h, low = self._add_and_norm(h.add_(emb.token_type_embeddings.weight[0]), None, self._embedding_ln, "stream0")
+        h, low = self._embeddings(packed)
         runs = packed.runs()
         total = h.shape[0]
         # The C++ attention kernel adds the QKV bias itself: the projection is then a plain matmul.
@@ -408,6 +407,19 @@ class PackedBertForward:
             # The last layer's output leaves the forward: a tensor of its own, never a reused buffer.
             h, low = self._add_and_norm(h, (inner, w["w_down_t"]), w["ln_output"], None if last else "stream0")
         return h
+
+    def _embeddings(self, packed: PackedSequences):
+        """The embedding step: ``LayerNorm(word + position + token type 0)``, as :meth:`_add_and_norm` returns."""
+        emb = self.model.embeddings
+        token_type = emb.token_type_embeddings.weight[0]
+        if self._fused_norm(packed.input_ids.device):
+            from .kernels.residual_layer_norm import embed_layer_norm
+
+            weight, bias, eps = self._embedding_ln
+            return embed_layer_norm(packed.input_ids, packed.position_ids, emb.word_embeddings.weight,
+                                    emb.position_embeddings.weight, token_type, weight, bias, eps, self.dtype)
+        h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
+        return self._add_and_norm(h.add_(token_type), None, self._embedding_ln, "stream0")
 
     def _fused_norm(self, device: torch.device) -> bool:
         """Whether the residual add, LayerNorm and cast to ``dtype`` are one Triton kernel: in reduced

@@ -485,6 +485,25 @@ def test_triton_residual_layer_norm_matches_add_layer_norm_cast(cols, low_dtype,
         assert ((low.float() - stream).abs() <= torch.finfo(low_dtype).eps * stream.abs()).all()
 
 
+@pytest.mark.skipif(not _extension.has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("cols", [1, 37, 384])
+def test_triton_embedding_layer_norm_matches_gathers_add_layer_norm(cols):
+    from ospo_fast.kernels.residual_layer_norm import embed_layer_norm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(cols)
+    word, position = torch.randn(50, cols, generator=g).to(device), torch.randn(20, cols, generator=g).to(device)
+    token_type, weight, bias = (torch.randn(cols, generator=g).to(device) for _ in range(3))
+    ids, positions = torch.randint(0, 50, (71,), generator=g).to(device), torch.randint(0, 20, (71,), generator=g).to(device)
+    summed = word[ids] + position[positions] + token_type
+    reference = torch.nn.functional.layer_norm(summed.double(), (cols,), weight.double(), bias.double(), 1e-12)
+    aten = torch.nn.functional.layer_norm(summed, (cols,), weight, bias, 1e-12)
+    stream, low = embed_layer_norm(ids, positions, word, position, token_type, weight, bias, 1e-12, torch.bfloat16)
+    assert stream.dtype == torch.float32 and low.dtype == torch.bfloat16 and stream.shape == (71, cols)
+    assert (stream.double() - reference).abs().max() <= 2 * (aten.double() - reference).abs().max() + 1e-6
+    assert ((low.float() - stream).abs() <= torch.finfo(torch.bfloat16).eps * stream.abs()).all()
+
+
 def test_fused_residual_steps_give_the_unfused_reduced_precision_forward(reward, monkeypatch):
     """The bf16 forward with the fused Triton residual steps (the CUDA path; here on the CPU in the
     interpreter) against the same forward with torch's add, layer_norm and cast."""
@@ -497,7 +516,7 @@ def test_fused_residual_steps_give_the_unfused_reduced_precision_forward(reward,
     calls = []
     monkeypatch.setattr(fused_evaluator.forward, "_fused_norm", lambda device: calls.append(device) or True)
     fused, fused_index = fused_evaluator.embed(coalitions)
-    assert len(calls) == 13  # the embeddings' LayerNorm and two per layer
+    assert len(calls) == 13  # the embeddings and two residual steps per layer
     got, expected = fused[torch.from_numpy(fused_index)], unfused[torch.from_numpy(index)]
     assert_close(got, expected, rtol=0.0, atol=1e-2, what="fused vs unfused bf16 embeddings")
     assert (got * expected).sum(1).min() > 0.999
