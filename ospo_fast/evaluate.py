@@ -15,8 +15,9 @@ coalition (``[CLS] [SEP]`` for an encoder) is embedded once for the whole batch.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Callable, Sequence
 
@@ -129,6 +130,7 @@ class PackedSequences:
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     lengths: np.ndarray
+    _runs: list | None = field(default=None, init=False, repr=False, compare=False)  # see runs()
 
     @property
     def num_sequences(self) -> int:
@@ -141,16 +143,15 @@ class PackedSequences:
     def runs(self) -> list[tuple[int, int, int, int]]:
         """Maximal runs of consecutive sequences of equal length: (first token, first sequence, sequences,
         length). A run's tokens are a ``[sequences, length]`` block, so per-sequence work on it needs no
-        padding and no index: a view."""
-        runs, token, s, lengths = [], 0, 0, self.lengths
-        while s < len(lengths):
-            e = s
-            while e < len(lengths) and lengths[e] == lengths[s]:
-                e += 1
-            runs.append((token, s, e - s, int(lengths[s])))
-            token += (e - s) * int(lengths[s])
-            s = e
-        return runs
+        padding and no index: a view. Computed once per batch (the forward and the pooling both use it)."""
+        if self._runs is None:
+            lengths = np.asarray(self.lengths, dtype=np.int64)
+            first = np.flatnonzero(np.diff(lengths, prepend=-1))  # where the length changes
+            counts = np.diff(first, append=len(lengths))
+            run_lengths = lengths[first]
+            tokens = np.cumsum(counts * run_lengths) - counts * run_lengths
+            self._runs = list(zip(tokens.tolist(), first.tolist(), counts.tolist(), run_lengths.tolist()))
+        return self._runs
 
 
 def pack_coalitions_reference(
@@ -250,9 +251,11 @@ def _activation_(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"encoder: hidden_act {name!r} is not supported by the packed forward")
 
 
+@functools.lru_cache(maxsize=None)
 def _flash_varlen():
     """A varlen flash-attention function ``f(q, k, v, cu_q, cu_k, max_q, max_k)``: flash-attn's where
-    installed, else PyTorch's own (``torch.nn.attention.varlen``, torch >= 2.9); None when neither exists."""
+    installed, else PyTorch's own (``torch.nn.attention.varlen``, torch >= 2.9); None when neither exists.
+    Looked up once: a failed import is not cached by Python and costs about 25 us per layer otherwise."""
     try:
         from flash_attn import flash_attn_varlen_func  # type: ignore
 
@@ -355,7 +358,7 @@ class PackedBertForward:
         """Whether attention runs in the extension's C++ varlen kernel."""
         return self.attention == "auto" and self._cpu_kernels(device)
 
-    def _attend(self, q, k, v, packed: PackedSequences, runs, qkv_bias=None) -> torch.Tensor:
+    def _attend(self, q, k, v, packed: PackedSequences, qkv_bias=None) -> torch.Tensor:
         """q, k, v: [total, heads, head_dim] -> [total, heads, head_dim]; ``qkv_bias`` (the C++ kernel only) is
         added to q, k and v inside it."""
         flash = _flash_varlen() if q.is_cuda and self.attention in ("auto", "flash") else None
@@ -375,7 +378,7 @@ class PackedBertForward:
             )
             return out
         out = torch.empty_like(q)
-        for start, _, count, length in runs:
+        for start, _, count, length in packed.runs():
             end = start + count * length
 
             def view(x):  # [count * length, h, d] -> [count, h, length, d], no copy
@@ -393,7 +396,6 @@ class PackedBertForward:
     def _hidden_states(self, packed: PackedSequences) -> torch.Tensor:
         layers = self._folded_layers()
         h, low = self._embeddings(packed)
-        runs = packed.runs()
         total = h.shape[0]
         # The C++ attention kernel adds the QKV bias itself: the projection is then a plain matmul.
         kernel = self._attention_kernel(h.device)
@@ -401,7 +403,7 @@ class PackedBertForward:
             last = i == len(layers) - 1
             qkv = self._linear(h if low is None else low, w["w_qkv"].t(), None if kernel else w["b_qkv"])
             q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)
-            ctx = self._attend(q, k, v, packed, runs, w["b_qkv"] if kernel else None).reshape(total, -1)
+            ctx = self._attend(q, k, v, packed, w["b_qkv"] if kernel else None).reshape(total, -1)
             h, low = self._add_and_norm(h, (ctx, w["w_out_t"]), w["ln_attention"], "stream1")
             inner = self._feed_forward_up(h if low is None else low, w)
             # The last layer's output leaves the forward: a tensor of its own, never a reused buffer.

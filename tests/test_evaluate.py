@@ -554,6 +554,28 @@ def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_
     assert torch.equal(again, kept[-1][1])
 
 
+def test_runs_are_the_maximal_runs_of_equal_lengths():
+    """PackedSequences.runs() against the plain walk, on sorted and unsorted lengths, empty and single."""
+    def walk(lengths):
+        runs, token, s = [], 0, 0
+        while s < len(lengths):
+            e = s
+            while e < len(lengths) and lengths[e] == lengths[s]:
+                e += 1
+            runs.append((token, s, e - s, int(lengths[s])))
+            token, s = token + (e - s) * int(lengths[s]), e
+        return runs
+
+    rng = np.random.default_rng(8)
+    for trial in range(300):
+        lengths = rng.integers(1, 5, size=int(rng.integers(0, 25)))
+        if trial % 2:
+            lengths = np.sort(lengths)
+        packed = PackedSequences(torch.zeros(0), torch.zeros(0), torch.zeros(0), lengths)
+        assert packed.runs() == walk(lengths)
+        assert packed.runs() is packed.runs()  # computed once
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 @pytest.mark.parametrize("method", ["segments", "triton"])
 @pytest.mark.parametrize("cols,dtype", [(24, torch.float32), (37, torch.bfloat16)])
