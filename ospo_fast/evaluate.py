@@ -725,7 +725,7 @@ class EncoderCoalitionEvaluator:
         goes over in one transfer (see :func:`to_device_all`)."""
         device = self.reward.device
         lengths = layout.lengths
-        chunks = list(_chunks(lengths, self.chunk_tokens))
+        chunks = _chunks(lengths, self.chunk_tokens)
         host = [layout.token_ids, layout.token_player, layout.text_offsets, layout.seq_text, layout.seq_keep, *extra]
         for lo, hi in chunks:
             cu = np.zeros(hi - lo + 1, dtype=np.int64)
@@ -770,13 +770,15 @@ class PackedLayout:
         return len(self.lengths)
 
 
-def _chunks(lengths: np.ndarray, max_tokens: int):
+def _chunks(lengths: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:
     """Consecutive [lo, hi) ranges of sequences holding at most ``max_tokens`` tokens each (at least one)."""
-    lo, total = 0, 0
+    if int(lengths.sum()) <= max_tokens:  # the common case, without a Python loop over the sequences
+        return [(0, len(lengths))] if len(lengths) else []
+    chunks, lo, total = [], 0, 0
     for s, n in enumerate(lengths.tolist()):
         if s > lo and total + n > max_tokens:
-            yield lo, s
+            chunks.append((lo, s))
             lo, total = s, 0
         total += n
-    if lo < len(lengths):
-        yield lo, len(lengths)
+    chunks.append((lo, len(lengths)))
+    return chunks

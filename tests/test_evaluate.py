@@ -554,6 +554,26 @@ def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_
     assert torch.equal(again, kept[-1][1])
 
 
+def test_chunked_forwards_give_the_values_of_one_forward(reward):
+    """``chunk_tokens`` splits a batch into several forwards (memory); the ranges cover every sequence in
+    order, each within the bound unless one sequence alone exceeds it, and the values do not change."""
+    from ospo_fast.evaluate import _chunks
+
+    rng = random.Random(14)
+    coalitions = _batch([random_response(rng) for _ in range(4)], [0, 1, 0, 1])
+    whole = EncoderCoalitionEvaluator(reward)
+    layout = whole.layout(coalitions)
+    for bound in (1, 7, 40, int(layout.lengths.sum()) - 1):
+        chunks = _chunks(layout.lengths, bound)
+        assert chunks[0][0] == 0 and chunks[-1][1] == layout.num_sequences and len(chunks) > 1
+        assert all(hi == lo for (_, hi), (lo, _) in zip(chunks, chunks[1:]))
+        assert all(hi - lo == 1 or layout.lengths[lo:hi].sum() <= bound for lo, hi in chunks)
+    assert _chunks(layout.lengths, int(layout.lengths.sum())) == [(0, layout.num_sequences)]
+    assert _chunks(layout.lengths[:0], 10) == []
+    chunked = EncoderCoalitionEvaluator(reward, chunk_tokens=40)
+    assert_close(chunked.values(chunked.layout(coalitions)), whole.values(layout), rtol=1e-5, atol=1e-6, what="chunked values")
+
+
 def test_runs_are_the_maximal_runs_of_equal_lengths():
     """PackedSequences.runs() against the plain walk, on sorted and unsorted lengths, empty and single."""
     def walk(lengths):
