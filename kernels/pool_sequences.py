@@ -21,7 +21,7 @@ def _pool_sequences_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)
     start = tl.load(cu_seqlens + s).to(tl.int64)
     end = tl.load(cu_seqlens + s + 1).to(tl.int64)
     cols = tl.arange(0, BLOCK_COLS)
