@@ -5,7 +5,7 @@ token advantages -> loss. This package exposes each stage; see README.md for a t
 """
 
 from .advantages import group_advantages, redistribute, spread_credit
-from .attribution import Attribution, Attributions, OwenAttributor
+from .attribution import Attribution, Attributions, OwenAttributor, TokenCredit
 from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
 from .plans import (
     MAX_EXACT_COALITIONS,
@@ -48,6 +48,7 @@ __all__ = [
     "Segmentation",
     "Segmenter",
     "SpacySegmenter",
+    "TokenCredit",
     "coalition_text",
     "coalition_texts",
     "data",

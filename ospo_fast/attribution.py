@@ -3,6 +3,7 @@
     attr = OwenAttributor(reward, segmenter=Segmenter(), method="auto", budget=64, seed=0)
     out = attr(texts, owners)          # out.segmentations, out.phi (a float tensor per text), out.num_evaluations
     out[0].to_html()                   # the first response, each segment coloured by its Owen value
+    out.token_credit(tokenizer).credit # each segment's value spread over the tokenizer's tokens
 
 ``reward`` is either a :class:`~ospo_fast.rewards.DenseRetrievalReward` (evaluated with one packed encoder
 forward) or any text reward ``reward(texts, owners) -> float [N]`` (evaluated with one call).
@@ -17,11 +18,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .advantages import spread_credit
 from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, evaluate_text_reward
 from .owen import owen_from_values
 from .plans import CoalitionPlan, make_plan
 from .rewards.metrics import check_queries
-from .segment import Segmentation, Segmenter
+from .segment import Segmentation, Segmenter, token_player_maps
 from .structure import CoalitionStructure
 
 
@@ -122,6 +124,45 @@ class Attributions:
 
     def to_html(self) -> str:
         return "\n".join(a.to_html() for a in self.items)
+
+    def token_credit(self, tokenizer, add_special_tokens: bool = False) -> "TokenCredit":
+        """Each segment's Owen value spread evenly over the tokens that cover it, for the tokens of
+        ``tokenizer`` (a Hugging Face fast tokenizer: its offset mappings place the tokens) on each text.
+
+        Tokens outside every segment (tags, a think block, punctuation between segments, special tokens,
+        padding) get 0, so each response's credit sums to the sum of its Owen values. The credit lives on
+        the device of the Owen values. For a policy's own completion tokens in training, see
+        :func:`ospo_fast.rollout.attribute_completions`.
+        """
+        texts = [a.text for a in self.items]
+        try:
+            encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                                padding=True, return_tensors="pt")
+        except NotImplementedError:  # what a slow tokenizer raises for return_offsets_mapping
+            raise ValueError(
+                f"tokenizer: expected a Hugging Face fast tokenizer (offset mappings), got {type(tokenizer).__name__}"
+            ) from None
+        device = self.items[0].phi.device if self.items else torch.device("cpu")
+        token_player = token_player_maps(self.segmentations, encoded["offset_mapping"]).to(device)
+        credit = spread_credit([a.phi for a in self.items], token_player)
+        return TokenCredit(encoded["input_ids"], encoded["attention_mask"], token_player, credit)
+
+
+@dataclass
+class TokenCredit:
+    """Per-token credit of a batch of attributed texts (:meth:`Attributions.token_credit`), padded to ``T``.
+
+    Attributes:
+        input_ids: int64 ``[N, T]``: the tokenizer's ids of each text.
+        attention_mask: int64 ``[N, T]``: 1 for a token, 0 for padding.
+        token_player: int64 ``[N, T]``: the segment each token falls in, -1 outside every segment.
+        credit: float ``[N, T]``: the segment's Owen value divided by its number of tokens; 0 outside segments.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_player: torch.Tensor
+    credit: torch.Tensor
 
 
 class OwenAttributor:

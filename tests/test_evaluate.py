@@ -315,6 +315,40 @@ def test_pipeline_must_be_a_positive_int(reward, pipeline):
         of.OwenAttributor(reward, pipeline=pipeline)
 
 
+def test_token_credit_spreads_each_segment_value_over_its_tokens(reward):
+    """Attributions.token_credit with a fast tokenizer (the encoder's): every token inside segment i gets
+    phi_i / (its token count), every other token (think block, tags, punctuation, padding) 0, and each
+    response's credit sums to its Owen values; an empty answer gets no credit."""
+    rng = random.Random(15)
+    texts = [random_response(rng) for _ in range(5)] + ["<think>hmm</think><answer> </answer>"]
+    out = of.OwenAttributor(reward, budget=30, seed=2)(texts, [0, 1, 0, 1, 0, 1])
+    tokenizer = reward.encoder.tokenizer
+    tc = out.token_credit(tokenizer)
+    assert isinstance(tc, of.TokenCredit) and tc.credit.shape == tc.input_ids.shape == tc.token_player.shape
+    for j, a in enumerate(out):
+        enc = tokenizer(a.text, add_special_tokens=False, return_offsets_mapping=True)
+        T = len(enc["input_ids"])
+        assert tc.input_ids[j, :T].tolist() == enc["input_ids"] and int(tc.attention_mask[j].sum()) == T
+        assert torch.equal(tc.token_player[j, :T], of.token_player_map(a.segmentation, enc["offset_mapping"]))
+        for t in range(tc.credit.shape[1]):
+            player = int(tc.token_player[j, t])
+            expected = 0.0 if player < 0 else float(a.phi[player]) / int((tc.token_player[j] == player).sum())
+            assert float(tc.credit[j, t]) == pytest.approx(expected, abs=1e-7)
+        assert float(tc.credit[j].sum()) == pytest.approx(float(a.phi.sum()), abs=1e-5)
+    assert float(tc.credit[-1].abs().sum()) == 0.0
+
+
+def test_token_credit_needs_a_fast_tokenizer(reward):
+    out = of.OwenAttributor(CountingReward(), method="exact")(["usb c cable for car"], [0])
+
+    class SlowTokenizer:
+        def __call__(self, texts, **kwargs):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+
+    with pytest.raises(ValueError, match="tokenizer: expected a Hugging Face fast tokenizer"):
+        out.token_credit(SlowTokenizer())
+
+
 def test_to_html_colours_each_segment_and_escapes_text():
     reward = CountingReward()
     out = of.OwenAttributor(reward, method="exact")(["<answer>red & blue shoes for men</answer>"], [0])
