@@ -558,6 +558,38 @@ def test_fused_residual_steps_give_the_unfused_reduced_precision_forward(reward,
     assert (embeddings[True] * embeddings[False]).sum(1).min() > 0.999
 
 
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+def test_opcheck_bias_gelu():
+    torch.library.opcheck(torch.ops.ospo_fast.bias_gelu_.default, (torch.randn(7, 24), torch.randn(24)))
+
+
+@pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
+def test_opcheck_layer_norm_rows():
+    x = torch.randn(7, 24)
+    torch.library.opcheck(torch.ops.ospo_fast.layer_norm_rows.default, (x, torch.randn(24), torch.randn(24), 1e-5, torch.empty(7, 24)))
+
+
+def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_leak(reward):
+    """The default CPU attention (the C++ kernel where built) against the per-length SDPA path, on batches
+    of growing and shrinking size: the reused activation buffers never change a returned result."""
+    rng = random.Random(11)
+    fast = EncoderCoalitionEvaluator(reward)
+    sdpa = EncoderCoalitionEvaluator(reward, attention="sdpa")
+    kept = []
+    for n in (6, 2, 9):
+        coalitions = _batch([random_response(rng) for _ in range(n)], [0] * n)
+        got, index = fast.embed(coalitions)
+        expected, expected_index = sdpa.embed(coalitions)
+        assert_close(got[torch.from_numpy(index)], expected[torch.from_numpy(expected_index)], rtol=1e-5, atol=2e-5,
+                     what=f"kernel vs SDPA, {n} responses")
+        kept.append((got, got.clone()))
+    for got, snapshot in kept:  # earlier results are untouched by later calls
+        assert torch.equal(got, snapshot)
+    fast.forward.release_buffers()
+    again, _ = fast.embed(coalitions)
+    assert torch.equal(again, kept[-1][1])
+
+
 def test_chunked_forwards_give_the_values_of_one_forward(reward):
     """``chunk_tokens`` splits a batch into several forwards (memory); the ranges cover every sequence in
     order, each within the bound unless one sequence alone exceeds it, and the values do not change."""
