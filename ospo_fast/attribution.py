@@ -135,17 +135,22 @@ class Attributions:
         :func:`ospo_fast.rollout.attribute_completions`.
         """
         texts = [a.text for a in self.items]
-        try:
-            encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
-                                padding=True, return_tensors="pt")
+        try:  # unpadded: a policy's tokenizer often has no padding token
+            encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         except NotImplementedError:  # what a slow tokenizer raises for return_offsets_mapping
             raise ValueError(
                 f"tokenizer: expected a Hugging Face fast tokenizer (offset mappings), got {type(tokenizer).__name__}"
             ) from None
+        ids = encoded["input_ids"]
+        input_ids = torch.zeros(len(ids), max(map(len, ids), default=0), dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for j, row in enumerate(ids):
+            input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[j, : len(row)] = 1
         device = self.items[0].phi.device if self.items else torch.device("cpu")
         token_player = token_player_maps(self.segmentations, encoded["offset_mapping"]).to(device)
         credit = spread_credit([a.phi for a in self.items], token_player)
-        return TokenCredit(encoded["input_ids"], encoded["attention_mask"], token_player, credit)
+        return TokenCredit(input_ids, attention_mask, token_player, credit)
 
 
 @dataclass
@@ -153,7 +158,7 @@ class TokenCredit:
     """Per-token credit of a batch of attributed texts (:meth:`Attributions.token_credit`), padded to ``T``.
 
     Attributes:
-        input_ids: int64 ``[N, T]``: the tokenizer's ids of each text.
+        input_ids: int64 ``[N, T]``: the tokenizer's ids of each text, right-padded with 0.
         attention_mask: int64 ``[N, T]``: 1 for a token, 0 for padding.
         token_player: int64 ``[N, T]``: the segment each token falls in, -1 outside every segment.
         credit: float ``[N, T]``: the segment's Owen value divided by its number of tokens; 0 outside segments.

@@ -338,6 +338,27 @@ def test_token_credit_spreads_each_segment_value_over_its_tokens(reward):
     assert float(tc.credit[-1].abs().sum()) == 0.0
 
 
+def test_token_credit_with_a_policy_tokenizer_that_has_no_padding_token():
+    """A byte-level BPE fast tokenizer trained here, with no padding token (as many policies' are)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(16)
+    texts = [random_response(rng) for _ in range(4)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    assert tokenizer.pad_token is None
+    out = of.OwenAttributor(CountingReward(), budget=20)(texts, [0] * 4)
+    tc = out.token_credit(tokenizer)
+    for j, a in enumerate(out):
+        T = int(tc.attention_mask[j].sum())
+        assert tc.input_ids[j, :T].tolist() == tokenizer(a.text)["input_ids"]
+        assert float(tc.credit[j].sum()) == pytest.approx(float(a.phi.sum()), abs=1e-9)
+        assert float(tc.credit[j, T:].abs().sum()) == 0.0
+
+
 def test_token_credit_needs_a_fast_tokenizer(reward):
     out = of.OwenAttributor(CountingReward(), method="exact")(["usb c cable for car"], [0])
 
