@@ -191,13 +191,16 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
     print(f"\nGPU device half ({torch.cuda.get_device_name()}), {len(seg)} responses, {coalitions.batch.num_values} coalitions:")
     print(f"{'encoder path':<52} {'evals':>6} {'tokens':>7} {'median ms':>10} {'min ms':>8} {'host sync':>9}")
     first = None  # the default path's evaluator and layout, profiled below
-    for label, kwargs in (
-        (f"bf16, varlen attention ({getattr(_flash_varlen(), '__module__', 'none')})", dict(dtype=torch.bfloat16)),
-        ("bf16, SDPA per length", dict(dtype=torch.bfloat16, attention="sdpa")),
-        ("fp32, SDPA per length", dict(dtype=torch.float32, attention="sdpa")),
+    for label, kwargs, fused in (
+        (f"bf16, varlen attention ({getattr(_flash_varlen(), '__module__', 'none')})", dict(dtype=torch.bfloat16), True),
+        ("the same, LayerNorm steps in torch ops (A/B)", dict(dtype=torch.bfloat16), False),
+        ("bf16, SDPA per length", dict(dtype=torch.bfloat16, attention="sdpa"), True),
+        ("fp32, SDPA per length", dict(dtype=torch.float32, attention="sdpa"), True),
     ):
         try:
             evaluator = EncoderCoalitionEvaluator(reward, **kwargs)
+            if not fused:  # the A/B row: the Triton embedding and residual LayerNorm steps switched off
+                evaluator.forward._fused_norm = lambda device: False
             layout = evaluator.layout(coalitions)
             for _ in range(3):  # warm-up: Triton compiles, cuBLAS picks kernels, the caching allocator fills
                 of.owen_from_values(coalitions.batch, evaluator.values(layout))
