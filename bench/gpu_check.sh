@@ -62,7 +62,7 @@ stage "summary ($stages)"
 if wanted tests; then echo "tests (-m gpu):    $(tail -1 "$out/gpu_tests.log")"; fi
 if wanted kernels; then echo "tests (kernels):   $(tail -1 "$out/kernel_tests.log")"; fi
 if wanted attribution; then
-  grep -E "^(bf16|fp32),|GEMM floor|packed|shap|loop|host time to issue|timings of one" "$out/attribution_gpu.log"
+  grep -E "^(bf16|fp32|the same),|GEMM floor|packed|shap|loop|host time to issue|timings of one" "$out/attribution_gpu.log"
   sed -n '/^whole OwenAttributor call/,/^ *4 /p' "$out/attribution_gpu.log"
 fi
 if wanted owen; then grep -E "aggregate.* cuda +float" "$out/owen_gpu.log"; fi
