@@ -22,6 +22,7 @@ device time), then whole ``OwenAttributor`` calls (the GPU bar's measure) with `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -208,15 +209,13 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
             times, synced = [], "none"
             for _ in range(repeats):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.set_sync_debug_mode("error")
                 try:
-                    start.record()
-                    of.owen_from_values(coalitions.batch, evaluator.values(layout))
-                    end.record()
+                    with syncs_raise(reward.device):
+                        start.record()
+                        of.owen_from_values(coalitions.batch, evaluator.values(layout))
+                        end.record()
                 except RuntimeError as exc:
                     synced = f"yes: {exc}"[:60]
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             tokens = int(layout.lengths.sum())
@@ -236,6 +235,19 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
         print(f"whole call rows failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
+@contextlib.contextmanager
+def syncs_raise(device: torch.device):
+    """On CUDA, torch's sync debug mode set to raise on any host synchronisation inside the block."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def print_whole_call(reward, texts, owners, budget: int, repeats: int) -> None:
     """The GPU bar's own measure: a whole ``OwenAttributor`` call, host text work included, from the texts to
     Owen values on the device, with one synchronisation at its end only to stop the clock (the call itself
@@ -252,13 +264,8 @@ def print_whole_call(reward, texts, owners, budget: int, repeats: int) -> None:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            if reward.device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("error")
-            try:
+            with syncs_raise(reward.device):
                 out = attributor(texts, owners)
-            finally:
-                if reward.device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("default")
             sync()
             times.append(time.perf_counter() - start)
         stages = ", ".join(f"{k} {1e3 * v:.2f}" for k, v in out.timings.items())

@@ -1,6 +1,6 @@
 """Triton kernels for the LayerNorm steps of a BERT forward in reduced precision, each one pass per row:
 
-    residual_layer_norm_:  stream <- LayerNorm(stream + delta)   (float32, in place; ``delta`` optional)
+    residual_layer_norm_:  stream <- LayerNorm(stream + delta)   (float32, in place)
     embed_layer_norm:      stream <- LayerNorm(word[id] + position[pos] + token_type)
     and both:              low    <- stream, cast to bf16/fp16   (the next matmul's input)
 
@@ -37,7 +37,6 @@ def _residual_layer_norm_kernel(
     low,
     n_cols,
     eps,
-    HAS_DELTA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -45,8 +44,7 @@ def _residual_layer_norm_kernel(
     live = cols < n_cols
     at = row * n_cols + cols
     x = tl.load(stream + at, mask=live, other=0.0).to(tl.float32)
-    if HAS_DELTA:
-        x += tl.load(delta + at, mask=live, other=0.0).to(tl.float32)
+    x += tl.load(delta + at, mask=live, other=0.0).to(tl.float32)
     _normalise_row(x, live, weight, bias, cols, n_cols, eps, stream, low, at)
 
 
@@ -82,21 +80,20 @@ def _num_warps(block: int) -> int:
 
 def residual_layer_norm_(
     stream: torch.Tensor,
-    delta: torch.Tensor | None,
+    delta: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
     low: torch.Tensor,
 ) -> torch.Tensor:
     """``stream`` (float32 ``[rows, cols]``, contiguous) becomes ``LayerNorm(stream + delta)`` in place, and
-    ``low`` (``[rows, cols]``, bf16 or fp16) its cast; ``delta``: ``[rows, cols]`` of any float dtype, or
-    None. Returns ``stream``. Callers check shapes and devices (see ``ospo_fast.evaluate``)."""
+    ``low`` (``[rows, cols]``, bf16 or fp16) its cast; ``delta``: ``[rows, cols]`` of any float dtype.
+    Returns ``stream``. Callers check shapes and devices (see ``ospo_fast.evaluate``)."""
     rows, cols = stream.shape
     block = triton.next_power_of_2(cols)
     if rows:
         _residual_layer_norm_kernel[(rows,)](
-            stream, delta if delta is not None else stream, weight, bias, low, cols, eps,
-            HAS_DELTA=delta is not None, BLOCK=block, num_warps=_num_warps(block),
+            stream, delta, weight, bias, low, cols, eps, BLOCK=block, num_warps=_num_warps(block),
         )
     return stream
 

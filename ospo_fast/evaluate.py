@@ -404,14 +404,15 @@ class PackedBertForward:
             qkv = self._linear(h if low is None else low, w["w_qkv"].t(), None if kernel else w["b_qkv"])
             q, k, v = qkv.view(total, 3, self.heads, self.head_dim).unbind(1)
             ctx = self._attend(q, k, v, packed, w["b_qkv"] if kernel else None).reshape(total, -1)
-            h, low = self._add_and_norm(h, (ctx, w["w_out_t"]), w["ln_attention"], "stream1")
+            h, low = self._add_and_norm(h, ctx, w["w_out_t"], w["ln_attention"], "stream1")
             inner = self._feed_forward_up(h if low is None else low, w)
             # The last layer's output leaves the forward: a tensor of its own, never a reused buffer.
-            h, low = self._add_and_norm(h, (inner, w["w_down_t"]), w["ln_output"], None if last else "stream0")
+            h, low = self._add_and_norm(h, inner, w["w_down_t"], w["ln_output"], None if last else "stream0")
         return h
 
     def _embeddings(self, packed: PackedSequences):
-        """The embedding step: ``LayerNorm(word + position + token type 0)``, as :meth:`_add_and_norm` returns."""
+        """The embedding step ``LayerNorm(word + position + token type 0)``: the float32 stream and, where fused
+        (see :meth:`_fused_norm`), its cast to ``dtype`` (else None), as :meth:`_add_and_norm` returns."""
         emb = self.model.embeddings
         token_type = emb.token_type_embeddings.weight[0]
         if self._fused_norm(packed.input_ids.device):
@@ -421,27 +422,24 @@ class PackedBertForward:
             return embed_layer_norm(packed.input_ids, packed.position_ids, emb.word_embeddings.weight,
                                     emb.position_embeddings.weight, token_type, weight, bias, eps, self.dtype)
         h = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids)
-        return self._add_and_norm(h.add_(token_type), None, self._embedding_ln, "stream0")
+        return self._layer_norm(h.add_(token_type), self._embedding_ln, "stream0"), None
 
     def _fused_norm(self, device: torch.device) -> bool:
         """Whether the residual add, LayerNorm and cast to ``dtype`` are one Triton kernel: in reduced
         precision on CUDA, where Triton is installed."""
         return self.dtype != torch.float32 and device.type == "cuda" and _extension.has_triton()
 
-    def _add_and_norm(self, stream: torch.Tensor, product, params, buffer: str | None):
-        """The post-LN residual step: ``LayerNorm(stream + x @ w_t)`` for ``product = (x, w_t)`` (None: of
-        the stream alone); returns the new float32 stream and, where the step is fused (see
-        :meth:`_fused_norm`), its cast to ``dtype`` for the next matmul (else None: ``_linear`` casts)."""
+    def _add_and_norm(self, stream: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, params, buffer: str | None):
+        """The post-LN residual step ``LayerNorm(stream + x @ w_t)``: the new float32 stream and, where the
+        step is fused (see :meth:`_fused_norm`), its cast to ``dtype`` for the next matmul (else None:
+        ``_linear`` casts)."""
         if self._fused_norm(stream.device):
             from .kernels.residual_layer_norm import residual_layer_norm_
 
-            delta = None if product is None else product[0].to(self.dtype) @ product[1]
             low = torch.empty(stream.shape, dtype=self.dtype, device=stream.device)
             weight, bias, eps = params
-            return residual_layer_norm_(stream, delta, weight, bias, eps, low), low
-        if product is not None:
-            stream = self._residual_matmul(stream, *product)
-        return self._layer_norm(stream, params, buffer), None
+            return residual_layer_norm_(stream, x.to(self.dtype) @ w_t, weight, bias, eps, low), low
+        return self._layer_norm(self._residual_matmul(stream, x, w_t), params, buffer), None
 
     def _feed_forward_up(self, h: torch.Tensor, w: dict) -> torch.Tensor:
         """activation(h @ w_up + b_up). In float32 on the CPU with the exact GELU, bias and GELU are one pass of

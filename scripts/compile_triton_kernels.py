@@ -52,11 +52,10 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
     signature = _pointers("token_ids token_player text_offsets seq_text seq_keep cu_seqlens out", "i64")
     signature |= {"cls_id": "i32", "sep_id": "i32", "max_text_tokens": "i32", "BLOCK": "constexpr"}
     out.append(("pack_coalitions", pack_coalitions._pack_coalitions_kernel, signature, {"BLOCK": 128}))
-    for low, has_delta in (("bf16", True), ("fp16", False)):
-        signature = {"stream": "*fp32", "delta": f"*{low}" if has_delta else "*fp32", "weight": "*fp32", "bias": "*fp32",
-                     "low": f"*{low}", "n_cols": "i32", "eps": "fp32", "HAS_DELTA": "constexpr", "BLOCK": "constexpr"}
-        out.append((f"residual_layer_norm {low}", residual_layer_norm._residual_layer_norm_kernel, signature,
-                    {"HAS_DELTA": has_delta, "BLOCK": 512}))
+    for low in ("bf16", "fp16"):
+        signature = {"stream": "*fp32", "delta": f"*{low}", "weight": "*fp32", "bias": "*fp32", "low": f"*{low}",
+                     "n_cols": "i32", "eps": "fp32", "BLOCK": "constexpr"}
+        out.append((f"residual_layer_norm {low}", residual_layer_norm._residual_layer_norm_kernel, signature, {"BLOCK": 512}))
     signature = _pointers("ids positions", "i64") | _pointers("word position token_type weight bias stream", "fp32")
     signature |= {"low": "*bf16", "n_cols": "i32", "eps": "fp32", "BLOCK": "constexpr"}
     out.append(("embed_layer_norm", residual_layer_norm._embed_layer_norm_kernel, signature, {"BLOCK": 512}))
