@@ -8,12 +8,17 @@ The stage between the Owen values and the loss::
 
 Design decisions (each is tested in tests/test_advantages.py):
 
+**Which tokens take part.** Only the tokens of the answer's segments (``token_player >= 0``, passed as
+``segment_mask``) share out the advantage. Every other completion token (a ``<think>`` block, the answer
+tags, punctuation between segments, the end-of-sequence token, anything after the answer) gets exactly the
+response's advantage ``A``, as in GRPO: GRPO's advantages sum to 0 over a group at every token, so with
+rewards that carry no signal no token class drifts; a redistribution that moved advantage between the
+think block and the answer would teach, whatever the task, to write more of one and less of the other.
+Among the segment tokens the mean stays ``A`` (so the mean over the whole completion is ``A`` too).
+
 **Token credit.** A segment's Owen value is spread evenly over its tokens, so a segment's total credit is its
-Owen value whatever its token length. Tokens outside every segment (special tokens, punctuation between
-segments, a ``<think>`` block, which the segmenter does not segment) get credit 0: they are neutral, not
-forgotten, and they still receive the floor share below. Because credit comes from the token -> player
-map of the completion itself, it lands on the answer's tokens wherever the answer starts, after a think
-block included (the reference code aligned credit to the first tokens of the completion).
+Owen value whatever its token length (:func:`spread_credit`). Because credit comes from the token ->
+player map of the completion itself, it lands on the answer's tokens wherever the answer starts.
 
 **Direction and blame.** Owen values are signed: positive when a segment raised the reward, negative when it
 lowered it. Credit is read in the direction of the advantage: ``u_t = sign(A) * c_t`` with ``sign(0) = +1``.
@@ -21,40 +26,37 @@ For a response better than its group (A > 0) the tokens that raised the reward g
 the positive advantage; for a worse one (A < 0) the tokens that *lowered* the reward get the largest shares
 of the negative advantage, so they carry the most blame, and tokens that helped carry the least.
 
-**Shares (proportional, rank, hybrid).** Over the L completion tokens of a response, a share
-distribution ``w`` (``w_t >= 0``, ``sum w = 1``) and ``Â_t = A * L * w_t``:
+**Shares (proportional, rank, hybrid).** Over the L segment tokens of a response, a share distribution
+``w`` (``w_t >= 0``, ``sum w = 1``) and ``Â_t = A * L * w_t``:
 
 * proportional: ``w_t = floor / L + (1 - floor) * max(u_t, 0) / sum_s max(u_s, 0)``;
-* rank: the same with ``max(u_t, 0)`` replaced by the rank of ``u_t`` among the response's completion
-  tokens (1 = lowest; ties share their average rank), so the highest-credit token gets the largest share;
+* rank: the same with ``max(u_t, 0)`` replaced by the rank of ``u_t`` among the response's segment tokens
+  (1 = lowest; ties share their average rank), so the highest-credit token gets the largest share;
 * hybrid: ``Â_t = A * L * (alpha * w_t + (1 - alpha) / L)`` with the proportional ``w``: alpha = 0 is GRPO,
   alpha = 1 is proportional.
 
-Invariants: the token mean of ``Â`` over completion tokens is exactly ``A`` (the GRPO scale); every share
-is >= 0, so every completion token keeps the sign of ``A`` (a zero-reward response, below its group's mean,
-keeps a negative advantage on every token: the reference code's "potential" factor cancelled it to 0);
-with ``floor > 0`` every completion token gets at least ``floor / L`` of the share, so no token is silently
-given zero (the reference code's min-max normalisation gave the lowest-credit token 0); a response with no
-credit in its advantage's direction (or no segments at all) gets ``w`` uniform, ``Â_t = A``.
+Invariants: the mean of ``Â`` over the segment tokens is exactly ``A``; every share is >= 0, so every
+token keeps the sign of ``A``; with ``floor > 0`` every segment token gets at least ``floor / L`` of the
+share. A response whose segment tokens all have the same credit (one segment, for instance), no credit in
+its advantage's direction, or no segment at all gets ``Â_t = A`` exactly on every token: OSPO is GRPO when
+there is nothing to assign.
 
-**Potential-based shaping (potential).** The potential of the state before completion token t is the
-credit emitted so far, in advantage units: ``Phi_t = kappa * sum_{s < t} c_s`` over completion tokens, with
-``kappa = |A| / sum_s |c_s|`` (``Phi`` = 0 when there is no credit), and ``Phi`` of the terminal state = 0.
-Shaped rewards ``r_t = Phi_{t+1} - Phi_t`` (``= kappa * c_t``) for all but the last completion token, and
-``r_{L-1} = 0 - Phi_{L-1}``. They telescope, ``sum_t r_t = Phi(terminal) - Phi_0 = 0``, so the shaped
-return differs from the original by a constant (0) and the optimal policy is unchanged (Ng, Harada &
-Russell 1999). Per-token advantage: ``Â_t = A + L * r_t``; the factor L puts the shaping on the scale of
-the proportional mode (``L * kappa * c_t`` is the proportional share deviation) and keeps the token mean
-exactly ``A``. Why ``kappa = |A| / sum |c|`` and not the signed ``A / sum c``: a signed normaliser flips the
-sign of every shaped reward when ``sum c`` and ``A`` disagree in sign, and explodes when ``sum c`` is near 0
-(signed Owen values can cancel); with ``kappa > 0`` a token that raised the reward always gets a positive
-shaped reward, and ``Phi`` over the whole response equals ``A`` exactly when every credit has ``A``'s sign
-(the usual case), with ``|Phi| <= |A|`` always. Note what the telescoping implies: the last completion
-token carries ``-L * Phi_{L-1}``, a large opposite-sign advantage when the response earned its credit;
-this mode keeps the mean, not the sign of each token (``clip`` bounds it).
+**The bound (max_share).** The share ``s_t = Â_t / A`` of a token can reach L (a one-token segment holding
+all the credit of a long answer). ``max_share`` bounds it: a row whose largest share exceeds it is pulled
+towards uniform, ``s <- 1 + lam * (s - 1)`` with the ``lam`` in (0, 1) that brings the largest share down to
+``max_share``. That keeps the mean ``A``, the signs and the order of the shares, so it bounds
+``|Â_t| <= max_share * |A|`` without the drift a clamp would bring. The default,
+:data:`DEFAULT_MAX_SHARE`, was chosen from the shares of ``ospo-fast train`` runs (README, "Which tokens get
+credit"). ``clip`` (off by default) also clamps ``Â`` to fixed bounds, applied last, to all completion
+tokens: it can break the mean invariant and make a group's token sums non-zero.
 
-**Clipping.** ``clip=c`` clamps ``Â`` to ``[-c, c]``, ``clip=(lo, hi)`` to ``[lo, hi]``, applied last, to
-completion tokens only. Clipping can break the token-mean invariant; it is off by default.
+**Why there is no potential-based mode.** Potential-based shaping in return-to-go form gives token t the
+advantage ``A - Phi(s_t)`` with ``Phi`` a function of the prefix ``s_t`` only; ``Phi`` is then a per-state
+baseline and the expected policy gradient is unchanged (``E[grad log pi(a|s)] = 0``). So such shaping can
+lower variance but cannot move credit between tokens in expectation, and an Owen value, which depends on
+the segments *after* t, is not a function of the prefix: a potential built from Owen values biases the
+gradient. (Earlier versions shipped such a mode; it made the end-of-sequence token carry the opposite of the
+answer's credit and taught the policy to stop closing its answers.)
 
 **Checks and host synchronisation.** These functions run between the reward and the optimizer step on the
 GPU, so they never call ``.item()`` or copy to the host on their own: shapes, dtypes and devices are checked
@@ -73,7 +75,10 @@ from ._checks import as_real_tensor
 from ._device import to_device
 
 SCALES = ("group", "batch", "none")
-REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid", "potential")
+REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid")
+
+#: The default bound on a token's share ``Â_t / A`` (module docstring, "The bound").
+DEFAULT_MAX_SHARE = 4.0
 
 
 def _as_float(x, name: str) -> torch.Tensor:
@@ -224,8 +229,8 @@ def _check_player_indices(token_player: torch.Tensor, offsets: torch.Tensor, num
 # Redistribution
 
 
-def _check_redistribution_inputs(advantages, token_credit, completion_mask, check_finite):
-    """Validated ``(A [N], c [N, T], mask bool [N, T])`` in one float dtype."""
+def _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask, check_finite):
+    """Validated ``(A [N], c [N, T], mask bool [N, T], segment tokens bool [N, T])`` in one float dtype."""
     advantages = _as_float(advantages, "advantages")
     token_credit = _as_float(token_credit, "token_credit")
     if advantages.dim() != 1:
@@ -235,83 +240,64 @@ def _check_redistribution_inputs(advantages, token_credit, completion_mask, chec
     N = advantages.shape[0]
     if token_credit.dim() != 2 or token_credit.shape[0] != N:
         raise ValueError(f"token_credit: expected shape [N={N}, T], got {list(token_credit.shape)}")
-    if not isinstance(completion_mask, torch.Tensor):
-        got = type(completion_mask).__name__
-        raise ValueError(f"completion_mask: expected a bool or float tensor [N, T], got {got}")
-    if completion_mask.shape != token_credit.shape:
-        raise ValueError(
-            f"completion_mask: expected the shape of token_credit {list(token_credit.shape)}, "
-            f"got {list(completion_mask.shape)}"
-        )
-    for name, x in (("token_credit", token_credit), ("completion_mask", completion_mask)):
+    masks = {"completion_mask": completion_mask}
+    if segment_mask is not None:
+        masks["segment_mask"] = segment_mask
+    for name, x in masks.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a bool or float tensor [N, T], got {type(x).__name__}")
+        if x.shape != token_credit.shape:
+            raise ValueError(f"{name}: expected the shape of token_credit {list(token_credit.shape)}, got {list(x.shape)}")
+    for name, x in (("token_credit", token_credit), *masks.items()):
         if x.device != advantages.device:
             raise ValueError(f"{name}: on {x.device}, advantages on {advantages.device}; put them on one device")
     dtype = torch.promote_types(advantages.dtype, token_credit.dtype)
     advantages, token_credit = advantages.to(dtype), token_credit.to(dtype)
     mask = completion_mask != 0
+    segment = mask if segment_mask is None else mask & (segment_mask != 0)
     if check_finite or (check_finite is None and advantages.device.type == "cpu"):
         if not bool(torch.isfinite(advantages).all()):
             bad = (~torch.isfinite(advantages)).nonzero().flatten()[:5].tolist()
             raise ValueError(f"advantages: NaN or infinite values at responses {bad}")
-        bad_credit = ~torch.isfinite(token_credit) & mask
+        bad_credit = ~torch.isfinite(token_credit) & segment
         if bool(bad_credit.any()):
             j, t = (int(i) for i in bad_credit.nonzero()[0])
-            raise ValueError(f"token_credit: NaN or infinite credit on completion tokens, first at [{j}, {t}]")
-    return advantages, token_credit, mask
+            raise ValueError(f"token_credit: NaN or infinite credit on segment tokens, first at [{j}, {t}]")
+    return advantages, token_credit, mask, segment
 
 
-def _relative_shares(score: torch.Tensor, mask: torch.Tensor, length: torch.Tensor, floor: float) -> torch.Tensor:
-    """``L * w_t`` with ``w_t = floor / L + (1 - floor) * score_t / sum(score)``; 1 where ``sum(score) == 0``.
+def _relative_shares(score: torch.Tensor, segment: torch.Tensor, length: torch.Tensor, floor: float) -> torch.Tensor:
+    """``L * w_t`` with ``w_t = floor / L + (1 - floor) * score_t / sum(score)`` over the segment tokens.
 
-    Scaled by L so a response without credit gets exactly 1 (``A * L * (1 / L)`` would round).
+    Exactly 1 on every token of a row with nothing to assign: ``sum(score) == 0``, or every segment token
+    with the same score (``L * score / sum(score)`` would only round to 1).
     """
-    score = torch.where(mask, score, torch.zeros_like(score))
+    score = torch.where(segment, score, torch.zeros_like(score))
     total = score.sum(dim=1, keepdim=True)
+    highest = torch.where(segment, score, torch.full_like(score, float("-inf"))).amax(dim=1, keepdim=True)
+    lowest = torch.where(segment, score, torch.full_like(score, float("inf"))).amin(dim=1, keepdim=True)
+    assigns = (total > 0) & (highest != lowest)
     relative = length * score / torch.where(total > 0, total, torch.ones_like(total))
-    # floor + (1 - floor) * relative, written so that equal scores (relative exactly 1) give exactly 1
-    shares = 1 + (1 - floor) * (relative - 1)
-    return torch.where(total > 0, shares, torch.ones_like(shares))
+    shares = 1 + (1 - floor) * (relative - 1)  # floor + (1 - floor) * relative
+    return torch.where(assigns, shares, torch.ones_like(shares))
 
 
-def _average_ranks(u: torch.Tensor, mask: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """Rank (1 = lowest) of ``u_t`` among each row's completion tokens, ties sharing their average rank."""
-    key = torch.where(mask, u, torch.full_like(u, float("-inf")))  # padding sorts first, below every token
+def _average_ranks(u: torch.Tensor, segment: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = lowest) of ``u_t`` among each row's segment tokens, ties sharing their average rank."""
+    key = torch.where(segment, u, torch.full_like(u, float("-inf")))  # other tokens sort first, below every one
     ordered = key.sort(dim=1).values.contiguous()
     below = torch.searchsorted(ordered, key.contiguous(), right=False)
     at_or_below = torch.searchsorted(ordered, key.contiguous(), right=True)
-    padding = mask.shape[1] - length
-    return (below + at_or_below + 1).to(u.dtype) / 2 - padding
+    others = segment.shape[1] - length
+    return (below + at_or_below + 1).to(u.dtype) / 2 - others
 
 
-def potential_shaping(
-    advantages: torch.Tensor,
-    token_credit: torch.Tensor,
-    completion_mask: torch.Tensor,
-    check_finite: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Potential and shaped per-token rewards (module docstring, "Potential-based shaping").
-
-    Args:
-        advantages: float ``[N]``; token_credit: float ``[N, T]``; completion_mask: bool or float ``[N, T]``.
-    Returns:
-        ``(phi, r)``, float ``[N, T]``, 0 off the completion tokens: ``phi[j, t]`` is the potential of the state
-        before completion token t, ``r[j, t]`` the shaped reward of emitting it; ``sum_t r[j, t] = 0``.
-    """
-    A, c, mask = _check_redistribution_inputs(advantages, token_credit, completion_mask, check_finite)
-    return _potential(A, c, mask)
-
-
-def _potential(A: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    zero = torch.zeros_like(c)
-    c = torch.where(mask, c, zero)
-    total = c.abs().sum(dim=1)
-    kappa = torch.where(total > 0, A.abs() / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(A))
-    emitted_before = c.cumsum(dim=1) - c
-    phi = torch.where(mask, kappa[:, None] * emitted_before, zero)
-    # The last completion token: no completion token after it; its successor is the terminal state (phi 0).
-    last = mask & (mask.flip(1).cumsum(1).flip(1) == 1)
-    r = torch.where(last, -phi, kappa[:, None] * c)
-    return phi, torch.where(mask, r, zero)
+def _bound_shares(shares: torch.Tensor, segment: torch.Tensor, max_share: float) -> torch.Tensor:
+    """Each row pulled towards uniform just enough that no segment token's share exceeds ``max_share``."""
+    highest = torch.where(segment, shares, torch.zeros_like(shares)).amax(dim=1, keepdim=True)
+    excess = highest - 1
+    lam = torch.where(highest > max_share, (max_share - 1) / torch.where(excess > 0, excess, torch.ones_like(excess)), 1.0)
+    return torch.where(lam < 1, 1 + lam * (shares - 1), shares)
 
 
 def redistribute(
@@ -323,6 +309,9 @@ def redistribute(
     floor: float = 0.1,
     clip: float | tuple[float, float] | None = None,
     check_finite: bool | None = None,
+    *,
+    segment_mask: torch.Tensor | None = None,
+    max_share: float | None = DEFAULT_MAX_SHARE,
 ) -> torch.Tensor:
     """Per-token advantages from each response's advantage and its tokens' credit.
 
@@ -330,32 +319,39 @@ def redistribute(
         advantages: float ``[N]``: one advantage per response (e.g. :func:`group_advantages`).
         token_credit: float ``[N, T]``: signed credit of each token (e.g. :func:`spread_credit`).
         completion_mask: bool or float ``[N, T]``: nonzero on the completion tokens that are trained.
-        mode: ``"proportional"``, ``"rank"``, ``"hybrid"`` or ``"potential"`` (module docstring).
+        mode: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (module docstring).
         alpha: hybrid only: weight of the proportional shares, in [0, 1].
-        floor: proportional, rank and hybrid: the part of the share spread uniformly, in [0, 1]; with
-            ``floor > 0`` no completion token gets zero advantage unless ``A`` is 0.
+        floor: the part of the share spread uniformly over the segment tokens, in [0, 1]; with
+            ``floor > 0`` no segment token gets zero advantage unless ``A`` is 0.
         clip: None, ``c`` (clamp to ``[-c, c]``) or ``(lo, hi)``, applied last; it can break the mean invariant.
         check_finite: reject NaN or infinite advantages and credit (None: on CPU tensors only).
+        segment_mask: bool ``[N, T]``: True on the tokens that belong to a segment (``token_player >= 0``);
+            only they share out the advantage, every other completion token gets exactly ``A``. None: every
+            completion token counts as a segment token.
+        max_share: bound on ``Â_t / A`` (>= 1), kept by pulling a row towards uniform (module docstring);
+            None: no bound.
     Returns:
         float ``[N, T]`` (float64 when an input is, else float32), 0 where the mask is 0. Without ``clip``,
-        the mean of each row over its completion tokens is its advantage.
+        the mean of each row over its segment tokens, and over its completion tokens, is its advantage.
     """
     if mode not in REDISTRIBUTION_MODES:
-        raise ValueError(f"mode: expected one of {REDISTRIBUTION_MODES}, got {mode!r}")
+        hint = " ('potential' was removed: see ospo_fast.advantages)" if mode == "potential" else ""
+        raise ValueError(f"mode: expected one of {REDISTRIBUTION_MODES}, got {mode!r}{hint}")
     alpha = _real_number(alpha, "alpha", 0.0, 1.0)
     floor = _real_number(floor, "floor", 0.0, 1.0)
+    if max_share is not None:
+        max_share = _real_number(max_share, "max_share", 1.0, float("inf"))
     bounds = _clip_bounds(clip)
-    A, c, mask = _check_redistribution_inputs(advantages, token_credit, completion_mask, check_finite)
-    length = mask.sum(dim=1, keepdim=True).to(A.dtype)
-    if mode == "potential":
-        out = A[:, None] + length * _potential(A, c, mask)[1]
-    else:
-        u = torch.where(A[:, None] >= 0, c, -c)  # credit in the advantage's direction (sign(0) = +1)
-        score = torch.clamp(u, min=0) if mode != "rank" else _average_ranks(u, mask, length)
-        shares = _relative_shares(score, mask, length, floor)
-        if mode == "hybrid":
-            shares = alpha * shares + (1 - alpha)
-        out = A[:, None] * shares
+    A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask, check_finite)
+    length = segment.sum(dim=1, keepdim=True).to(A.dtype)
+    u = torch.where(A[:, None] >= 0, c, -c)  # credit in the advantage's direction (sign(0) = +1)
+    score = torch.clamp(u, min=0) if mode != "rank" else _average_ranks(u, segment, length)
+    shares = _relative_shares(score, segment, length, floor)
+    if mode == "hybrid":
+        shares = 1 + alpha * (shares - 1)  # alpha * shares + (1 - alpha), exactly 1 where shares are
+    if max_share is not None:
+        shares = _bound_shares(shares, segment, max_share)
+    out = A[:, None] * torch.where(segment, shares, torch.ones_like(shares))
     if bounds is not None:
         out = out.clamp(*bounds)
     return torch.where(mask, out, torch.zeros_like(out))

@@ -93,6 +93,7 @@ def _settings_and_config(args):
         prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr,
         max_new_tokens=args.max_new_tokens, attribution_budget=args.budget, seed=args.seed, beta=args.beta,
         loss_type=args.loss_type, attribution_dtype=args.attribution_dtype, save_steps=args.save_steps,
+        max_share=args.max_share,
     ).check()
     return settings, config
 
@@ -182,6 +183,15 @@ def attribute(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _max_share(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}")
+    return value
+
+
 def _add_run_arguments(p, output: str) -> None:
     from .trainer import OSPOConfig
 
@@ -196,7 +206,9 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--output", default=output, help="the run folder")
     p.add_argument("--mode", default="ospo", choices=["ospo", "grpo"])
-    p.add_argument("--redistribution", default="proportional", choices=["proportional", "rank", "hybrid", "potential"])
+    p.add_argument("--redistribution", default="proportional", choices=["proportional", "rank", "hybrid"])
+    p.add_argument("--max-share", type=_max_share, default=defaults["max_share"],
+                   help="bound on a token's advantage as a multiple of its response's ('none': no bound)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--group-size", type=int, default=defaults["group_size"])
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("compare", help="OSPO (each redistribution) vs GRPO vs the warm start, over seeds")
     _add_run_arguments(p, "runs/compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["grpo", "proportional", "rank", "hybrid", "potential"])
+    p.add_argument("--variants", nargs="+", default=["grpo", "proportional", "rank", "hybrid"])
     p.set_defaults(func=compare)
 
     p = commands.add_parser("attribute", help="Owen values of a response's segments against a candidate pool")

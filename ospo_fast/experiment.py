@@ -26,7 +26,7 @@ import torch
 
 from . import data as data_module
 from .attribution import OwenAttributor
-from .data.prompts import extract_answer
+from .data.prompts import extract_answer, follows_format
 from .policy import build_tokenizer, load_policy, prompt_text, tiny_causal_lm
 from .rewards import BM25Reward, DenseRetrievalReward, LSAEncoder, ranking_metrics
 from .trainer import METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
@@ -185,7 +185,10 @@ def evaluate_policy(model, tokenizer, task, scorers: dict, max_new_tokens: int =
     completions = generate_answers(model, tokenizer, [s.prompt for s in samples], max_new_tokens)
     queries = [extract_answer(c) for c in completions]
     table = evaluate_queries(queries, [s.owner for s in samples], scorers, ks)
-    return dict(table=table, examples=[dict(request=request_of(s), completion=c) for s, c in zip(samples[:5], completions)])
+    lengths = [len(ids) for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+    form = dict(format_rate=statistics.fmean(map(follows_format, completions)), completion_tokens=statistics.fmean(lengths))
+    examples = [dict(request=request_of(s), completion=c) for s, c in zip(samples[:5], completions)]
+    return dict(table=table, format=form, examples=examples)
 
 
 def format_table(results: dict[str, dict], ks=KS) -> str:
@@ -223,10 +226,12 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False) -> dict
 
     def periodic_eval(trainer, step, metrics):
         if step % settings.eval_every == 0 or step == config.max_steps:
-            table = evaluate_policy(trainer.model, tokenizer, eval_task, {"dense": reward}, config.max_new_tokens,
-                                    ks=(10,), limit=limit)["table"]["dense"]
+            result = evaluate_policy(trainer.model, tokenizer, eval_task, {"dense": reward}, config.max_new_tokens,
+                                     ks=(10,), limit=limit)
+            line = {"step": step, "eval_ndcg@10": result["table"]["dense"]["ndcg@10"],
+                    **{f"eval_{k}": v for k, v in result["format"].items()}}
             with open(out / METRICS, "a") as f:
-                f.write(json.dumps({"step": step, "eval_ndcg@10": table["ndcg@10"]}) + "\n")
+                f.write(json.dumps(line) + "\n")
 
     trainer = OSPOTrainer(model, tokenizer, reward, train_task.prompts, train_task.owners, config, callbacks=[periodic_eval])
     start = time.perf_counter()
@@ -238,7 +243,8 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False) -> dict
     tokenizer.save_pretrained(out / "policy")
 
     summary = dict(settings=asdict(settings), config=asdict(config), train_seconds=train_seconds,
-                   results={k: v["table"] for k, v in results.items()}, examples={k: v["examples"] for k, v in results.items()})
+                   results={k: v["table"] for k, v in results.items()}, format={k: v.get("format") for k, v in results.items()},
+                   examples={k: v["examples"] for k, v in results.items()})
     _write_json(out / "eval.json", summary)
     plot_curves(out)
     write_attributions(out, trainer.model, tokenizer, eval_task, reward, settings.attribution_examples, config.max_new_tokens)
@@ -292,6 +298,19 @@ def plot_curves(out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "ndcg.png", dpi=120)
         plt.close(fig)
+    steps = [x for x in steps if "format_rate" in x]
+    if steps:  # a policy that stops closing its answers, or grows them, shows here first
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        xs = [x["step"] for x in steps]
+        ax.plot(xs, [x["format_rate"] for x in steps], color="tab:green", label="format rate")
+        ax.set(xlabel="step", ylabel="answers closed by </answer>", ylim=(-0.02, 1.02), title="format and length")
+        twin = ax.twinx()
+        twin.plot(xs, [x["completion_length"] for x in steps], color="tab:purple", label="completion length")
+        twin.set_ylabel("completion tokens")
+        fig.legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "format.png", dpi=120)
+        plt.close(fig)
 
 
 def write_report(out: Path, summary: dict) -> None:
@@ -308,7 +327,8 @@ def write_report(out: Path, summary: dict) -> None:
         "",
         format_table(summary["results"]),
         "",
-        "![reward](reward.png) ![ndcg](ndcg.png)",
+        *format_lines(out, summary.get("format", {})),
+        "![reward](reward.png) ![ndcg](ndcg.png) ![format](format.png)",
         "",
         "Attributions of a few answers: [attributions.html](attributions.html).",
         "",
@@ -320,6 +340,23 @@ def write_report(out: Path, summary: dict) -> None:
         text += [f"- `{e['request']}` → `{e['completion']}`" for e in examples[:3]]
         text.append("")
     (out / "report.md").write_text("\n".join(text))
+
+
+def format_lines(out: Path, forms: dict) -> list[str]:
+    """The report's format section: greedy answers closed by ``</answer>`` and their length for each
+    evaluated policy, and the same for the sampled completions of the first and last training steps."""
+    lines = ["| policy | format rate | completion tokens |", "|---|---|---|"]
+    lines += [f"| {p} | {f['format_rate']:.3f} | {f['completion_tokens']:.1f} |" for p, f in forms.items() if f]
+    lines.append("")
+    steps = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if '"format_rate"' in x]
+    if steps:
+        n = min(10, len(steps))
+        first, last = steps[:n], steps[-n:]
+        rate = [statistics.fmean(s["format_rate"] for s in part) for part in (first, last)]
+        length = [statistics.fmean(s["completion_length"] for s in part) for part in (first, last)]
+        lines += [f"Sampled completions in training (mean of the first and last {n} steps): format rate "
+                  f"{rate[0]:.3f} → {rate[1]:.3f}, completion length {length[0]:.1f} → {length[1]:.1f} tokens.", ""]
+    return lines
 
 
 def _write_json(path: Path, obj) -> None:
@@ -338,7 +375,7 @@ def _escape(text: str) -> str:
 # OSPO vs GRPO vs the warm start alone, over seeds
 
 
-VARIANTS = ("grpo", "proportional", "rank", "hybrid", "potential")
+VARIANTS = ("grpo", "proportional", "rank", "hybrid")
 
 
 def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,

@@ -34,11 +34,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .advantages import REDISTRIBUTION_MODES, group_advantages, redistribute
+from .advantages import DEFAULT_MAX_SHARE, REDISTRIBUTION_MODES, group_advantages, redistribute
 from .attribution import OwenAttributor
 from .loss import grpo_loss
 from .policy import completion_offsets, prompt_text
 from .rollout import attribute_completions
+from .data.prompts import follows_format
 from .segment import Segmenter, coalition_text
 
 CHECKPOINT = "checkpoint.pt"
@@ -55,6 +56,7 @@ class OSPOConfig:
     redistribution: str = "proportional"  # see ospo_fast.advantages
     alpha: float = 0.5
     floor: float = 0.1
+    max_share: float | None = DEFAULT_MAX_SHARE  # bound on a token's advantage / its response's
     clip: float | None = None
     advantage_scale: str = "group"
     group_size: int = 8
@@ -100,6 +102,9 @@ class OSPOConfig:
             raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {self.temperature!r}")
+        if self.max_share is not None and (isinstance(self.max_share, bool) or not isinstance(self.max_share, (int, float))
+                                           or not self.max_share >= 1):
+            raise ValueError(f"max_share: expected None or a number >= 1, got {self.max_share!r}")
         return self
 
 
@@ -220,14 +225,17 @@ class OSPOTrainer:
         rewards = rewards.float().to(self.device)
         advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale)
         if self.attributor is None:
+            segment_mask = torch.zeros_like(mask)
             token_advantages = advantages[:, None].expand_as(mask).float() * mask
         else:
+            segment_mask = credit.token_player.to(self.device) >= 0  # only these tokens share out the advantage
             token_advantages = redistribute(
                 advantages, credit.credit.to(self.device), mask, mode=cfg.redistribution, alpha=cfg.alpha,
-                floor=cfg.floor, clip=cfg.clip,
+                floor=cfg.floor, clip=cfg.clip, max_share=cfg.max_share, segment_mask=segment_mask,
             )
         rollout.update(
             texts=texts, owners=owners, rewards=rewards, advantages=advantages, token_advantages=token_advantages,
+            segment_mask=segment_mask,
             attribution_seconds=attribution_seconds, num_evaluations=evaluations,
         )
         return rollout
@@ -322,6 +330,7 @@ class OSPOTrainer:
             "reward": rollout["rewards"].mean().item(),
             "reward_std": rollout["rewards"].std().item() if rollout["rewards"].numel() > 1 else 0.0,
             "completion_length": lengths.mean().item(),
+            "format_rate": sum(map(follows_format, rollout["texts"])) / len(rollout["texts"]),
             "num_evaluations": rollout["num_evaluations"],
             "attribution_seconds": rollout["attribution_seconds"],
             "lr": self.scheduler.get_last_lr()[0],

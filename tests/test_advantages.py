@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import assert_close
 
-from ospo_fast.advantages import group_advantages, potential_shaping, redistribute, spread_credit
+from ospo_fast.advantages import DEFAULT_MAX_SHARE, group_advantages, redistribute, spread_credit
+from ospo_fast.plans import exact_plan
+from ospo_fast.structure import CoalitionStructure
 
 SHARE_MODES = ["proportional", "rank", "hybrid"]
-ALL_MODES = SHARE_MODES + ["potential"]
+ALL_MODES = SHARE_MODES
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -161,7 +163,7 @@ def test_spread_credit_bad_inputs_name_the_argument(args, kwargs, name):
 # redistribute: invariants of the share modes
 
 
-@pytest.mark.parametrize("mode", SHARE_MODES + ["potential"])
+@pytest.mark.parametrize("mode", SHARE_MODES)
 @pytest.mark.parametrize("seed", range(3))
 def test_token_mean_equals_the_advantage(mode, seed):
     A, credit, mask = ragged_batch(seed)
@@ -235,7 +237,7 @@ def test_no_credit_in_the_advantage_direction_gives_uniform_shares(mode):
 def test_proportional_shares_follow_positive_directional_credit(seed):
     A, credit, mask = ragged_batch(30 + seed)
     floor = 0.2
-    out = redistribute(A, credit, mask, mode="proportional", floor=floor)
+    out = redistribute(A, credit, mask, mode="proportional", floor=floor, max_share=None)
     for j in range(A.numel()):
         if A[j] == 0 or mask[j].sum() == 1:
             continue
@@ -276,7 +278,7 @@ def test_rank_ties_share_the_average_rank():
     A = torch.tensor([2.0], dtype=torch.float64)
     credit = torch.tensor([[0.5, 0.1, 0.5, -1.0, 0.1, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[True, True, True, True, True, False]])
-    out = redistribute(A, credit, mask, mode="rank", floor=0.0)
+    out = redistribute(A, credit, mask, mode="rank", floor=0.0, max_share=None)
     ranks = torch.tensor([4.5, 2.5, 4.5, 1.0, 2.5], dtype=torch.float64)
     assert_close(out[0, :5], 2.0 * 5 * ranks / ranks.sum(), 1e-12, 1e-12, what="average ranks")
 
@@ -285,67 +287,168 @@ def test_hybrid_alpha_zero_is_grpo_and_alpha_one_is_proportional():
     A, credit, mask = ragged_batch(8)
     grpo = torch.where(mask, A[:, None].expand(mask.shape), torch.zeros(mask.shape, dtype=A.dtype))
     assert_close(redistribute(A, credit, mask, mode="hybrid", alpha=0.0), grpo, 0, 0, what="alpha=0")
-    proportional = redistribute(A, credit, mask, mode="proportional")
-    assert_close(redistribute(A, credit, mask, mode="hybrid", alpha=1.0), proportional, 0, 0, what="alpha=1")
+    proportional = redistribute(A, credit, mask, mode="proportional", max_share=None)
+    hybrid = redistribute(A, credit, mask, mode="hybrid", alpha=1.0, max_share=None)
+    assert_close(hybrid, proportional, 0, 0, what="alpha=1")
 
 
 def test_hybrid_mixes_proportional_and_uniform_linearly():
     A, credit, mask = ragged_batch(9)
-    proportional = redistribute(A, credit, mask, mode="proportional")
+    proportional = redistribute(A, credit, mask, mode="proportional", max_share=None)
     grpo = redistribute(A, credit, mask, mode="hybrid", alpha=0.0)
-    mixed = redistribute(A, credit, mask, mode="hybrid", alpha=0.3)
+    mixed = redistribute(A, credit, mask, mode="hybrid", alpha=0.3, max_share=None)
     assert_close(mixed, 0.3 * proportional + 0.7 * grpo, 1e-12, 1e-12, what="hybrid")
 
 
 # ----------------------------------------------------------------------------------------------------
-# redistribute: potential-based shaping
+# redistribute: only segment tokens share out the advantage
 
 
+def with_segments(seed: int, N: int = 7, T: int = 23):
+    """ragged_batch plus a random segment mask inside the completion mask (some rows without segments)."""
+    A, credit, mask = ragged_batch(seed, N, T)
+    g = _gen(seed + 1000)
+    segment = mask & (torch.rand(N, T, generator=g) < 0.6)
+    segment[0] = False  # a response with no segment at all
+    return A, credit, mask, segment
+
+
+@pytest.mark.parametrize("mode", SHARE_MODES)
 @pytest.mark.parametrize("seed", range(3))
-def test_potential_shaped_rewards_sum_to_zero(seed):
-    A, credit, mask = ragged_batch(60 + seed)
-    _, r = potential_shaping(A, credit, mask)
-    assert_close(r.sum(1), torch.zeros(A.numel()), 0, 1e-12, what="sum of shaped rewards")
+def test_tokens_outside_the_segments_get_exactly_the_advantage(mode, seed):
+    A, credit, mask, segment = with_segments(60 + seed)
+    out = redistribute(A, credit * 5, mask, mode=mode, segment_mask=segment)
+    others = mask & ~segment
+    assert (out[others] == A[:, None].expand_as(out)[others]).all()
+    assert (out[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("mode", SHARE_MODES)
+@pytest.mark.parametrize("max_share", [DEFAULT_MAX_SHARE, None])
 @pytest.mark.parametrize("seed", range(3))
-def test_potential_telescopes_to_a_terminal_potential_of_zero(seed):
-    A, credit, mask = ragged_batch(70 + seed)
-    phi, r = potential_shaping(A, credit, mask)
-    for j in range(A.numel()):
-        tokens = mask[j].nonzero().flatten()
-        following = torch.cat([phi[j, tokens[1:]], torch.zeros(1, dtype=phi.dtype)])  # terminal: 0
-        assert_close(r[j, tokens], following - phi[j, tokens], 0, 1e-12, what=f"row {j}")
-        assert phi[j, tokens[0]] == 0  # nothing emitted before the first token
+def test_segment_tokens_keep_the_advantage_as_their_mean(mode, max_share, seed):
+    A, credit, mask, segment = with_segments(70 + seed)
+    out = redistribute(A, credit, mask, mode=mode, segment_mask=segment, max_share=max_share)
+    has = segment.any(1)
+    assert_close(token_mean(out, segment)[has], A[has], 1e-12, 1e-12, what="segment mean")
+    assert_close(token_mean(out, mask), A, 1e-12, 1e-12, what="completion mean")
 
 
-def test_potential_reaches_the_advantage_when_credit_agrees_with_it():
-    A, credit, mask = ragged_batch(11)
-    credit = torch.sign(A)[:, None] * credit.abs()  # every segment pushed in A's direction
-    phi, _ = potential_shaping(A, credit, mask)
-    for j in range(A.numel()):
-        if A[j] == 0:
-            continue
-        tokens = mask[j].nonzero().flatten()
-        kappa = A[j].abs() / credit[j, tokens].abs().sum()
-        total = phi[j, tokens[-1]] + kappa * credit[j, tokens[-1]]  # the potential after all tokens
-        assert total.item() == pytest.approx(A[j].item(), abs=1e-12)
+@pytest.mark.parametrize("mode", SHARE_MODES)
+@pytest.mark.parametrize("seed", range(4))
+def test_one_segment_or_equal_credit_gives_exactly_the_advantage(mode, seed):
+    # Nothing to assign: OSPO is GRPO, to the last bit, whatever the think block and tags around it.
+    g = _gen(80 + seed)
+    N, T = 9, 31
+    A = torch.randn(N, generator=g, dtype=torch.float64)
+    token_player = torch.full((N, T), -1)
+    values = []
+    for j in range(N):
+        start = int(torch.randint(0, 12, (1,), generator=g))
+        if j % 2:  # one segment of random length
+            token_player[j, start : start + int(torch.randint(1, 15, (1,), generator=g))] = 0
+            values.append(torch.randn(1, generator=g, dtype=torch.float64))
+        else:  # three segments of one length, equal Owen values
+            length = int(torch.randint(1, 6, (1,), generator=g))
+            for k in range(3):
+                token_player[j, start + k * (length + 1) : start + k * (length + 1) + length] = k
+            values.append(torch.randn(1, generator=g, dtype=torch.float64).expand(3).clone())
+    credit = spread_credit(values, token_player)
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[:, -3:] = False
+    out = redistribute(A, credit, mask, mode=mode, segment_mask=token_player >= 0)
+    expected = torch.where(mask, A[:, None].expand(N, T), torch.zeros(N, T, dtype=A.dtype))
+    assert torch.equal(out, expected)
 
 
-def test_potential_rewards_tokens_in_the_direction_of_their_credit():
-    # Signed normalisation A / sum(c) would flip these when sum(c) < 0 < A.
-    A = torch.tensor([1.0], dtype=torch.float64)
-    credit = torch.tensor([[1.0, -3.0, 0.5, 0.0]], dtype=torch.float64)
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    _, r = potential_shaping(A, credit, mask)
-    assert r[0, 0] > 0 and r[0, 1] < 0 and r[0, 2] > 0
+def _noise_group_sums(mode: str, structure: list[list[int]], lengths: list[int], groups: int, seed: int):
+    """Mean and standard error of each token position's group sum of advantages, under rewards that carry
+    no signal: every coalition of every response is worth an independent uniform draw (v(empty) = 0.2, as
+    a fixed empty answer would), and the response's reward is v(N).
+
+    Layout of every response: 10 think/tag tokens, the segments (``lengths[i]`` tokens each, one
+    punctuation token between them), a closing tag and EOS.
+    """
+    G = 8
+    g = _gen(seed)
+    plan = exact_plan(CoalitionStructure(structure))
+    values = torch.rand(groups * G, plan.num_coalitions, generator=g, dtype=torch.float64)
+    values[:, plan.empty_index] = 0.2
+    phi = values @ plan.weight_matrix()
+    A = group_advantages(values[:, plan.full_index], G)
+    row = [-1] * 10
+    for i, n in enumerate(lengths):
+        row += [i] * n + ([-1] if i + 1 < len(lengths) else [])
+    row += [-1, -1]
+    token_player = torch.tensor(row).expand(groups * G, -1)
+    credit = spread_credit(phi.reshape(-1), token_player, torch.arange(0, groups * G * len(lengths) + 1, len(lengths)))
+    mask = torch.ones_like(token_player, dtype=torch.bool)
+    out = redistribute(A, credit, mask, mode=mode, segment_mask=token_player >= 0)
+    sums = out.view(groups, G, -1).sum(1)
+    return sums.mean(0), sums.std(0) / groups**0.5, torch.tensor(row)
 
 
-def test_potential_advantage_is_the_advantage_plus_length_times_shaped_reward():
-    A, credit, mask = ragged_batch(12)
-    _, r = potential_shaping(A, credit, mask)
-    expected = torch.where(mask, A[:, None] + mask.sum(1, keepdim=True) * r, torch.zeros_like(r))
-    assert_close(redistribute(A, credit, mask, mode="potential"), expected, 1e-12, 1e-12, what="potential")
+@pytest.mark.parametrize("mode", SHARE_MODES)
+def test_noise_rewards_move_no_token_class(mode):
+    # With rewards that carry no signal, GRPO's group sum of advantages is 0 at every token; OSPO must keep
+    # that outside the credit it assigns, or it teaches a task-independent habit (the think block, the tags
+    # and EOS used to drift to -1.2 and the answer's tokens to +2.7: answers stopped closing).
+    mean, stderr, row = _noise_group_sums(mode, [[0]], [5], groups=2000, seed=1)
+    assert mean.abs().max() < 1e-9, mean  # one segment: exactly GRPO
+    # Two sentences of two equal-length phrases: every token is exchangeable with its peers.
+    mean, stderr, row = _noise_group_sums(mode, [[0, 1], [2, 3]], [3, 3, 3, 3], groups=2000, seed=2)
+    outside = row < 0
+    assert mean[outside].abs().max() < 1e-9, mean  # think, tags, punctuation, EOS: exactly GRPO
+    first = 10
+    assert abs(float(mean[first])) < max(4 * float(stderr[first]), 0.05), (mean[first], stderr[first])
+    assert (mean[~outside].abs() < 4 * stderr[~outside] + 0.05).all(), mean
+
+
+def test_redistribution_without_a_segment_mask_would_move_the_think_block():
+    # The same noise game with every completion token counted as a segment token: the think block drifts.
+    # (What the segment mask is for: this is the behaviour the trainers no longer have.)
+    G, groups = 8, 500
+    g = _gen(5)
+    rewards = torch.rand(groups * G, generator=g, dtype=torch.float64)
+    A = group_advantages(rewards, G)
+    token_player = torch.tensor([-1] * 10 + [0] * 5 + [-1]).expand(groups * G, -1)
+    credit = spread_credit(list((rewards - 0.2)[:, None]), token_player)
+    mask = torch.ones_like(token_player, dtype=torch.bool)
+    drifting = redistribute(A, credit, mask).view(groups, G, -1).sum(1).mean(0)
+    fixed = redistribute(A, credit, mask, segment_mask=token_player >= 0).view(groups, G, -1).sum(1).mean(0)
+    assert drifting[0] < -0.5 and drifting[10] > 1.0
+    assert fixed.abs().max() < 1e-9
+
+
+# ----------------------------------------------------------------------------------------------------
+# redistribute: the bound on a token's share
+
+
+@pytest.mark.parametrize("mode", SHARE_MODES)
+@pytest.mark.parametrize("max_share", [1.0, 1.7, 4.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_max_share_bounds_every_token_and_keeps_mean_sign_and_order(mode, max_share, seed):
+    A, credit, mask, segment = with_segments(90 + seed, N=9, T=41)
+    credit = credit**3  # heavy-tailed credit: some rows far beyond the bound
+    free = redistribute(A, credit, mask, mode=mode, segment_mask=segment, max_share=None)
+    out = redistribute(A, credit, mask, mode=mode, segment_mask=segment, max_share=max_share)
+    A_t = A[:, None].expand_as(out)
+    assert (out.abs()[mask] <= max_share * A_t.abs()[mask] * (1 + 1e-12)).all()
+    assert_close(token_mean(out, mask), A, 1e-12, 1e-12, what="mean")
+    assert (torch.sign(out)[mask] == torch.sign(A_t)[mask]).all()
+    for j in range(A.numel()):  # pulled towards uniform: the order of the shares is kept
+        tokens = segment[j].nonzero().flatten()
+        if A[j] != 0 and len(tokens) > 1:
+            order = free[j, tokens].argsort()
+            assert (out[j, tokens[order]].diff() >= -1e-12).all()
+    within = (free.abs() <= max_share * A_t.abs()).all(1)
+    assert torch.equal(out[within], free[within])  # rows inside the bound are untouched
+
+
+def test_potential_mode_is_refused_with_a_pointer_to_why():
+    A, credit, mask = ragged_batch(1)
+    with pytest.raises(ValueError, match="potential.*removed"):
+        redistribute(A, credit, mask, mode="potential")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,11 +462,9 @@ def test_credit_after_a_think_block_lands_on_the_answer_tokens(mode):
     mask = torch.ones_like(token_player, dtype=torch.bool)
     for A, phi in ((1.5, [0.6, 0.3, 0.1]), (-1.5, [-0.6, -0.3, -0.1])):
         credit = spread_credit([torch.tensor(phi)], token_player)
-        out = redistribute(torch.tensor([A]), credit, mask, mode=mode)
-        top = out[0].abs().argsort(descending=True)[:7]
-        assert (token_player[0, top] >= 0).all(), (A, mode, out)
-        assert out[0, :9].abs().max() < out[0, 9:12].abs().min()
-        assert torch.sign(out[0, :9]).eq(torch.sign(torch.tensor(A))).all()  # the think block keeps A's sign
+        out = redistribute(torch.tensor([A]), credit, mask, mode=mode, segment_mask=token_player >= 0)
+        assert (out[0, token_player[0] < 0] == A).all()  # the think block and the comma: GRPO
+        assert out[0, 9:12].abs().min() > abs(A) > out[0, 15:17].abs().max()  # the best segment gets most
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
@@ -415,6 +516,9 @@ _FIRST = tuple(int(i) for i in _M.nonzero()[0])
         (_bad(clip=0.0), "clip"),
         (_bad(clip=(1.0, -1.0)), "clip"),
         (_bad(clip="big"), "clip"),
+        (_bad(max_share=0.5), "max_share"),
+        (_bad(segment_mask=_M[:, :-1]), "segment_mask"),
+        (_bad(segment_mask=[[True]]), "segment_mask"),
         (_bad(advantages=_with_nan(_A, 3)), "advantages"),
         (_bad(token_credit=_with_nan(_C, _FIRST)), "token_credit"),
         (_bad(advantages=torch.ones(7, dtype=torch.bool)), "advantages"),

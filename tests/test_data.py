@@ -29,6 +29,7 @@ from ospo_fast.data import (
     esci_pools,
     esci_task,
     extract_answer,
+    follows_format,
     hm_pools,
     hm_task,
     load_default_esci,
@@ -476,6 +477,22 @@ def test_bad_template_is_rejected_naming_the_fields(template, task, message):
 )
 def test_extract_answer(completion, answer):
     assert extract_answer(completion) == answer
+
+
+@pytest.mark.parametrize(
+    "completion, follows",
+    [
+        ("<think>they want shoes</think><answer> red running shoes </answer>", True),
+        ("<answer>a</answer> trailing words", True),
+        ("<ANSWER>a</ANSWER>", True),
+        ("<think>hmm</think> red running shoes", False),  # no answer tag
+        ("<answer>waluminum waluminum waluminum", False),  # never closed
+        ("<answer>  </answer>", False),  # empty
+        ("</answer><answer>", False),
+    ],
+)
+def test_follows_format(completion, follows):
+    assert follows_format(completion) is follows
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,11 +23,17 @@ def task():
 def test_train_writes_the_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--output", str(out), *TINY]) == 0
-    for name in ("metrics.jsonl", "checkpoint.pt", "eval.json", "report.md", "reward.png", "ndcg.png", "attributions.html"):
+    for name in ("metrics.jsonl", "checkpoint.pt", "eval.json", "report.md", "reward.png", "ndcg.png", "format.png",
+                 "attributions.html"):
         assert (out / name).is_file(), name
     assert (out / "policy" / "config.json").is_file()
     summary = json.loads((out / "eval.json").read_text())
     assert set(summary["results"]) == {"warm start", "ospo (proportional)"}
+    for policy, form in summary["format"].items():  # greedy answers: closed by </answer>, and their length
+        assert 0 <= form["format_rate"] <= 1 and form["completion_tokens"] > 0, policy
+    report = (out / "report.md").read_text()
+    assert "| ospo (proportional) | " in report.split("| policy | format rate |")[1]
+    assert "Sampled completions in training" in report
     assert set(summary["results"]["warm start"]) == {"dense", "bm25", "lsa"}
     assert "ndcg@10" in capsys.readouterr().out
 

@@ -85,10 +85,24 @@ def test_grpo_sequence_advantages_match_verls_loop():
 
 def test_token_mean_of_ospo_advantages_is_the_grpo_advantage():
     rewards, credit, mask, index = random_batch(3)
-    for mode in ("proportional", "rank", "hybrid", "potential"):
+    for mode in ("proportional", "rank", "hybrid"):
         adv = ospo_advantages(dense_token_rewards(rewards, credit, mask), mask, index, mode=mode)
         torch.testing.assert_close((adv * mask).sum(1) / mask.sum(1), grpo_loop(rewards, index), rtol=1e-5, atol=1e-5)
         assert (adv[~mask] == 0).all()
+
+
+def test_tokens_without_credit_and_the_last_token_keep_the_grpo_advantage():
+    # The think block, tags and EOS carry no credit: OSPO moves advantage only among the segment tokens.
+    rewards, credit, mask, index = random_batch(5)
+    credit = credit * (torch.rand(credit.shape, generator=torch.Generator().manual_seed(5)) < 0.5)
+    dense = dense_token_rewards(rewards, credit * ~last_token_mask(mask), mask)
+    grpo = grpo_loop(rewards, index)[:, None].expand_as(credit)
+    for mode in ("proportional", "rank", "hybrid"):
+        adv = ospo_advantages(dense, mask, index, mode=mode)
+        outside = mask & ((credit == 0) | last_token_mask(mask))
+        torch.testing.assert_close(adv[outside], grpo[outside].float())
+        inside = mask & ~outside
+        assert not torch.allclose(adv[inside], grpo[inside].float())
 
 
 def test_a_last_token_scalar_reward_gives_grpo_advantages():
@@ -100,10 +114,11 @@ def test_a_last_token_scalar_reward_gives_grpo_advantages():
 
 def test_credit_moves_advantage_towards_credited_tokens():
     mask = torch.ones(2, 4, dtype=torch.bool)
-    credit = torch.tensor([[0.0, 0.6, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    credit = torch.tensor([[0.0, 0.6, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
     rewards = torch.tensor([1.0, 0.0])
     adv = ospo_advantages(dense_token_rewards(rewards, credit, mask), mask, np.array(["g", "g"], dtype=object))
-    assert adv[0, 1] == adv[0].max() and adv[0, 1] > adv[0, 0]
+    assert adv[0, 1] == adv[0].max() and adv[0, 1] > adv[0, 0] > adv[0, 2]
+    assert adv[0, 0] == adv[0, 3]  # no credit: the GRPO advantage
 
 
 def test_estimator_reads_options_from_the_config_section():

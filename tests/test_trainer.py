@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ospo_fast as of
+from ospo_fast.data import follows_format
 from ospo_fast.policy import build_tokenizer, completion_offsets, tiny_causal_lm
 from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
 
@@ -75,6 +76,25 @@ def test_ospo_token_advantages_average_to_the_group_advantage(make_trainer, tmp_
     mask = rollout["completion_mask"].float()
     mean = (rollout["token_advantages"] * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(mean, rollout["advantages"].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("redistribution", ["proportional", "rank", "hybrid"])
+def test_ospo_gives_tokens_outside_the_segments_their_response_advantage(make_trainer, tmp_path, redistribution):
+    rollout = _rollout(make_trainer(tmp_path, redistribution=redistribution))
+    mask, segments = rollout["completion_mask"], rollout["segment_mask"]
+    outside = mask & ~segments
+    assert outside.any() and (mask & segments).any()  # tags and EOS, and answer segments, in every batch
+    expected = rollout["advantages"][:, None].expand_as(mask).float()
+    assert torch.equal(rollout["token_advantages"][outside], expected[outside])
+
+
+def test_metrics_log_the_format_rate_and_completion_length(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path)
+    metrics = trainer.train()
+    texts = trainer.last_rollout["texts"]
+    assert metrics[-1]["format_rate"] == sum(follows_format(t) for t in texts) / len(texts)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= x["format_rate"] <= 1 and x["completion_length"] > 0 for x in logged)
 
 
 def test_grpo_mode_gives_every_token_its_response_advantage(make_trainer, tmp_path):

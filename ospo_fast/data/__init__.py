@@ -35,7 +35,7 @@ from .hm import (
     normalise_article_id,
 )
 from .pools import DEFAULT_MIX, KINDS, Pools, bm25_ranked, build_pools, category_codes, esci_pools, hm_pools, owner_rng
-from .prompts import ESCI_TEMPLATE, HM_TEMPLATE, TEMPLATE_FIELDS, chat, check_template, extract_answer, render
+from .prompts import ESCI_TEMPLATE, HM_TEMPLATE, TEMPLATE_FIELDS, chat, check_template, extract_answer, follows_format, render
 from .tasks import Sample, SearchTask, default_task, esci_task, hm_task, train_eval_split
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "esci_pools",
     "esci_task",
     "extract_answer",
+    "follows_format",
     "hm_pools",
     "hm_task",
     "load_default_esci",

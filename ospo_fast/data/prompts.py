@@ -11,6 +11,7 @@ Templates are plain ``str.format`` strings with named fields. A user passes thei
 
 from __future__ import annotations
 
+import re
 import string
 from functools import lru_cache
 from typing import Dict, FrozenSet, List, Optional
@@ -107,11 +108,23 @@ def extract_answer(completion: str) -> str:
     """The answer of a completion, stripped: the text inside the first ``<answer>...</answer>``; without an
     answer tag, the text after ``</think>``; without either, the whole text.
 
-    The same rule the segmenter uses (:meth:`ospo_fast.Segmenter.answer_span`), so the reward of the
-    extracted answer is the value of the grand coalition. An unclosed ``<think>`` with no answer tag (a
+    The same rule the segmenter uses (:meth:`ospo_fast.Segmenter.answer_span`): the grand coalition's text is
+    this answer from its first segment to its last (punctuation before the first and after the last
+    dropped). An unclosed ``<think>`` with no answer tag (a
     completion cut off while thinking) gives ``""``; an answer tag never closed runs to the end of the text.
     """
     if not isinstance(completion, str):
         raise ValueError(f"completion: expected a str, got {type(completion).__name__}")
     lo, hi = _segmenter().answer_span(completion)
     return completion[lo:hi].strip()
+
+
+_CLOSED_ANSWER = re.compile(r"<answer>\s*\S.*?</answer>", re.IGNORECASE | re.DOTALL)
+
+
+def follows_format(completion: str) -> bool:
+    """True when the completion holds a non-empty answer closed by its tag, ``<answer>...</answer>``: the
+    format the prompts ask for (what the training logs count as its format rate)."""
+    if not isinstance(completion, str):
+        raise ValueError(f"completion: expected a str, got {type(completion).__name__}")
+    return _CLOSED_ANSWER.search(completion) is not None

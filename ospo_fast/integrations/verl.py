@@ -13,7 +13,8 @@ so ``sum_t r[j, t] = R_j``, the reward verl's GRPO would see (every estimator th
 still works, and verl logs the same scores). The segment that owns the last token spreads its Owen value
 over its other tokens, so no credit is lost there. The ``"ospo"`` estimator splits ``r`` back into ``R``
 (the sum) and the credit (every token but the last), computes verl's GRPO advantage of ``R`` within each
-``uid`` group, and redistributes it over the tokens with :func:`ospo_fast.redistribute`. A reward that puts
+``uid`` group, and redistributes it over the tokens that carry credit with :func:`ospo_fast.redistribute`
+(every other token, the last one included, keeps the GRPO advantage). A reward that puts
 one scalar on the last token (any other reward manager) has no credit: the estimator then gives every token
 the GRPO advantage, exactly verl's ``"grpo"``. With ``algorithm.use_kl_in_reward`` the per-token KL penalty
 is part of ``r``, of the sequence reward and of the credit, as it is for verl's estimators.
@@ -47,7 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..advantages import redistribute
+from ..advantages import DEFAULT_MAX_SHARE, redistribute
 from ..attribution import OwenAttributor
 from ..segment import Segmenter
 from .common import CompletionReward, attribute_completions
@@ -67,7 +68,7 @@ __all__ = [
     "split_token_rewards",
 ]
 
-ESTIMATOR_OPTIONS = dict(mode="proportional", alpha=0.5, floor=0.1, clip=None)
+ESTIMATOR_OPTIONS = dict(mode="proportional", alpha=0.5, floor=0.1, max_share=DEFAULT_MAX_SHARE, clip=None)
 ATTRIBUTION_OPTIONS = dict(method="auto", budget=64, seed=0, max_players=16)
 
 
@@ -156,6 +157,8 @@ def ospo_advantages(
     alpha: float = 0.5,
     floor: float = 0.1,
     clip: float | tuple[float, float] | None = None,
+    max_share: float | None = DEFAULT_MAX_SHARE,
+    segment_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token OSPO advantages: verl's GRPO advantage of each response, redistributed by token credit.
 
@@ -165,7 +168,10 @@ def ospo_advantages(
         index: ``B`` group ids.
         token_credit: float ``[B, L]``; None reads it from ``token_level_rewards`` (:func:`split_token_rewards`).
         epsilon, norm_adv_by_std_in_grpo: as verl's GRPO.
-        mode, alpha, floor, clip: see :func:`ospo_fast.redistribute`.
+        mode, alpha, floor, clip, max_share: see :func:`ospo_fast.redistribute`.
+        segment_mask: bool ``[B, L]``, True on the tokens of the answer's segments; None: the tokens that
+            carry credit (the dense rewards hold no segment map; a segment token whose credit is exactly 0
+            then gets the GRPO advantage, like the think block, the tags and the last token).
     Returns:
         float32 ``[B, L]``, 0 off the mask; without ``clip``, each row's mean over its response tokens is its
         GRPO advantage.
@@ -180,7 +186,12 @@ def ospo_advantages(
         credit = token_credit
     advantages = grpo_sequence_advantages(scores, index, epsilon, norm_adv_by_std_in_grpo)
     mask = response_mask.bool()
-    return redistribute(advantages, credit, mask, mode=mode, alpha=alpha, floor=floor, clip=clip).float()
+    if segment_mask is None:
+        segment_mask = credit != 0
+    return redistribute(
+        advantages, credit, mask, mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share,
+        segment_mask=segment_mask,
+    ).float()
 
 
 def _section(config, name: str) -> dict:
@@ -212,7 +223,7 @@ def compute_ospo_advantage(
     """The estimator verl calls for ``algorithm.adv_estimator=ospo``: ``(advantages, returns)``, both ``[B, L]``.
 
     Options come from ``config`` (verl's ``algorithm`` section): ``norm_adv_by_std_in_grpo`` and the section
-    ``ospo`` (``mode``, ``alpha``, ``floor``, ``clip``; set with ``+algorithm.ospo.mode=rank``).
+    ``ospo`` (``mode``, ``alpha``, ``floor``, ``max_share``, ``clip``; set with ``+algorithm.ospo.mode=rank``).
     """
     if index is None:
         raise ValueError("index: the ospo estimator needs the prompt group ids (verl's non_tensor_batch['uid'])")
