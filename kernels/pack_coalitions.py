@@ -1,8 +1,10 @@
 """Triton kernel that packs the kept tokens of every coalition into one variable-length batch.
 
-One program per output sequence: it walks its text's tokens in blocks, keeps those whose player is in
-the sequence's coalition (a bit mask), ranks them with a prefix sum, and writes ``[CLS] kept [SEP]``
-at ``cu_seqlens[s]`` — truncated to the sequence's length, which the host computed beforehand.
+One program per output sequence: it walks its text's tokens in blocks, keeps those whose players are all
+in the sequence's coalition (each token's ``need`` and the coalition are int64 bit masks: a player's
+tokens need its bit, the tokens between two players need both bits), ranks them with a prefix sum, and
+writes ``[CLS] kept [SEP]`` at ``cu_seqlens[s]`` — truncated to the sequence's length, which the host
+computed beforehand.
 """
 
 import torch
@@ -13,7 +15,7 @@ import triton.language as tl
 @triton.jit
 def _pack_coalitions_kernel(
     token_ids,
-    token_player,
+    token_need,
     text_offsets,
     seq_text,
     seq_keep,
@@ -39,8 +41,8 @@ def _pack_coalitions_kernel(
     for block in range(0, max_text_tokens, BLOCK):
         t = lo + block + tl.arange(0, BLOCK)
         live = t < hi
-        player = tl.load(token_player + t, mask=live, other=-1)
-        kept = live & (player >= 0) & (((keep >> tl.maximum(player, 0)) & 1) == 1)
+        need = tl.load(token_need + t, mask=live, other=0)  # int64: bit 63 (the sign bit) is a player too
+        kept = live & (need != 0) & ((keep & need) == need)
         rank = written + tl.cumsum(kept.to(tl.int64), axis=0) - 1
         ids = tl.load(token_ids + t, mask=kept, other=0)
         tl.store(out + start + 1 + rank, ids, mask=kept & (rank < room))
@@ -49,7 +51,7 @@ def _pack_coalitions_kernel(
 
 def pack_coalitions(
     token_ids: torch.Tensor,
-    token_player: torch.Tensor,
+    token_need: torch.Tensor,
     text_offsets: torch.Tensor,
     seq_text: torch.Tensor,
     seq_keep: torch.Tensor,
@@ -69,7 +71,7 @@ def pack_coalitions(
     num_sequences = seq_text.numel()
     if num_sequences:
         _pack_coalitions_kernel[(num_sequences,)](
-            token_ids, token_player, text_offsets, seq_text, seq_keep, cu_seqlens, out,
+            token_ids, token_need, text_offsets, seq_text, seq_keep, cu_seqlens, out,
             cls_id, sep_id, max_text_tokens, BLOCK=block,
         )
     return out

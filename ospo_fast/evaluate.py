@@ -5,7 +5,8 @@ The value of coalition S of a response is the reward of ``coalition_text(sg, S)`
 * **text rewards** — any ``reward(texts, owners) -> float [N]`` (BM25, a Python metric, an LLM judge): all
   distinct ``(owner, coalition text)`` pairs of the batch are built and scored in one call;
 * **encoder rewards** — :class:`~ospo_fast.rewards.DenseRetrievalReward`: each distinct response is tokenised
-  once by the encoder's tokenizer; each coalition keeps the tokens of its segments; the kept tokens of all
+  once by the encoder's tokenizer; each coalition keeps the tokens of its segments and of the text between
+  adjacent kept segments (the tokens of its coalition text); the kept tokens of all
   coalitions are packed into one variable-length batch (``cu_seqlens``, no padding) and embedded in one
   forward; pooling, scoring against the pool and the metric run on the device for all coalitions at once.
 
@@ -156,7 +157,7 @@ class PackedSequences:
 
 def pack_coalitions_reference(
     token_ids: torch.Tensor,
-    token_player: torch.Tensor,
+    token_need: torch.Tensor,
     text_offsets: torch.Tensor,
     seq_text: torch.Tensor,
     seq_keep: torch.Tensor,
@@ -167,11 +168,14 @@ def pack_coalitions_reference(
 ) -> torch.Tensor:
     """Torch reference of the packing kernel (``kernels/pack_coalitions.py``).
 
-    token_ids, token_player: int64 ``[N]`` (tokens of all texts, concatenated; player -1 = never kept);
+    token_ids: int64 ``[N]`` (tokens of all texts, concatenated); token_need: int64 ``[N]``, for each token
+    the bit mask of the players that must all be kept for it to be kept (``1 << i`` for player i's tokens,
+    ``(1 << i) | (1 << (i + 1))`` for the tokens of the text between players i and i + 1; 0 = never kept);
     text_offsets: int64 ``[U + 1]``; seq_text: int64 ``[S]`` (-1: a sequence with no text tokens);
-    seq_keep: int64 ``[S]`` bit masks of the kept players; cu_seqlens: int64 ``[S + 1]`` (each sequence
-    holds ``[CLS] kept tokens [SEP]``, truncated to its length). Returns int64 ``[total_tokens]``
-    (``total_tokens == cu_seqlens[-1]``, passed from the host).
+    seq_keep: int64 ``[S]`` bit masks of the kept players (bit 63 is the sign bit); cu_seqlens: int64
+    ``[S + 1]`` (each sequence holds ``[CLS] kept tokens [SEP]``, truncated to its length). A token is kept
+    when ``need != 0 and keep & need == need``. Returns int64 ``[total_tokens]`` (``total_tokens ==
+    cu_seqlens[-1]``, passed from the host).
     """
     device = token_ids.device
     out = torch.empty(total_tokens, dtype=torch.int64, device=device)
@@ -186,8 +190,8 @@ def pack_coalitions_reference(
     seq = torch.repeat_interleave(torch.arange(seq_text.numel(), device=device), count)
     row_start = torch.cumsum(count, 0) - count
     token = first[seq] + torch.arange(seq.numel(), device=device) - row_start[seq]
-    player = token_player[token]
-    kept = (player >= 0) & (((seq_keep[seq] >> player.clamp(min=0)) & 1) == 1)
+    need = token_need[token]
+    kept = (need != 0) & ((seq_keep[seq] & need) == need)
     # Rank of each kept token inside its sequence; those past the sequence's room were truncated.
     kept_so_far = torch.cumsum(kept.long(), 0)
     kept_before = torch.cat([kept_so_far.new_zeros(1), kept_so_far])[row_start]
@@ -199,7 +203,7 @@ def pack_coalitions_reference(
 
 def pack_coalitions(
     token_ids: torch.Tensor,
-    token_player: torch.Tensor,
+    token_need: torch.Tensor,
     text_offsets: torch.Tensor,
     seq_text: torch.Tensor,
     seq_keep: torch.Tensor,
@@ -223,12 +227,12 @@ def pack_coalitions(
         raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     if not use_triton:
         return pack_coalitions_reference(
-            token_ids, token_player, text_offsets, seq_text, seq_keep, cu_seqlens, cls_id, sep_id, total_tokens
+            token_ids, token_need, text_offsets, seq_text, seq_keep, cu_seqlens, cls_id, sep_id, total_tokens
         )
     from .kernels.pack_coalitions import pack_coalitions as triton_pack
 
     return triton_pack(
-        token_ids, token_player, text_offsets, seq_text, seq_keep, cu_seqlens, cls_id, sep_id, total_tokens,
+        token_ids, token_need, text_offsets, seq_text, seq_keep, cu_seqlens, cls_id, sep_id, total_tokens,
         max_text_tokens,
     )
 
@@ -602,7 +606,7 @@ class EncoderCoalitionEvaluator:
         self.max_length = self.encoder.max_length
         self.chunk_tokens = chunk_tokens
         self.pack_backend = pack_backend
-        self._phrase_tokens: dict[str, list[int]] = {}  # phrase -> its token ids (see _player_tokens)
+        self._phrase_tokens: dict[str, list[int]] = {}  # phrase or gap -> its token ids (see _player_tokens)
 
     def __call__(self, coalitions: CoalitionBatch) -> tuple[torch.Tensor, int]:
         """Values float32 ``[coalitions.batch.num_values]`` on the reward's device, and the number of
@@ -623,31 +627,40 @@ class EncoderCoalitionEvaluator:
         return self.reward.score_embeddings(embeddings[sequence], owners)
 
     def layout(self, coalitions: CoalitionBatch) -> "PackedLayout":
-        """The host half: tokenise the players of the distinct texts (each phrase once, see
-        :meth:`_player_tokens`) and lay out the sequences to embed."""
+        """The host half: tokenise the players of the distinct texts and the text between them (each piece
+        of text once, see :meth:`_player_tokens`) and lay out the sequences to embed."""
         seg_u, plans_u = coalitions.segmentations, coalitions.plans
         U = len(seg_u)
-        token_ids, token_players, tokens_of_player, player_phrases = self._player_tokens(seg_u)
-        text_lengths = tokens_of_player.sum(axis=1)
+        tokens = self._player_tokens(seg_u)
+        text_lengths = tokens.player_tokens.sum(axis=1) + tokens.gap_tokens.sum(axis=1)
         text_offsets = np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64)
-        width = player_phrases.shape[1]
+        width = tokens.player_tokens.shape[1]
 
-        # Every coalition of every distinct text, flat: its kept tokens, and its content (the phrases it
-        # keeps, in order), from its bit mask.
+        # Every coalition of every distinct text, flat: its kept tokens, and its content (what its coalition
+        # text is made of, in order), from its bit mask. A gap enters with the player before it when the
+        # player after it is kept too; a gap without tokens (whitespace) is the space of a removed run.
         sizes = np.asarray([p.num_coalitions for p in plans_u], dtype=np.int64)
         keys = np.concatenate([p.coalition_keys() for p in plans_u]) if U else np.zeros(0, dtype=np.int64)
         coalition_text = np.repeat(np.arange(U), sizes)
         kept = np.zeros(len(keys), dtype=np.int64)
-        content = np.zeros((len(keys), width), dtype=np.int64)  # 1 + phrase id, 0 past the last kept player
+        # One column per kept player, in order: (1 + its phrase id) << 32 | (1 + the id of the gap after it,
+        # or 0). Piece ids count the pieces of one batch (< 2**31), so the pair is exact.
+        content = np.zeros((len(keys), width), dtype=np.int64)  # 0 past the last kept player
         rank = np.zeros(len(keys), dtype=np.int64)
         for player in range(width):
             rows = np.flatnonzero((keys >> player) & 1)
-            kept[rows] += tokens_of_player[coalition_text[rows], player]
-            content[rows, rank[rows]] = 1 + player_phrases[coalition_text[rows], player]
+            text = coalition_text[rows]
+            kept[rows] += tokens.player_tokens[text, player]
+            gap = np.zeros(len(rows), dtype=np.int64)
+            if player + 1 < width:  # the last player has no gap after it (and no bit 64 to test)
+                with_next = ((keys[rows] >> (player + 1)) & 1) == 1
+                kept[rows] += np.where(with_next, tokens.gap_tokens[text, player], 0)
+                gap = np.where(with_next, 1 + tokens.gap_pieces[text, player], 0)
+            content[rows, rank[rows]] = ((1 + tokens.player_pieces[text, player]) << 32) | gap
             rank[rows] += 1
 
         # Sequence 0 is the empty coalition, shared by every response; then one sequence per distinct
-        # content: coalitions of different responses that keep the same phrases embed identically.
+        # content: coalitions of different responses with the same coalition text embed identically.
         nonempty = np.flatnonzero(keys)
         sequence_of = np.zeros(len(keys), dtype=np.int64)
         representative = nonempty
@@ -663,8 +676,8 @@ class EncoderCoalitionEvaluator:
         unique_rows, coalition = coalitions.value_rows()
         first_coalition = np.concatenate([[0], np.cumsum(sizes)])
         return PackedLayout(
-            token_ids=token_ids,
-            token_player=token_players,
+            token_ids=tokens.token_ids,
+            token_need=tokens.token_need,
             text_offsets=text_offsets,
             max_text_tokens=int(text_lengths.max(initial=0)),
             lengths=lengths[order],
@@ -674,44 +687,61 @@ class EncoderCoalitionEvaluator:
             value_owners=coalitions.value_owners(),
         )
 
-    def _player_tokens(
-        self, segmentations: Sequence[Segmentation]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The tokens of every player of every text, in order: ids (int64 ``[N]``) and each token's player
-        (int64 ``[N]``); then two int64 tables ``[U, most players]``: each player's token count (0 past a
-        text's last player) and an id of its phrase (-1 past the last player; equal phrases, equal ids).
+    def _player_tokens(self, segmentations: Sequence[Segmentation]) -> "_TextTokens":
+        """The tokens of every player of every text and of the text between consecutive players (its *gaps*),
+        in text order: player 0, gap 0, player 1, ..., the last player (see :class:`_TextTokens`).
 
-        A player is tokenised on its own: it starts and ends where a BERT pre-tokenizer splits anyway
-        (whitespace, punctuation), so its tokens are the ones it has in the response and in every coalition
-        text. Tokens between players (punctuation), a think block and the tags never enter a coalition and
-        are not tokenised at all. Phrases recur across the responses of a batch and across batches, so their
-        tokens are kept (up to ``_PHRASE_CACHE_SIZE`` phrases): one tokenizer call covers the new ones."""
-        phrases = [sg.text[start:end] for sg in segmentations for start, end in sg.spans]
+        Each piece is tokenised on its own: players start and end where a BERT pre-tokenizer splits anyway
+        (whitespace, punctuation), so a piece's tokens are the ones it has in the response and in every
+        coalition text that holds it (a gap sits between the same characters there as in the response).
+        Whitespace gaps give no token. Text before the first player and after the last (a think block, the
+        tags) never enters a coalition and is not tokenised at all. Pieces recur across the responses of a
+        batch and across batches, so their tokens are kept (up to ``_PHRASE_CACHE_SIZE`` pieces): one
+        tokenizer call covers the new ones."""
+        pieces = []  # per text: player 0, gap 0, player 1, ..., the last player (2n - 1 pieces)
+        for sg in segmentations:
+            for i, (start, end) in enumerate(sg.spans):
+                if i:
+                    pieces.append(sg.text[sg.spans[i - 1][1] : start])
+                pieces.append(sg.text[start:end])
         cache = self._phrase_tokens
-        new = list(dict.fromkeys(p for p in phrases if p not in cache))
+        new = list(dict.fromkeys(p for p in pieces if p not in cache))
         if new and len(cache) + len(new) > _PHRASE_CACHE_SIZE:
-            cache.clear()  # start over with this batch's phrases
-            new = list(dict.fromkeys(phrases))
+            cache.clear()  # start over with this batch's pieces
+            new = list(dict.fromkeys(pieces))
         if new:
             ids = self.encoder.tokenizer(new, add_special_tokens=False, truncation=False)["input_ids"]
             cache.update(zip(new, ids))
-        pieces = [cache[p] for p in phrases]
-        counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-        token_ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=int(counts.sum()))
+        piece_ids = [cache[p] for p in pieces]
+        counts = np.fromiter(map(len, piece_ids), dtype=np.int64, count=len(pieces))
+        token_ids = np.fromiter(chain.from_iterable(piece_ids), dtype=np.int64, count=int(counts.sum()))
         U = len(segmentations)
         players_per_text = np.fromiter((sg.num_players for sg in segmentations), dtype=np.int64, count=U)
-        text_of_phrase = np.repeat(np.arange(U), players_per_text)
-        text_start = np.cumsum(players_per_text) - players_per_text  # the first phrase of each text
-        player_of_phrase = np.arange(len(phrases)) - np.repeat(text_start, players_per_text)
-        token_players = np.repeat(player_of_phrase, counts)
+        pieces_per_text = np.maximum(2 * players_per_text - 1, 0)
+        text_of_piece = np.repeat(np.arange(U), pieces_per_text)
+        k = np.arange(len(pieces)) - np.repeat(np.cumsum(pieces_per_text) - pieces_per_text, pieces_per_text)
+        player, is_gap = k >> 1, (k & 1) == 1  # piece k is player k // 2, or the gap after it when k is odd
+        # Player i's tokens need bit i; the gap after it needs bits i and i + 1 (i + 1 <= 63: a player follows).
+        need = np.int64(1) << player
+        need[is_gap] |= np.int64(1) << (player[is_gap] + 1)
         numbering: dict[str, int] = {}
-        phrase_ids = np.fromiter((numbering.setdefault(p, len(numbering)) for p in phrases), np.int64, len(phrases))
+        ids = np.fromiter((numbering.setdefault(p, len(numbering)) for p in pieces), np.int64, len(pieces))
+        ids[is_gap & (counts == 0)] = -1  # a gap without tokens adds nothing to a coalition's tokens
         width = int(players_per_text.max(initial=0))
-        player_tokens = np.zeros((U, width), dtype=np.int64)
-        player_tokens[text_of_phrase, player_of_phrase] = counts
-        player_phrases = np.full((U, width), -1, dtype=np.int64)
-        player_phrases[text_of_phrase, player_of_phrase] = phrase_ids
-        return token_ids, token_players, player_tokens, player_phrases
+
+        def table(values: np.ndarray, which: np.ndarray, fill: int) -> np.ndarray:
+            out = np.full((U, width), fill, dtype=np.int64)
+            out[text_of_piece[which], player[which]] = values[which]
+            return out
+
+        return _TextTokens(
+            token_ids=token_ids,
+            token_need=np.repeat(need, counts),
+            player_tokens=table(counts, ~is_gap, 0),
+            gap_tokens=table(counts, is_gap, 0),
+            player_pieces=table(ids, ~is_gap, -1),
+            gap_pieces=table(ids, is_gap, -1),
+        )
 
     def embed_layout(self, layout: "PackedLayout") -> torch.Tensor:
         """Embeddings float32 ``[S, D]`` of the layout's sequences: packed on the device, one forward per
@@ -724,19 +754,19 @@ class EncoderCoalitionEvaluator:
         device = self.reward.device
         lengths = layout.lengths
         chunks = _chunks(lengths, self.chunk_tokens)
-        host = [layout.token_ids, layout.token_player, layout.text_offsets, layout.seq_text, layout.seq_keep, *extra]
+        host = [layout.token_ids, layout.token_need, layout.text_offsets, layout.seq_text, layout.seq_keep, *extra]
         for lo, hi in chunks:
             cu = np.zeros(hi - lo + 1, dtype=np.int64)
             np.cumsum(lengths[lo:hi], out=cu[1:])
             positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths[lo:hi])
             host += [cu, cu.astype(np.int32), positions]
-        token_ids, token_player, text_offsets, seq_text, seq_keep, *rest = to_device_all(host, device)
+        token_ids, token_need, text_offsets, seq_text, seq_keep, *rest = to_device_all(host, device)
         extra_on_device, per_chunk = rest[: len(extra)], rest[len(extra) :]
         embeddings = torch.empty(len(lengths), self.encoder.dim, dtype=torch.float32, device=device)
         for c, (lo, hi) in enumerate(chunks):
             cu, cu32, positions = per_chunk[3 * c : 3 * c + 3]
             input_ids = pack_coalitions(
-                token_ids, token_player, text_offsets, seq_text[lo:hi], seq_keep[lo:hi], cu,
+                token_ids, token_need, text_offsets, seq_text[lo:hi], seq_keep[lo:hi], cu,
                 cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=positions.shape[0],
                 max_text_tokens=layout.max_text_tokens, backend=self.pack_backend,
             )
@@ -747,14 +777,29 @@ class EncoderCoalitionEvaluator:
 
 
 @dataclass
+class _TextTokens:
+    """The pieces of the distinct texts tokenised (:meth:`EncoderCoalitionEvaluator._player_tokens`): per text,
+    player 0, gap 0 (the text between players 0 and 1), player 1, ..., the last player. The tables are
+    int64 ``[U, most players]``, column i for player i and for the gap after it; a piece id numbers the
+    distinct piece texts of the batch (equal texts, equal ids)."""
+
+    token_ids: np.ndarray  # int64 [N]: the pieces' tokens, concatenated in order
+    token_need: np.ndarray  # int64 [N]: the players each token needs kept (see pack_coalitions_reference)
+    player_tokens: np.ndarray  # token count of player i (0 past a text's last player)
+    gap_tokens: np.ndarray  # token count of the gap after player i (0 after the last player)
+    player_pieces: np.ndarray  # piece id of player i (-1 past the last player)
+    gap_pieces: np.ndarray  # piece id of the gap after player i (-1 when it has no token or there is none)
+
+
+@dataclass
 class PackedLayout:
     """The host-side layout of one packed evaluation (:meth:`EncoderCoalitionEvaluator.layout`): the distinct
     texts' tokens, the sequences to embed sorted by length, and for every value of the batch its sequence
     and owner. Everything here is numpy; the device half (:meth:`EncoderCoalitionEvaluator.values`) copies
     it over without a stream sync."""
 
-    token_ids: np.ndarray  # int64 [N]: the players' tokens of all distinct texts, concatenated
-    token_player: np.ndarray  # int64 [N]: each token's player
+    token_ids: np.ndarray  # int64 [N]: the tokens of all distinct texts' players and gaps, concatenated
+    token_need: np.ndarray  # int64 [N]: the players each token needs kept (see pack_coalitions_reference)
     text_offsets: np.ndarray  # int64 [U + 1]
     max_text_tokens: int
     lengths: np.ndarray  # int64 [S]: sequence lengths, [CLS] and [SEP] included, ascending

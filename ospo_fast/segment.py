@@ -1,9 +1,10 @@
 """Text -> segments (players, as character spans) -> coalition structure, and segments -> tokens.
 
 A response is cut into *players* (phrases) grouped into *unions* (sentences or clauses). The value of a
-coalition is the reward of :func:`coalition_text`: the kept segments joined by single spaces. The maps
-from character spans to the tokens of any Hugging Face fast tokenizer (:func:`token_player_map`) carry
-the players' credit back to the tokens of the policy or of an encoder.
+coalition is the reward of :func:`coalition_text`: the kept segments in text order, with the response's
+own text between adjacent kept segments and one space where removed ones were. The maps from character
+spans to the tokens of any Hugging Face fast tokenizer (:func:`token_player_map`) carry the players' credit
+back to the tokens of the policy or of an encoder.
 
 >>> sg = Segmenter()("soft cotton tee for summer. navy blue, slim fit")
 >>> sg.segments
@@ -12,6 +13,8 @@ the players' credit back to the tokens of the policy or of an encoder.
 CoalitionStructure([[0, 1], [2, 3]])
 >>> coalition_text(sg, [True, False, False, True])
 'soft cotton tee slim fit'
+>>> coalition_text(sg, [False, True, True, True])
+'for summer. navy blue, slim fit'
 """
 
 from __future__ import annotations
@@ -568,7 +571,13 @@ def _cap_players(unions: list[list[list[int]]], max_players: int) -> list[list[l
 
 
 def coalition_text(sg: Segmentation, mask) -> str:
-    """The text of a coalition: the kept segments joined by single spaces, in text order.
+    """The text of a coalition: the response with only the kept segments left.
+
+    The kept segments come in text order. Between two adjacent kept segments ``i`` and ``i + 1`` stays the
+    response's own text between them (``sg.text[sg.spans[i][1]:sg.spans[i + 1][0]]``: ", ", ". ", " & ");
+    each run of removed segments between kept ones becomes one space, and removed segments before the first
+    kept one or after the last leave nothing. So the grand coalition's text is the response from its first
+    segment to its last, ``sg.text[sg.spans[0][0]:sg.spans[-1][1]]``, and v(N) is the response's reward.
 
     Args:
         sg: the segmentation.
@@ -592,11 +601,11 @@ def coalition_text(sg: Segmentation, mask) -> str:
         if len(keep) != n:
             raise ValueError(f"mask: has length {len(keep)}, expected {n} (one entry per player)")
         keep = [_as_bool(x) for x in keep]
-    return " ".join(compress(sg.segments, keep))
+    return _join_kept(sg, keep)
 
 
 def coalition_texts(sg: Segmentation, masks) -> list[str]:
-    """The texts of many coalitions of one segmentation.
+    """The texts of many coalitions of one segmentation (see :func:`coalition_text`).
 
     Args:
         sg: the segmentation.
@@ -619,7 +628,6 @@ def coalition_texts(sg: Segmentation, masks) -> list[str]:
             if len(row) != n:
                 raise ValueError(f"masks: row {c} has length {len(row)}, expected {n} (one entry per player)")
             rows.append([_as_bool(x, "masks") for x in row])
-    segments = sg.segments
     # Plans repeat coalitions across responses and methods; join each distinct row once.
     cache: dict[tuple[bool, ...], str] = {}
     out = []
@@ -627,9 +635,22 @@ def coalition_texts(sg: Segmentation, masks) -> list[str]:
         key = tuple(row)
         text = cache.get(key)
         if text is None:
-            text = cache[key] = " ".join(compress(segments, row))
+            text = cache[key] = _join_kept(sg, key)
         out.append(text)
     return out
+
+
+def _join_kept(sg: Segmentation, keep: Sequence[bool]) -> str:
+    """The coalition text of the kept players (``keep``: n bools); the one definition of it."""
+    segments, spans = sg.segments, sg.spans
+    parts: list[str] = []
+    last = -2  # the last kept player so far
+    for i in compress(range(len(keep)), keep):
+        if parts:  # the response's own gap after an adjacent kept player, else one space for the removed run
+            parts.append(sg.text[spans[last][1] : spans[i][0]] if i == last + 1 else " ")
+        parts.append(segments[i])
+        last = i
+    return "".join(parts)
 
 
 def _as_bool(x, name: str = "mask") -> bool:

@@ -49,7 +49,7 @@ def kernels() -> list[tuple[str, object, dict, dict]]:
         signature |= {"term_weight": f"*{dtype}", "out": f"*{dtype}", "num_rows": "i32", "num_games": "i32", "max_terms": "i32"}
         constexprs = {"SEARCH_STEPS": 13, "BLOCK_ROWS": 128}
         out.append((f"owen_aggregate {dtype}", owen_aggregate._owen_aggregate_kernel, signature | dict.fromkeys(constexprs, "constexpr"), constexprs))
-    signature = _pointers("token_ids token_player text_offsets seq_text seq_keep cu_seqlens out", "i64")
+    signature = _pointers("token_ids token_need text_offsets seq_text seq_keep cu_seqlens out", "i64")
     signature |= {"cls_id": "i32", "sep_id": "i32", "max_text_tokens": "i32", "BLOCK": "constexpr"}
     out.append(("pack_coalitions", pack_coalitions._pack_coalitions_kernel, signature, {"BLOCK": 128}))
     for low in ("bf16", "fp16"):

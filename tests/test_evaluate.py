@@ -21,6 +21,7 @@ from ospo_fast.evaluate import (
     pack_coalitions_reference,
     pool_packed,
 )
+from ospo_fast.structure import MAX_PLAYERS
 
 WORDS = (
     "iphone charger fast usb c cable for car wireless pad apple certified braided cord black white 6 ft "
@@ -33,6 +34,33 @@ def random_response(rng: random.Random) -> str:
     sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 3))]
     answer = ". ".join(sentences)
     return f"<think>{rng.choice(WORDS)} {rng.choice(WORDS)}</think><answer>{answer}</answer>" if rng.random() < 0.5 else answer
+
+
+def punctuated_response(rng: random.Random) -> str:
+    """A random answer with punctuation, symbols and spacing between its phrases."""
+    seps = [", ", ". ", "; ", " & ", " + ", " (", ") ", " / ", " - ", ": ", "! ", " ", "  ", "\n", ",", " , "]
+    out = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+    for _ in range(rng.randint(0, 7)):
+        out += rng.choice(seps) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+    return out + rng.choice(["", ".", "!", " :)"])
+
+
+def words_between_players(rng: random.Random) -> of.Segmentation:
+    """A segmentation cut by hand, with function words ("for", "and", "with or") and punctuation left between
+    its players, as a segmenter that keeps only content words could cut it."""
+    fillers = [" for ", " and ", ", with or ", " - for the ", ". and ", " of ", "; ", " (for) "]
+    text, spans = "<answer>", []
+    for i in range(rng.randint(1, 7)):
+        if i:
+            text += rng.choice(fillers)
+        phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
+        spans.append((len(text), len(text) + len(phrase)))
+        text += phrase
+    sizes, left = [], len(spans)
+    while left:
+        sizes.append(rng.randint(1, left))
+        left -= sizes[-1]
+    return of.Segmentation(text + ".</answer>", tuple(spans), of.CoalitionStructure.from_sizes(sizes))
 
 
 def _reward(device="cpu"):
@@ -72,54 +100,107 @@ def test_packed_forward_matches_per_coalition_loop_through_unmodified_model(rewa
     assert_close(got, expected, rtol=1e-5, atol=2e-5, what="packed embeddings")
 
 
-def test_layout_tokenises_only_the_players_once_and_a_think_block_changes_no_value(reward):
+def test_layout_tokenises_only_the_answer_once_and_a_think_block_changes_no_value(reward):
     answer = "usb c cable for car, 2 pack. apple certified"
     thinking = "<think>" + " ".join(["the user wants a charger that is fast and small"] * 20) + "</think>"
     coalitions = _batch([f"{thinking}<answer>{answer}</answer>", answer], [0, 0], method="exact")
     evaluator = EncoderCoalitionEvaluator(reward)
     layout = evaluator.layout(coalitions)
     tokenizer = reward.encoder.tokenizer
-    segments = coalitions.segmentations[1].segments
-    player_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in segments)
-    assert layout.text_offsets.tolist() == [0, player_tokens, 2 * player_tokens]  # no token of the think block
+    sg = coalitions.segmentations[1]
+    answer_tokens = len(tokenizer(sg.text[sg.spans[0][0] : sg.spans[-1][1]], add_special_tokens=False)["input_ids"])
+    assert layout.text_offsets.tolist() == [0, answer_tokens, 2 * answer_tokens]  # no token of the think block
     values = coalitions.batch.split_values(evaluator.values(layout))
     assert_close(values[0], values[1], rtol=0, atol=1e-6, what="values with and without the think block")
     again = evaluator.layout(coalitions)  # every phrase's tokens now come from the evaluator's cache
-    for name in ("token_ids", "token_player", "lengths", "seq_keep", "value_sequence"):
+    for name in ("token_ids", "token_need", "lengths", "seq_keep", "value_sequence"):
         assert np.array_equal(getattr(again, name), getattr(layout, name)), name
 
 
-def test_players_tokenised_alone_get_their_tokens_in_the_whole_response(reward):
-    # The layout tokenises each player on its own; that equals the player's tokens in the response because
-    # players start and end where the encoder's pre-tokenizer splits. Checked on messy random answers.
+def _needs_in_context(sg, offsets) -> list[int]:
+    """The need of each token of the whole response, by definition: a token inside player i needs bit i, one
+    between players i and i + 1 needs both, one before the first player or after the last is never kept (0).
+    As Python ints, bit 63 included; compared with the int64 layout modulo 2**64."""
+    needs = []
+    for (s, e), p in zip(offsets, of.token_player_map(sg, offsets).tolist()):
+        if p >= 0:
+            needs.append(1 << p)
+            continue
+        after = [i for i, (ps, _) in enumerate(sg.spans) if ps >= e]  # the players after the token
+        inside = 0 < len(after) < sg.num_players and s < e
+        needs.append(3 << (after[0] - 1) if inside else 0)
+    return needs
+
+
+def test_players_and_gaps_tokenised_alone_get_their_tokens_in_the_whole_response(reward):
+    # The layout tokenises each player and each gap between players on its own; that equals their tokens in
+    # the response because players start and end where the encoder's pre-tokenizer splits. Checked on messy
+    # random answers, real product texts, and hand-cut segmentations with words between the players.
     rng = random.Random(13)
     extra = ["t-shirt", "men's", "3.5", "1,000", "$20", "(2 pack)", "e.g.", "usb-c/lightning", "naïve", "café;", "x2!",
              "中文字", "a—b", "wait…", "•item", "ＡＢＣ", "😀ok", "Ünïcödé", "50%", "#1", "a_b", "q&a"]
     texts = [random_response(rng) + " " + " ".join(rng.sample(extra, 3)) + rng.choice([".", ", and", "?"]) for _ in range(40)]
-    coalitions = _batch(texts, [0] * len(texts))
+    texts += [punctuated_response(rng) for _ in range(20)] + [t[:300] for t in iphone_charger_pool()[0][:40]]
+    segmentations = [of.Segmenter(max_players=rng.choice([5, 9, MAX_PLAYERS]))(t) for t in texts]
+    segmentations += [words_between_players(rng) for _ in range(25)]
+    plans = [of.make_plan(sg.structure, "sampled", budget=4, seed=0) for sg in segmentations]
+    coalitions = CoalitionBatch.build(segmentations, plans, [0] * len(segmentations))
     layout = EncoderCoalitionEvaluator(reward).layout(coalitions)
     tokenizer = reward.encoder.tokenizer
     for u, sg in enumerate(coalitions.segmentations):
         whole = tokenizer(sg.text, add_special_tokens=False, return_offsets_mapping=True)
-        player = of.token_player_map(sg, whole["offset_mapping"]).tolist()
-        expected = [(t, p) for t, p in zip(whole["input_ids"], player) if p >= 0]
+        needs = _needs_in_context(sg, whole["offset_mapping"])
+        expected = [(t, need) for t, need in zip(whole["input_ids"], needs) if need]
         lo, hi = layout.text_offsets[u], layout.text_offsets[u + 1]
-        assert list(zip(layout.token_ids[lo:hi].tolist(), layout.token_player[lo:hi].tolist())) == expected, sg.text
+        got = [(t, need % (1 << 64)) for t, need in zip(layout.token_ids[lo:hi].tolist(), layout.token_need[lo:hi].tolist())]
+        assert got == expected, sg.text
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_player_at_bit_63_and_the_gap_before_it_are_kept_by_their_coalitions(reward, backend):
+    """64 players: player 63's tokens need the sign bit of the int64 masks, the gap before it bits 62 and 63;
+    each packed sequence is the encoder's tokens of its coalition text, and the layout's lengths count them."""
+    if backend == "triton" and not _extension.has_triton():
+        pytest.skip("triton is not installed")
+    text = ", ".join(f"w{i}" for i in range(MAX_PLAYERS - 1)) + ". last & final word"
+    sg = of.Segmenter(max_players=MAX_PLAYERS)(text)
+    assert sg.num_players == MAX_PLAYERS and sg.segments[-1] == "final word"
+    assert sg.text[sg.spans[-2][1] : sg.spans[-1][0]] == " & "
+    masks = torch.ones(6, MAX_PLAYERS, dtype=torch.bool)
+    masks[1, 62] = masks[2, 63] = masks[3, :62] = masks[4, 1::2] = masks[5, :] = False
+    masks[5, 63] = True
+    coalitions = CoalitionBatch.build([sg], [of.make_plan(sg.structure, "sampled", budget=2, seed=3)], [0])
+    evaluator = EncoderCoalitionEvaluator(reward)
+    layout = evaluator.layout(coalitions)
+    tokenizer = reward.encoder.tokenizer
+    plan_lengths = [min(len(tokenizer(t)["input_ids"]), evaluator.max_length)  # the encoder truncates
+                    for t in of.coalition_texts(sg, coalitions.plans[0].masks)]
+    assert layout.lengths[layout.value_sequence].tolist() == plan_lengths
+    texts = of.coalition_texts(sg, masks)
+    expected = [tokenizer(t)["input_ids"] for t in texts]
+    keys = np.array([sum(1 << i for i, keep in enumerate(m) if keep) for m in masks.tolist()], dtype=np.uint64)
+    cu = np.concatenate([[0], np.cumsum([len(e) for e in expected])])
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    args = [torch.from_numpy(a).to(device) for a in (layout.token_ids, layout.token_need, layout.text_offsets)]
+    out = pack_coalitions(
+        *args, torch.zeros(len(texts), dtype=torch.long, device=device), torch.from_numpy(keys.view(np.int64)).to(device),
+        torch.from_numpy(cu).to(device), evaluator.cls_id, evaluator.sep_id, int(cu[-1]), layout.max_text_tokens,
+        backend=backend,
+    ).cpu()
+    assert keys.view(np.int64)[0] == -1 and layout.token_need.min() < 0  # the sign bit is in use
+    for c, text in enumerate(texts):
+        assert out[cu[c] : cu[c + 1]].tolist() == expected[c], text
 
 
 @pytest.mark.parametrize("collide", [False, True])
-def test_coalitions_keeping_the_same_phrases_share_one_sequence(reward, monkeypatch, collide):
+def test_coalitions_with_the_same_text_share_one_sequence(reward, monkeypatch, collide):
     import ospo_fast.evaluate as evaluate
 
     if collide:  # every row gets the same key: the exact check must catch it and compare whole rows
         monkeypatch.setattr(evaluate, "_ROW_KEY_MULTIPLIERS", np.zeros_like(evaluate._ROW_KEY_MULTIPLIERS))
     texts = ["usb c cable for car. black", "usb c cable with magsafe. black", "usb c cable for car. black, 2 pack"]
     coalitions = _batch(texts, [0, 1, 0], method="exact")
-    contents = {
-        tuple(s for s, keep in zip(sg.segments, mask) if keep)
-        for sg, plan in zip(coalitions.segmentations, coalitions.plans)
-        for mask in plan.masks.tolist()
-    }
+    contents = {text for sg, plan in zip(coalitions.segmentations, coalitions.plans) for text in of.coalition_texts(sg, plan.masks)}
     evaluator = EncoderCoalitionEvaluator(reward)
     layout = evaluator.layout(coalitions)
     assert layout.num_sequences == len(contents) < coalitions.batch.num_values
@@ -137,16 +218,53 @@ def test_phrase_token_cache_starts_over_when_full_and_changes_no_layout(reward, 
     for start in (0, 2, 4):  # each batch has more phrases than the cache holds, and a text of the one before
         coalitions = _batch(texts[start : start + 3], [0, 1, 0])
         got, fresh = evaluator.layout(coalitions), EncoderCoalitionEvaluator(reward).layout(coalitions)
-        assert np.array_equal(got.token_ids, fresh.token_ids) and np.array_equal(got.token_player, fresh.token_player)
+        assert np.array_equal(got.token_ids, fresh.token_ids) and np.array_equal(got.token_need, fresh.token_need)
 
 
 def test_packed_values_equal_the_reward_of_each_coalition_text(reward):
+    """Every coalition (exact plans) of answers with punctuation, symbols and words between their players:
+    its packed embedding is the encoder's embedding of its coalition text, and its value that text's reward."""
     rng = random.Random(1)
-    texts = [random_response(rng) for _ in range(9)]
-    coalitions = _batch(texts, [rng.randrange(2) for _ in texts], method="sampled")
-    packed, _ = EncoderCoalitionEvaluator(reward)(coalitions)
+    seg = of.Segmenter(max_players=5)
+    answers = [random_response(rng) for _ in range(3)] + [punctuated_response(rng) for _ in range(6)]
+    answers += [t[:200] for t in rng.sample(iphone_charger_pool()[0], 3)]
+    segmentations = [seg(t) for t in answers] + [words_between_players(rng) for _ in range(3)]
+    plans = [of.make_plan(sg.structure, "exact") for sg in segmentations]
+    coalitions = CoalitionBatch.build(segmentations, plans, [rng.randrange(2) for _ in segmentations])
+    evaluator = EncoderCoalitionEvaluator(reward)
+    layout = evaluator.layout(coalitions)
     text_values, _ = evaluate_text_reward(reward, coalitions)
-    assert_close(packed, text_values, rtol=1e-5, atol=1e-5, what="coalition values")
+    assert_close(evaluator.values(layout), text_values, rtol=1e-5, atol=1e-5, what="coalition values")
+    texts_u = [of.coalition_texts(sg, plan.masks) for sg, plan in zip(coalitions.segmentations, coalitions.plans)]
+    unique, coalition = coalitions.value_rows()
+    texts = sorted({texts_u[u][c] for u, c in zip(unique.tolist(), coalition.tolist())})
+    assert any(", " in t for t in texts) and any(" for " in t for t in texts) and len(texts) > 300
+    expected = dict(zip(texts, reward.encoder.encode(texts)))
+    embeddings = evaluator.embed_layout(layout)[torch.from_numpy(layout.value_sequence)]
+    for k, (u, c) in enumerate(zip(unique.tolist(), coalition.tolist())):
+        assert_close(embeddings[k], expected[texts_u[u][c]], rtol=1e-5, atol=2e-5, what=repr(texts_u[u][c]))
+    # The grand coalition is the answer as written, punctuation and all.
+    answers = [sg.text[sg.spans[0][0] : sg.spans[-1][1]] for sg in segmentations]
+    full = coalitions.batch.value_offsets[:-1] + np.array([p.full_index for p in plans])
+    assert_close(embeddings[full], reward.encoder.encode(answers), rtol=1e-5, atol=2e-5, what="the whole answers")
+
+
+def test_same_phrases_with_other_text_between_them_are_other_sequences(reward):
+    """Coalitions share a sequence only when their texts agree: the same phrases with other punctuation
+    between them are embedded apart, and their values are the rewards of their own texts."""
+    texts = ["usb c cable, black & white. for car", "usb c cable. black & white, for car", "usb c cable: black + white (for car"]
+    coalitions = _batch(texts, [0, 0, 0], method="exact")
+    assert len({sg.segments for sg in coalitions.segmentations}) == 1
+    evaluator = EncoderCoalitionEvaluator(reward)
+    embeddings, sequence = evaluator.embed(coalitions)
+    full = coalitions.batch.value_offsets[:-1] + np.array([p.full_index for p in coalitions.plans])
+    assert len(set(sequence[full].tolist())) == 3
+    assert_close(embeddings[torch.from_numpy(sequence[full])], reward.encoder.encode(texts), rtol=1e-5, atol=2e-5,
+                 what="embeddings of the whole answers")
+    packed, _ = evaluator(coalitions)
+    text_values, _ = evaluate_text_reward(reward, coalitions)
+    assert_close(packed, text_values, rtol=1e-5, atol=1e-5, what="values")
+    assert len(set(text_values[full].tolist())) > 1  # the reward tells the separators apart
 
 
 def test_packed_path_truncates_like_the_encoder(reward):
@@ -157,30 +275,44 @@ def test_packed_path_truncates_like_the_encoder(reward):
     assert_close(packed, text_values, rtol=1e-5, atol=1e-5, what="truncated coalition values")
 
 
+_LOW_AND_HIGH_PLAYERS = list(range(7)) + list(range(MAX_PLAYERS - 7, MAX_PLAYERS))  # bit 63 is the sign bit
+
+
+def _as_int64(values: list[int]) -> torch.Tensor:
+    """Unsigned 64-bit masks (Python ints) as the int64 tensor of the same bits."""
+    return torch.from_numpy(np.array(values, dtype=np.uint64).view(np.int64))
+
+
+def _kept_by_definition(need: int, keep: int) -> bool:
+    """A token is kept when it needs some players and all of them are kept (masks as unsigned Python ints)."""
+    return need != 0 and keep & need == need
+
+
 def _random_packing_inputs(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    num_texts = 5
-    lengths = torch.randint(0, 40, (num_texts,), generator=g)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    """Texts of players' tokens (one bit) and gap tokens (two adjacent bits), some never kept (0), from players
+    near bit 0 and near bit 63; random coalitions (dense, so that gaps are often kept), some truncated."""
+    rng = np.random.default_rng(seed)
+    num_texts, num_sequences = 5, 23
+    lengths = rng.integers(0, 41, size=num_texts)
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
     total = int(offsets[-1])
-    token_ids = torch.randint(1000, 30000, (total,), generator=g)
-    token_player = torch.randint(-1, 7, (total,), generator=g)
-    seq_text = torch.randint(-1, num_texts, (23,), generator=g)
-    seq_keep = torch.randint(0, 1 << 7, (23,), generator=g)
-    seq_keep[0] = -1  # every bit set, the sign bit included
+    token_ids = torch.from_numpy(rng.integers(1000, 30000, size=total))
+    player = rng.choice(_LOW_AND_HIGH_PLAYERS, size=total)
+    kind = rng.integers(0, 3, size=total)  # 0: never kept, 1: a player's token, 2: a gap's token
+    kind[(player == MAX_PLAYERS - 1) & (kind == 2)] = 1  # the last player has no gap after it
+    needs = [0 if k == 0 else (1 << p) | ((1 << (p + 1)) if k == 2 else 0) for p, k in zip(player.tolist(), kind.tolist())]
+    seq_text = torch.from_numpy(rng.integers(-1, num_texts, size=num_sequences))
+    keeps = [sum(1 << b for b in range(MAX_PLAYERS) if rng.random() < 0.8) for _ in range(num_sequences)]
+    keeps[:3] = [(1 << 64) - 1, 1 << 63, 0]  # every bit (-1 as int64); the sign bit alone; none
     kept = []
-    for s in range(23):
+    for s in range(num_sequences):
         u = int(seq_text[s])
-        if u < 0:
-            kept.append(0)
-            continue
-        p = token_player[offsets[u] : offsets[u + 1]]
-        kept.append(int(((p >= 0) & (((seq_keep[s] >> p.clamp(min=0)) & 1) == 1)).sum()))
-    room = torch.randint(0, 12, (23,), generator=g)  # truncation of some sequences
-    seq_lengths = 2 + torch.minimum(torch.tensor(kept), room)
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), seq_lengths.cumsum(0)])
-    return dict(token_ids=token_ids, token_player=token_player, text_offsets=offsets, seq_text=seq_text,
-                seq_keep=seq_keep, cu_seqlens=cu, cls_id=101, sep_id=102, total_tokens=int(cu[-1])), int(lengths.max())
+        lo, hi = (int(offsets[u]), int(offsets[u + 1])) if u >= 0 else (0, 0)
+        kept.append(sum(_kept_by_definition(needs[t], keeps[s]) for t in range(lo, hi)))
+    room = rng.integers(0, 12, size=num_sequences)  # truncation of some sequences
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(2 + np.minimum(kept, room))]))
+    return dict(token_ids=token_ids, token_need=_as_int64(needs), text_offsets=offsets, seq_text=seq_text,
+                seq_keep=_as_int64(keeps), cu_seqlens=cu, cls_id=101, sep_id=102, total_tokens=int(cu[-1])), int(lengths.max())
 
 
 @pytest.mark.skipif(not _extension.has_triton(), reason="triton is not installed")
@@ -193,20 +325,23 @@ def test_triton_packing_kernel_matches_reference(seed):
     torch.testing.assert_close(got.cpu(), pack_coalitions_reference(**args))
 
 
-def test_packing_reference_keeps_the_coalitions_tokens_in_order():
-    args, _ = _random_packing_inputs(7)
+@pytest.mark.parametrize("seed", [7, 8])
+def test_packing_reference_keeps_the_coalitions_tokens_in_order(seed):
+    args, _ = _random_packing_inputs(seed)
     out = pack_coalitions_reference(**args)
     cu = args["cu_seqlens"]
+    needs = [n % (1 << 64) for n in args["token_need"].tolist()]
+    gaps_kept = 0
     for s in range(len(cu) - 1):
         seq = out[cu[s] : cu[s + 1]]
         assert seq[0] == 101 and seq[-1] == 102
-        u = int(args["seq_text"][s])
+        u, keep = int(args["seq_text"][s]), int(args["seq_keep"][s]) % (1 << 64)
         if u >= 0:
-            lo, hi = args["text_offsets"][u], args["text_offsets"][u + 1]
-            p = args["token_player"][lo:hi]
-            keep = (p >= 0) & (((args["seq_keep"][s] >> p.clamp(min=0)) & 1) == 1)
-            expected = args["token_ids"][lo:hi][keep][: len(seq) - 2]
-            torch.testing.assert_close(seq[1:-1], expected)
+            lo, hi = int(args["text_offsets"][u]), int(args["text_offsets"][u + 1])
+            kept = [t for t in range(lo, hi) if _kept_by_definition(needs[t], keep)]
+            gaps_kept += sum(needs[t].bit_count() == 2 for t in kept)
+            assert seq[1:-1].tolist() == args["token_ids"][kept][: len(seq) - 2].tolist()
+    assert gaps_kept > 0
 
 
 class CountingReward:

@@ -252,10 +252,10 @@ def test_merging_a_lone_phrase_merges_its_union():
 # Coalition texts
 
 
-def test_coalition_text_of_all_players_joins_segments_with_spaces():
-    sg = SEG("soft cotton tee for summer. navy blue, slim fit")
-    assert coalition_text(sg, [True] * 4) == "soft cotton tee for summer navy blue slim fit"
-    assert coalition_text(sg, torch.ones(4, dtype=torch.bool)) == " ".join(sg.segments)
+def test_coalition_text_of_all_players_is_the_answer_as_written():
+    sg = SEG("<answer>soft cotton tee for summer. navy blue, slim fit!</answer>")
+    assert coalition_text(sg, [True] * 4) == "soft cotton tee for summer. navy blue, slim fit"
+    assert coalition_text(sg, torch.ones(4, dtype=torch.bool)) == sg.text[sg.spans[0][0] : sg.spans[-1][1]]
 
 
 def test_coalition_text_of_no_player_is_empty():
@@ -267,6 +267,90 @@ def test_coalition_text_keeps_masked_segments_in_order():
     sg = SEG("soft cotton tee for summer. navy blue, slim fit")
     assert coalition_text(sg, [False, True, False, True]) == "for summer slim fit"
     assert coalition_text(sg, torch.tensor([True, False, True, False])) == "soft cotton tee navy blue"
+
+
+def test_coalition_text_keeps_the_gap_between_adjacent_kept_segments_and_one_space_per_removed_run():
+    sg = SEG("soft cotton tee for summer. navy blue, slim fit")
+    assert coalition_text(sg, [False, True, True, True]) == "for summer. navy blue, slim fit"
+    assert coalition_text(sg, [True, False, True, True]) == "soft cotton tee navy blue, slim fit"
+    assert coalition_text(sg, [True, True, False, False]) == "soft cotton tee for summer"
+    assert coalition_text(sg, [False, False, True, False]) == "navy blue"
+    sg = SEG("red , blue ;  green / black & white")
+    assert sg.segments == ("red", "blue", "green", "black", "white")
+    assert coalition_text(sg, [True, False, False, True, True]) == "red black & white"
+    assert coalition_text(sg, [True, True, True, False, True]) == "red , blue ;  green white"
+
+
+def _real_answers() -> list[str]:
+    """Product texts, product descriptions and queries of the shipped data: real punctuation between phrases."""
+    import csv
+    from pathlib import Path
+
+    from conftest import iphone_charger_pool
+
+    fixtures = Path(__file__).resolve().parent / "data" / "fixtures"
+    with (fixtures / "hm_articles.csv").open(newline="", encoding="utf-8") as f:
+        descriptions = [row["detail_desc"] for row in csv.DictReader(f)]
+    with (fixtures / "esci_examples.csv").open(newline="", encoding="utf-8") as f:
+        queries = [row["query"] for row in csv.DictReader(f)]
+    products, _ = iphone_charger_pool()
+    return [t[:400] for t in products] + descriptions + queries
+
+
+def _removing_runs(sg, keep) -> str:
+    """The coalition text built the other way round: from the answer as written (first segment to last), each
+    run of removed segments is cut out, with the text around it up to the kept segments on either side, and
+    replaced by one space, or by nothing at either end."""
+    n = len(keep)
+    if not any(keep):
+        return ""
+    lo, hi = sg.spans[0][0], sg.spans[-1][1]
+    text = sg.text[lo:hi]
+    runs, i = [], 0
+    while i < n:
+        if keep[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not keep[j]:
+            j += 1
+        runs.append((i, j))  # players i..j-1 removed
+        i = j
+    for i, j in reversed(runs):  # right to left, so earlier positions stay valid
+        cut_from = lo if i == 0 else sg.spans[i - 1][1]
+        cut_to = hi if j == n else sg.spans[j][0]
+        filler = "" if i == 0 or j == n else " "
+        text = text[: cut_from - lo] + filler + text[cut_to - lo :]
+    return text
+
+
+@pytest.mark.parametrize("max_players", [3, 7, 16, MAX_PLAYERS])
+def test_coalition_texts_of_real_answers_keep_the_response_as_written(max_players):
+    segmenter = Segmenter(max_players=max_players)
+    g = torch.Generator().manual_seed(max_players)
+    checked = 0
+    for text in _real_answers():
+        sg = segmenter(text)
+        n = sg.num_players
+        if n == 0:
+            continue
+        assert coalition_text(sg, [True] * n) == text[sg.spans[0][0] : sg.spans[-1][1]]
+        masks = torch.rand(9, n, generator=g) < torch.rand(9, 1, generator=g)  # sparse to dense coalitions
+        masks[0] = True
+        texts = coalition_texts(sg, masks)
+        for mask, got in zip(masks.tolist(), texts):
+            assert got == coalition_text(sg, mask) == _removing_runs(sg, mask), (text, mask)
+        checked += 1
+    assert checked > 100
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts, st.integers(0, 2**31 - 1))
+def test_coalition_text_is_the_response_with_removed_runs_replaced_by_one_space(text, seed):
+    sg = SEG(text)
+    g = torch.Generator().manual_seed(seed)
+    for mask in (torch.rand(5, sg.num_players, generator=g) < 0.6).tolist() + [[True] * sg.num_players]:
+        assert coalition_text(sg, mask) == _removing_runs(sg, mask)
 
 
 @settings(max_examples=30, deadline=None)
