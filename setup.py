@@ -37,8 +37,7 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["ospo_fast", "ospo_fast.*"]) + ["ospo_fast.kernels"],
-    package_dir={"ospo_fast.kernels": "kernels"},
+    packages=find_packages(include=["ospo_fast", "ospo_fast.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -166,7 +166,7 @@ def pack_coalitions_reference(
     sep_id: int,
     total_tokens: int,
 ) -> torch.Tensor:
-    """Torch reference of the packing kernel (``kernels/pack_coalitions.py``).
+    """Torch reference of the packing kernel (``ospo_fast/kernels/pack_coalitions.py``).
 
     token_ids: int64 ``[N]`` (tokens of all texts, concatenated); token_need: int64 ``[N]``, for each token
     the bit mask of the players that must all be kept for it to be kept (``1 << i`` for player i's tokens,
@@ -283,7 +283,7 @@ class PackedBertForward:
     PyTorch's SDPA once per run of consecutive sequences of equal length, on a zero-copy view of the packed
     tokens (``attention="sdpa"`` forces this path). In reduced precision on CUDA, the embeddings' sum and
     LayerNorm, and each residual add, LayerNorm and cast to the matmuls' dtype, are one Triton kernel each
-    (``kernels/residual_layer_norm.py``).
+    (``ospo_fast/kernels/residual_layer_norm.py``).
     Gives the unmodified model's hidden states (tested to fp32 tolerance on the CPU, bf16 tolerance on CUDA).
 
     In float32 the activations live in buffers kept across calls (see :meth:`_buffer`), about
@@ -517,7 +517,7 @@ def pool_packed(
     * "runs": one view per run of equal-length sequences (the CPU's way: a handful of runs);
     * "segments": a fixed handful of kernels whatever the lengths (a GPU batch has dozens of distinct
       lengths): a segment sum by sequence (ids from the positions, no host data) or a gather of first tokens;
-    * "triton": one kernel, a program per sequence (``kernels/pool_sequences.py``), with no atomics.
+    * "triton": one kernel, a program per sequence (``ospo_fast/kernels/pool_sequences.py``), with no atomics.
     """
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling: the packed path supports 'mean' and 'cls', got {pooling!r}")
