@@ -96,6 +96,17 @@ def test_redistribution_moves_advantage_between_tokens(tokenizer, tmp_path):
     assert max(spread) > 1  # GRPO would give every token of a completion the same advantage
 
 
+@pytest.mark.parametrize("redistribution", ["proportional", "rank", "hybrid"])
+def test_tokens_outside_the_segments_get_trls_advantage(tokenizer, tmp_path, redistribution):
+    trainer = train_one_step(tokenizer, tmp_path, word_overlap, redistribution=redistribution)
+    for inputs in trainer.loss_inputs:
+        mask = inputs["completion_mask"].bool()
+        outside = mask & ~inputs["segment_mask"]
+        assert outside.any()  # the end-of-sequence token and the final "." at least
+        expected = inputs["sequence_advantages"][:, None].expand_as(mask)
+        assert torch.equal(inputs["advantages"][outside], expected[outside])
+
+
 def test_use_liger_kernel_is_refused(tokenizer, tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), use_liger_kernel=True, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="use_liger_kernel.*one advantage per sequence"):
@@ -160,3 +171,61 @@ def test_reward_model_without_ospo_reward_is_refused(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="reward model.*ospo_reward"):
         OSPOGRPOTrainer(policy, reward_funcs=reward_model, args=args, train_dataset=dataset,
                         processing_class=tokenizer, reward_processing_classes=tokenizer)
+
+
+class RewardRecordingTrainer(RecordingTrainer):
+    """Also keeps the completions TRL scored and the rewards its reward functions gave them."""
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self.trl_scored.append((list(completions), rewards_per_func.detach().cpu()))
+        return rewards_per_func
+
+
+def test_game_value_of_each_whole_completion_is_the_reward_trl_computed(tmp_path, monkeypatch):
+    """v(N) of each completion's game (all its segments, with the punctuation between them, in the frame of
+    the text around them) is the reward TRL's reward function gave the completion; the reward counts the
+    punctuation, so segments joined by spaces would score differently."""
+    import ospo_fast.integrations.trl as ospo_trl
+    from ospo_fast.segment import Segmenter
+
+    rng = random.Random(1)
+    separators = [", ", ". ", "; ", " & ", " (", ") ", ": ", " - ", "! "]
+    texts = ["".join(rng.choice(WORDS) + rng.choice(separators + [" "] * 4) for _ in range(12)) for _ in range(300)]
+    tokenizer = build_tokenizer(texts, vocab_size=400)
+
+    def punctuation_reward(prompts, completions, **kwargs):
+        return [c.count(",") + 2 * c.count(". ") + 0.5 * c.count("&") + 0.01 * len(c) for c in completions]
+
+    credits, attribute_completions = [], ospo_trl.attribute_completions
+
+    def recording_attribute_completions(*args, **kwargs):  # the games of each batch, v(N) among their values
+        credits.append(attribute_completions(*args, **kwargs))
+        return credits[-1]
+
+    monkeypatch.setattr(ospo_trl, "attribute_completions", recording_attribute_completions)
+    config = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=24,
+        max_steps=2, report_to=[], use_cpu=True, bf16=False, save_strategy="no", logging_steps=1, seed=0,
+        disable_tqdm=True,
+    )
+    trainer = RewardRecordingTrainer(
+        tiny_causal_lm(tokenizer, hidden_size=64, num_layers=1, num_heads=2), reward_funcs=punctuation_reward,
+        args=config, train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS, "target": TARGETS}),
+        processing_class=tokenizer, segmenter=Segmenter(max_players=6),
+    )
+    trainer.loss_inputs, trainer.trl_scored = [], []
+    trainer.train()
+
+    assert len(credits) == len(trainer.trl_scored) >= 2
+    joined_differently = 0
+    for credit, (completions, rewards) in zip(credits, trainer.trl_scored):
+        assert credit.texts == completions  # what the game segments is what TRL scored
+        # TRL keeps its rewards in float32, the game in float64: equal once rounded the same way.
+        assert torch.equal(credit.full_values.float(), rewards[:, 0]), (credit.full_values, rewards[:, 0])
+        for a, text in zip(credit.attributions, completions):
+            sg = a.segmentation
+            if sg.num_players:
+                spaced = text[: sg.spans[0][0]] + " ".join(sg.segments) + text[sg.spans[-1][1] :]
+                joined_differently += punctuation_reward(None, [spaced]) != punctuation_reward(None, [text])
+    assert joined_differently > 0  # the old single-space join would have missed TRL's reward here

@@ -40,7 +40,7 @@ from torch import nn
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
-from ..advantages import redistribute
+from ..advantages import DEFAULT_MAX_SHARE, redistribute
 from ..attribution import OwenAttributor
 from .common import CompletionReward, attribute_completions
 
@@ -69,9 +69,10 @@ class OSPOGRPOTrainer(GRPOTrainer):
         ospo_reward: the reward of the attribution game, ``reward(texts, owners) -> float [N]``; None scores
             coalitions with TRL's reward functions (module docstring).
         owner_column: the dataset column holding each example's owner index for ``ospo_reward``.
-        redistribution: ``"proportional"``, ``"rank"``, ``"hybrid"`` or ``"potential"``
-            (:mod:`ospo_fast.advantages`).
-        alpha, floor, clip: see :func:`ospo_fast.redistribute`.
+        redistribution: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (:mod:`ospo_fast.advantages`). Only
+            the tokens of the answer's segments share out a completion's advantage; every other token
+            (think block, tags, EOS) gets TRL's advantage unchanged.
+        alpha, floor, max_share, clip: see :func:`ospo_fast.redistribute`.
         attribution_method, attribution_budget: the coalition plan ("auto": exact Owen values when they need
             at most ``attribution_budget`` coalitions per completion, else sampled orders).
         segmenter: cuts completions into segments (default :class:`~ospo_fast.Segmenter`).
@@ -96,6 +97,7 @@ class OSPOGRPOTrainer(GRPOTrainer):
         redistribution: str = "proportional",
         alpha: float = 0.5,
         floor: float = 0.1,
+        max_share: float | None = DEFAULT_MAX_SHARE,
         clip: float | tuple[float, float] | None = None,
         attribution_method: str = "auto",
         attribution_budget: int = 64,
@@ -106,7 +108,7 @@ class OSPOGRPOTrainer(GRPOTrainer):
             raise ValueError(LIGER_MESSAGE)
         if ospo_attributor is not None and ospo_reward is not None:
             raise ValueError("ospo_reward: pass either ospo_attributor or ospo_reward, not both")
-        self.ospo_options = dict(mode=redistribution, alpha=alpha, floor=floor, clip=clip)
+        self.ospo_options = dict(mode=redistribution, alpha=alpha, floor=floor, clip=clip, max_share=max_share)
         # Checks the options now, with errors naming them, rather than at the first generation.
         redistribute(torch.zeros(1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), **self.ospo_options)
         super().__init__(
@@ -147,7 +149,8 @@ class OSPOGRPOTrainer(GRPOTrainer):
         """TRL's rollout, then its ``[B]`` advantages replaced by OSPO's ``[B, T]`` ones.
 
         The output also holds ``sequence_advantages`` (TRL's ``[B]`` advantages): the token mean of
-        ``advantages`` over each completion's trained tokens equals it (without ``clip``).
+        ``advantages`` over each completion's trained tokens equals it (without ``clip``), and every token
+        outside ``segment_mask`` (bool ``[B, T]``, the tokens of the answer's segments) gets it exactly.
         """
         output = super()._generate_and_score_completions(inputs)
         batch = self._ospo_batch
@@ -170,7 +173,11 @@ class OSPOGRPOTrainer(GRPOTrainer):
             self._ospo_batch = None
         sequence = output["advantages"]
         output["sequence_advantages"] = sequence
-        output["advantages"] = redistribute(sequence, credit.credit, mask, **self.ospo_options).to(sequence.dtype)
+        segments = credit.token_player.to(mask.device) >= 0  # only these tokens share out the advantage
+        output["segment_mask"] = segments
+        output["advantages"] = redistribute(
+            sequence, credit.credit.to(mask.device), mask, segment_mask=segments, **self.ospo_options
+        ).to(sequence.dtype)
         self._metrics[mode]["ospo/attribution_seconds"].append(time.perf_counter() - start)
         self._metrics[mode]["ospo/reward_evaluations"].append(float(credit.attributions.num_evaluations))
         return output

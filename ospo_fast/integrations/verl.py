@@ -286,8 +286,8 @@ def score_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.
         tokenizer, response_ids, attributor, rows, keep=mask, reserve_last=last_token_mask(mask),
         reward_scope=reward.bind,
     )
-    # The reward of each whole response, as verl's own reward managers compute it (the game's v(N) scores
-    # the segments joined by single spaces, which can differ).
+    # The reward of each whole response, as verl's own reward managers compute it (with framed coalitions the
+    # game's v(N) is the same number; an unframed reward would score the answer alone).
     rewards = torch.tensor(reward.score_rows(credit.texts, rows), dtype=torch.float32)
     return rewards, dense_token_rewards(rewards, credit.credit.cpu(), mask.cpu()), credit
 
