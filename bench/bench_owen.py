@@ -6,7 +6,8 @@ Workloads (a batch of games sharing one structure, as in a GRPO batch of short r
   exact   3 unions x 4 players  (176 coalitions per game)
   sampled 4 unions x 4 players, K=64 Owen-consistent orders (antithetic)
   mixed   every game its own random structure (1-3 sentences of 1-4 phrases), as in a real GRPO batch
-Rows: plan building (cold: caches cleared; warm: cached), PlanBatch building for mixed structures, and
+Rows: plan building (cold: caches cleared; warm: cached), PlanBatch building for mixed structures, an
+attribution call's plans for 64 responses (fresh draws, batched and one by one; a seed's cached plans), and
 aggregation with each backend available and with ``values @ W`` (the dense Owen weight matrix) — the
 obvious alternative; for mixed structures, one dense matmul per distinct plan. Ratios are measured side by side in this one process. Where the bundled MiniLM
 reward is installed, the aggregation time is also set beside the encoder time of the same coalitions
@@ -23,6 +24,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.utils import benchmark
 
@@ -175,6 +177,30 @@ def bench_plans(rows, games):
     plans = mixed_plans(games)
     rows.append(dict(workload=f"{games} mixed structures", step="PlanBatch", provider="ospo_fast", device="cpu",
                      games=games, seconds=median_seconds(lambda: of.PlanBatch(plans), 0.3)))
+    # An attribution call's plan stage: 64 responses of 8-16 players in 2-4 unions, budget 64 (sampled).
+    # Training draws fresh orders every call (make_plans with the attributor's generator); a fixed seed's
+    # cached plans are shown for scale (their estimates repeat the same error every step).
+    structures, rng = response_structures(64), np.random.default_rng(0)
+    for step, build in [
+        ("seed, cached", lambda: [of.make_plan(s, "auto", budget=64) for s in structures]),
+        ("fresh, batched", lambda: plans_module.make_plans(structures, "auto", budget=64, rng=rng)),
+        ("fresh, 1 by 1", lambda: [of.make_plan(s, "auto", budget=64, rng=rng) for s in structures]),
+    ]:
+        build()
+        rows.append(dict(workload="64 resp. 8-16 players", step=step, provider="ospo_fast", device="cpu", games=64,
+                         seconds=median_seconds(build, 0.3)))
+
+
+def response_structures(count: int, seed: int = 0) -> list:
+    """Structures of ``count`` responses: 8-16 players in 2-4 unions (the default Segmenter's
+    ``max_players=16``), sampled under a budget of 64 coalitions."""
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        m, n = int(g.integers(2, 5)), int(g.integers(8, 17))
+        cuts = np.sort(g.choice(np.arange(1, n), m - 1, replace=False))
+        out.append(of.CoalitionStructure.from_sizes(np.diff(np.concatenate([[0], cuts, [n]])).tolist()))
+    return out
 
 
 def encoder_seconds_per_coalition() -> float | None:

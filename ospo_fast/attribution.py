@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .advantages import spread_credit
 from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, evaluate_text_reward
 from .owen import owen_from_values
-from .plans import CoalitionPlan, make_plan
+from .plans import CoalitionPlan, make_plan, make_plans
 from .rewards.metrics import check_queries
 from .segment import Segmentation, Segmenter, token_player_maps
 from .structure import CoalitionStructure
@@ -179,7 +180,12 @@ class OwenAttributor:
         method: "exact", "sampled" or "auto" (exact when it needs at most ``budget`` coalitions).
         budget: coalitions per response for "auto".
         num_permutations: orders for "sampled" (default 64; for "auto" beyond the budget, as many as fit).
-        seed, antithetic: the sampled plans' draw.
+        seed: seeds the attributor's random generator (numpy PCG64), once. Every call draws fresh orders
+            for its sampled plans from it, so the estimates of successive calls are independent and their
+            mean converges to the Owen value; a new attributor with the same seed repeats the same sequence
+            of calls exactly. :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator,
+            so that a resumed training run continues the sequence. Exact plans involve no randomness.
+        antithetic: sampled plans pair each order with its reverse.
         backend: Owen aggregation backend (see :func:`ospo_fast.owen_from_values`).
         evaluator: "auto" (packed encoder forward for a DenseRetrievalReward over a BERT-family encoder,
             else one text call), "packed" or "text".
@@ -217,8 +223,13 @@ class OwenAttributor:
             raise ValueError(f"evaluator: expected 'auto', 'packed' or 'text', got {evaluator!r}")
         self.reward = reward
         self.segmenter = segmenter if segmenter is not None else Segmenter()
-        self.plan_options = dict(method=method, budget=budget, num_permutations=num_permutations, seed=seed, antithetic=antithetic)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        self.plan_options = dict(method=method, budget=budget, num_permutations=num_permutations, antithetic=antithetic)
         make_plan(CoalitionStructure([[0, 1]]), **self.plan_options)  # validates the options once, here
+        self.seed = int(seed)
+        #: Draws the orders of every sampled plan (see ``seed``); its state is :meth:`state_dict`.
+        self.rng = np.random.Generator(np.random.PCG64(self.seed))
         if isinstance(pipeline, bool) or not isinstance(pipeline, int) or pipeline < 1:
             raise ValueError(f"pipeline: expected an int >= 1 (groups of responses), got {pipeline!r}")
         self.backend = backend
@@ -231,6 +242,31 @@ class OwenAttributor:
             except (AttributeError, ValueError) as exc:
                 if evaluator == "packed":
                     raise ValueError(f"evaluator='packed': {exc}") from None
+
+    def state_dict(self) -> dict:
+        """The state of the random generator of the sampled plans: ``{"rng": <PCG64 state dict>}`` (plain
+        Python ints and strings; picklable, ``torch.save``-able). Save it with a training checkpoint and
+        give it to :meth:`load_state_dict` on resume to draw the same orders as an uninterrupted run."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the random generator from :meth:`state_dict`'s output: the next call draws the orders that
+        the saving attributor's next call would have drawn. ``state`` is checked before anything changes."""
+        if not isinstance(state, dict) or set(state) != {"rng"}:
+            got = f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected OwenAttributor.state_dict()'s output, a dict with the key 'rng', got {got}")
+        rng_state = state["rng"]
+        if not isinstance(rng_state, dict) or rng_state.get("bit_generator") != "PCG64":
+            raise ValueError(
+                f"state: expected state['rng'] to be a numpy PCG64 state (a dict with bit_generator='PCG64'), "
+                f"got {rng_state!r:.200}"
+            )
+        bit_generator = np.random.PCG64()
+        try:
+            bit_generator.state = rng_state
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"state: state['rng'] is not a valid PCG64 state: {exc}") from None
+        self.rng = np.random.Generator(bit_generator)
 
     def segment(self, texts: Sequence[str]) -> list[Segmentation]:
         """The segmentation of every text, each distinct text segmented once (a GRPO group often samples the
@@ -252,9 +288,10 @@ class OwenAttributor:
             raise ValueError(f"segmentations: expected {len(texts)}, one per text, got {len(segmentations)}")
         timings = dict(segment=0.0, plan=0.0, evaluate=0.0, aggregate=0.0)
         items, evaluations = [], 0
+        plan_of: dict = {}  # (text, structure) -> plan, for the whole call: a repeated text shares one draw
         for lo, hi in _groups(len(texts), self.pipeline):
             group_items, group_evaluations = self._attribute(
-                texts[lo:hi], owners[lo:hi], None if segmentations is None else segmentations[lo:hi], timings
+                texts[lo:hi], owners[lo:hi], None if segmentations is None else segmentations[lo:hi], timings, plan_of
             )
             items += group_items
             evaluations += group_evaluations
@@ -265,13 +302,13 @@ class OwenAttributor:
         timings["total"] = sum(timings.values())
         return Attributions(items=items, num_evaluations=evaluations, timings=timings)
 
-    def _attribute(self, texts, owners, segmentations, timings: dict) -> tuple[list[Attribution], int]:
+    def _attribute(self, texts, owners, segmentations, timings: dict, plan_of: dict) -> tuple[list[Attribution], int]:
         """One group of responses: its attributions and reward evaluations; adds its seconds to ``timings``."""
         t0 = time.perf_counter()
         if segmentations is None:
             segmentations = self.segment(texts)
         t1 = time.perf_counter()
-        plans = [make_plan(sg.structure, **self.plan_options) for sg in segmentations]
+        plans = self._plans(segmentations, plan_of)
         coalitions = CoalitionBatch.build(segmentations, plans, owners)
         t2 = time.perf_counter()
         if self.packed is not None:
@@ -290,6 +327,20 @@ class OwenAttributor:
         for stage, seconds in (("segment", t1 - t0), ("plan", t2 - t1), ("evaluate", t3 - t2), ("aggregate", t4 - t3)):
             timings[stage] += seconds
         return items, evaluations
+
+    def _plans(self, segmentations: Sequence[Segmentation], plan_of: dict) -> list[CoalitionPlan]:
+        """The plan of each response. A text not yet in ``plan_of`` (this call's plans so far) gets a new plan:
+        sampled plans draw fresh orders from :attr:`rng`, for all new texts at once, in the order the texts
+        first occur in the call (so groups of a pipelined call draw what one group would); identical texts
+        share one plan, as :class:`CoalitionBatch` evaluates them once."""
+        new: dict = {}
+        for sg in segmentations:
+            key = (sg.text, sg.structure)
+            if key not in plan_of and key not in new:
+                new[key] = sg.structure
+        if new:
+            plan_of.update(zip(new, make_plans(list(new.values()), **self.plan_options, rng=self.rng)))
+        return [plan_of[(sg.text, sg.structure)] for sg in segmentations]
 
 
 def _groups(n: int, count: int) -> list[tuple[int, int]]:

@@ -233,54 +233,240 @@ def _exact_plan_cached(structure: CoalitionStructure) -> CoalitionPlan:
 
 
 def owen_orders(
-    structure: CoalitionStructure, num_permutations: int, seed: int = 0, antithetic: bool = True
+    structure: CoalitionStructure,
+    num_permutations: int,
+    seed: int = 0,
+    antithetic: bool = True,
+    *,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """int64 ``[K, n]``: Owen-consistent orders of the players.
 
     Unions arrive in a uniformly random order; the players of a union arrive together, in a uniformly
     random order. With ``antithetic`` every second order is the reverse of the one before it (the reverse
     of an Owen-consistent order is one too), which lowers the variance of the estimate.
-    The draw uses numpy's PCG64 from ``seed``: the same seed gives the same orders on any machine.
+    The draw uses numpy's PCG64 from ``seed``: the same seed gives the same orders on any machine. With
+    ``rng`` (a :class:`numpy.random.Generator`; ``seed`` is then ignored) the orders are drawn from it and
+    advance it: consecutive calls give fresh orders. ``rng=numpy.random.Generator(numpy.random.PCG64(s))``
+    gives the orders of ``seed=s``.
     """
+    _check_rng(rng)
+    if rng is None:
+        rng = np.random.Generator(np.random.PCG64(seed))
     n, m = structure.num_players, structure.num_unions
-    K = num_permutations
-    rng = np.random.Generator(np.random.PCG64(seed))
-    drawn = (K + 1) // 2 if antithetic else K
-    union_rank = np.argsort(np.argsort(rng.random((drawn, m)), axis=1, kind="stable"), axis=1)
-    inner_key = rng.random((drawn, n))
+    drawn = _orders_drawn(num_permutations, antithetic)
+    union_u = rng.random((drawn, m))
+    inner_u = rng.random((drawn, n))
     union_of = np.asarray(structure.union_of, dtype=np.int64)
-    # Sort players by (rank of their union, random key inside the union).
-    sort_key = union_rank[:, union_of] + inner_key
-    orders = np.argsort(sort_key, axis=1, kind="stable")
+    orders = _drawn_orders(union_of[None], union_u[None], inner_u[None])[0]
     if antithetic:
-        orders = np.stack([orders, orders[:, ::-1]], axis=1).reshape(-1, n)[:K]
+        orders = np.stack([orders, orders[:, ::-1]], axis=1).reshape(2 * drawn, n)[:num_permutations]
     return orders
 
 
+def _orders_drawn(K: int, antithetic: bool) -> int:
+    """Orders drawn at random for K orders: half of them (rounded up) when the other half are reverses."""
+    return (K + 1) // 2 if antithetic else K
+
+
+def _drawn_orders(
+    union_of: np.ndarray, union_u: np.ndarray, inner_u: np.ndarray, num_players: np.ndarray | None = None
+) -> np.ndarray:
+    """int64 ``[R, D, n]``: D Owen-consistent orders of each of R games, from their random keys.
+
+    ``union_of``: int64 ``[R, n]``, each game's union of each player; ``union_u``: uniforms ``[R, D, m]``,
+    the keys that order the unions; ``inner_u``: uniforms ``[R, D, n]``, the keys that order the players
+    inside their union. With ``num_players`` (int64 ``[R]``) game r has only its first ``num_players[r]``
+    players, and its unions' keys past its own are above 1: the padding players come last in every order.
+    """
+    R, D, n = inner_u.shape
+    # Rank of each union in each order, then sort players by (rank of their union, key inside the union).
+    union_rank = np.argsort(np.argsort(union_u, axis=-1, kind="stable"), axis=-1)
+    player_union = np.broadcast_to(union_of[:, None, :], (R, D, n))
+    sort_key = np.take_along_axis(union_rank, player_union, axis=-1) + inner_u
+    if num_players is not None:
+        sort_key[np.broadcast_to(np.arange(n) >= num_players[:, None, None], sort_key.shape)] = np.inf
+    return np.argsort(sort_key, axis=-1, kind="stable")
+
+
 def sampled_plan(
-    structure: CoalitionStructure, num_permutations: int = 64, seed: int = 0, antithetic: bool = True
+    structure: CoalitionStructure,
+    num_permutations: int = 64,
+    seed: int = 0,
+    antithetic: bool = True,
+    *,
+    rng: np.random.Generator | None = None,
 ) -> CoalitionPlan:
     """An unbiased Monte Carlo estimate of the Owen value from ``num_permutations`` Owen-consistent orders.
 
     Each order contributes the marginal contribution of every player to the players before it; its
     ``n - 1`` inner prefixes are coalitions to evaluate, the empty and grand coalitions are shared, and a
-    coalition met in several orders is evaluated once. Plans are cached per (structure, K, seed, antithetic).
+    coalition met in several orders is evaluated once.
+
+    With an int ``seed`` (and no ``rng``) the plan is deterministic and cached per (structure, K, seed,
+    antithetic): every call returns the same orders, so averaging its estimates over calls does not remove
+    their error. With ``rng`` (a :class:`numpy.random.Generator`) the orders are drawn fresh from it (see
+    :func:`owen_orders`) and the plan is not cached: estimates of successive calls are independent, and
+    their mean converges to the Owen value. Training should draw with an ``rng`` (as
+    :class:`~ospo_fast.OwenAttributor` does).
     """
     _check_structure(structure)
-    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
-        raise ValueError(f"num_permutations: expected a positive int, got {num_permutations!r}")
+    _check_num_permutations(num_permutations)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-    return _sampled_plan_cached(structure, num_permutations, seed, bool(antithetic))
+    _check_rng(rng)
+    if rng is None:
+        return _sampled_plan_cached(structure, num_permutations, seed, bool(antithetic))
+    return _sampled_plan_from_orders(structure, owen_orders(structure, num_permutations, antithetic=antithetic, rng=rng))
 
 
 @functools.lru_cache(maxsize=4096)
 def _sampled_plan_cached(structure: CoalitionStructure, K: int, seed: int, antithetic: bool) -> CoalitionPlan:
-    n = structure.num_players
-    orders = owen_orders(structure, K, seed, antithetic)
+    return _sampled_plan_from_orders(structure, owen_orders(structure, K, seed, antithetic))
+
+
+#: Terms per vectorised construction of sampled plans (see :func:`_sampled_plans`).
+_CHUNK_TERMS = 8192
+
+
+def _sampled_plans(
+    structures: list[CoalitionStructure], Ks: list[int], rng: np.random.Generator, antithetic: bool
+) -> list[CoalitionPlan]:
+    """Fresh sampled plans of many games at once: the same plans as ``sampled_plan(s, K, rng=rng)`` called
+    for each (structure, K) in turn, from one draw of ``rng`` for all of them, with the orders and the
+    plans built vectorised over the games (padded to the most players, unions and orders)."""
+    R = len(structures)
+    if R == 0:
+        return []
+    if R == 1:  # the same plan; for one game the vectorised construction's fixed cost does not pay
+        return [sampled_plan(structures[0], Ks[0], antithetic=antithetic, rng=rng)]
+    n = np.array([s.num_players for s in structures], dtype=np.int64)
+    m = np.array([s.num_unions for s in structures], dtype=np.int64)
+    K = np.array(Ks, dtype=np.int64)
+    d = (K + 1) // 2 if antithetic else K  # orders drawn
+    # Game r's uniforms come in stream order: [d_r, m_r] union keys, then [d_r, n_r] inner keys, as
+    # owen_orders(rng=...) draws them. One call for all games; a double is one PCG64 output, so this is
+    # the same stream as drawing game by game.
+    start = _offsets(d * (m + n))
+    uniforms = np.append(rng.random(int(start[-1])), 0.0)  # + a pad, read where nothing is drawn
+    N, M, D = int(n.max()), int(m.max()), int(d.max())
+    n_, m_, d_, start_ = n[:, None, None], m[:, None, None], d[:, None, None], start[:-1, None, None]
+    j = np.arange(D)[None, :, None]
+    k = np.arange(M)[None, None, :]
+    i = np.arange(N)[None, None, :]
+    union_ok = (j < d_) & (k < m_)
+    union_u = np.where(union_ok, uniforms[np.where(union_ok, start_ + j * m_ + k, -1)], 2.0)  # pads rank last
+    player_ok = (j < d_) & (i < n_)
+    inner_u = uniforms[np.where(player_ok, start_ + d_ * m_ + j * n_ + i, -1)]
+    union_of = np.zeros((R, N), dtype=np.int64)
+    for r, s in enumerate(structures):
+        union_of[r, : s.num_players] = s.union_of
+    orders = _drawn_orders(union_of, union_u, inner_u, n)  # [R, D, N], each game's padding players last
+    if antithetic:  # each order followed by its reverse (the padding left at the end)
+        reverse = np.broadcast_to(np.where(i < n_, n_ - 1 - i, i), orders.shape)
+        orders = np.stack([orders, np.take_along_axis(orders, reverse, axis=-1)], axis=2).reshape(R, 2 * D, N)
+    orders = orders[:, : int(K.max())]
+    bits = np.where(i < n_, _U64(1) << orders.astype(_U64), _U64(0))
+    # prefix[..., j] is the coalition of the first j players: disjoint bits, so the sum is the union.
+    prefixes = np.zeros(orders.shape[:2] + (N + 1,), dtype=_U64)
+    np.cumsum(bits, axis=-1, dtype=_U64, out=prefixes[..., 1:])
+    # Build in chunks of consecutive games of about _CHUNK_TERMS terms: one sort over many small plans
+    # saves per-plan overhead, but over many large ones it costs more than sorting each alone.
+    out: list[CoalitionPlan] = []
+    chunk_of = np.cumsum(K * n) // _CHUNK_TERMS
+    for lo, hi in _chunks(chunk_of):
+        Kc, nc = K[lo:hi], n[lo:hi]
+        out += _plans_from_prefixes(
+            structures[lo:hi], orders[lo:hi, : int(Kc.max()), : int(nc.max())],
+            prefixes[lo:hi, : int(Kc.max()), : int(nc.max()) + 1], nc, Kc,
+        )
+    return out
+
+
+def _chunks(chunk_of: np.ndarray) -> list[tuple[int, int]]:
+    """``[lo, hi)`` runs of equal values of the non-decreasing ``chunk_of``."""
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    edges = [0, *bounds.tolist(), len(chunk_of)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _plans_from_prefixes(
+    structures: list[CoalitionStructure], orders: np.ndarray, prefixes: np.ndarray, n: np.ndarray, K: np.ndarray
+) -> list[CoalitionPlan]:
+    """The sampled plans of R games from their orders (int64 ``[R, K_max, N]``, game r's first ``K[r]``
+    orders of its first ``n[r]`` positions) and the orders' prefix coalitions (uint64 ``[R, K_max, N + 1]``):
+    :func:`_sampled_plan_from_orders` for each game, with one pass of sorts for all of them."""
+    R, K_max, N = orders.shape
+    n_, K_ = n[:, None, None], K[:, None, None]
+    k = np.arange(K_max)[None, :, None]
+    i = np.arange(N + 1)[None, None, :]
+    game = np.broadcast_to(np.arange(R)[:, None, None], prefixes.shape)
+    # The coalitions: every prefix of every order (the empty and grand coalitions among them), each plan's
+    # distinct ones sorted by (size, mask), found by one sort over (game, size, mask).
+    is_prefix = (k < K_) & (i <= n_)
+    key, key_game = prefixes[is_prefix], game[is_prefix]
+    size = _popcount(key)
+    n_max = int(n.max())
+    size_bits = n_max.bit_length()
+    if (R - 1).bit_length() + size_bits + n_max <= 64:  # (game, size, mask) packs into one uint64
+        packed = (key_game.astype(_U64) << _U64(size_bits + n_max)) | (size.astype(_U64) << _U64(n_max)) | key
+        packed, inverse = np.unique(packed, return_inverse=True)
+        keys = packed & ((_U64(1) << _U64(n_max)) - _U64(1))
+        keys_game = (packed >> _U64(size_bits + n_max)).astype(np.int64)
+    else:
+        order = np.lexsort((key, size, key_game))
+        sorted_key, sorted_game = key[order], key_game[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (sorted_key[1:] != sorted_key[:-1]) | (sorted_game[1:] != sorted_game[:-1])
+        inverse = np.empty(len(order), dtype=np.int64)
+        inverse[order] = np.cumsum(first) - 1
+        keys, keys_game = sorted_key[first], sorted_game[first]
+    coalition_start = _offsets(np.bincount(keys_game, minlength=R))
+    index = np.zeros(prefixes.shape, dtype=np.int64)  # each prefix's row in its plan
+    index[is_prefix] = inverse.reshape(-1) - coalition_start[key_game]
+
+    # Terms: player, plus = its prefix, minus = the one before; minus is fixed by (player, plus), so
+    # identical terms are identical (game, player, plus) pairs, merged by one sort (CSR by player).
+    is_term = is_prefix[..., 1:]
+    term_game = game[..., 1:][is_term]
+    player_start = _offsets(n)
+    C = int(np.diff(coalition_start).max())
+    term_key = (player_start[term_game] + orders[is_term]) * C + index[..., 1:][is_term]
+    term_key, term_inverse = np.unique(term_key, return_inverse=True)
+    term_inverse = term_inverse.reshape(-1)
+    merged_weight = np.bincount(term_inverse, weights=(1.0 / K)[term_game], minlength=len(term_key))
+    term_minus = np.empty(len(term_key), dtype=np.int64)
+    term_minus[term_inverse] = index[..., :-1][is_term]
+    global_player, term_plus = np.divmod(term_key, C)
+    ptr = _offsets(np.bincount(global_player, minlength=int(player_start[-1])))
+
+    # Cut each plan out (own copies: a plan does not hold on to the others' arrays).
+    bits = ((keys[:, None] >> np.arange(n_max, dtype=_U64)) & _U64(1)).astype(bool)
+    c_cut, p_cut, t_cut = coalition_start.tolist(), player_start.tolist(), ptr[player_start].tolist()
+    out = []
+    for r, structure in enumerate(structures):
+        c0, c1, p0, p1, t0, t1 = c_cut[r], c_cut[r + 1], p_cut[r], p_cut[r + 1], t_cut[r], t_cut[r + 1]
+        out.append(
+            CoalitionPlan(
+                structure=structure,
+                masks=torch.from_numpy(bits[c0:c1, : p1 - p0].copy()),
+                player_ptr=torch.from_numpy(ptr[p0 : p1 + 1] - t0),
+                term_plus=torch.from_numpy(term_plus[t0:t1].copy()),
+                term_minus=torch.from_numpy(term_minus[t0:t1].copy()),
+                term_weight=torch.from_numpy(merged_weight[t0:t1].copy()),
+                method="sampled",
+                num_permutations=int(K[r]),
+            )
+        )
+    return out
+
+
+def _sampled_plan_from_orders(structure: CoalitionStructure, orders: np.ndarray) -> CoalitionPlan:
+    """The sampled plan of the orders ``[K, n]``: each player's marginal contribution in each, weight 1/K."""
+    K, n = orders.shape
     bits = _U64(1) << orders.astype(_U64)
-    prefixes = np.cumsum(np.concatenate([np.zeros((K, 1), _U64), bits], axis=1), axis=1, dtype=_U64)
     # prefix[:, j] is the coalition of the first j players: disjoint bits, so the sum is the union.
+    prefixes = np.cumsum(np.concatenate([np.zeros((K, 1), _U64), bits], axis=1), axis=1, dtype=_U64)
     return _plan_from_terms(
         structure,
         player=orders.reshape(-1),
@@ -304,27 +490,90 @@ def make_plan(
     num_permutations: int | None = None,
     seed: int = 0,
     antithetic: bool = True,
+    rng: np.random.Generator | None = None,
 ) -> CoalitionPlan:
     """The plan for ``method`` in ``"exact" | "sampled" | "auto"``.
 
     ``auto`` is exact when the exact plan needs at most ``budget`` coalitions, and otherwise sampled with
     as many orders as fit the budget (each order adds at most ``n - 1`` coalitions). ``num_permutations``
-    fixes K for ``sampled`` (default 64).
+    fixes K for ``sampled`` (default 64). A sampled plan is drawn from ``seed`` (deterministic, cached) or,
+    with ``rng`` (a :class:`numpy.random.Generator`), fresh from ``rng`` and not cached (see
+    :func:`sampled_plan`). Exact plans are cached either way.
     """
-    if method == "exact":
+    _check_rng(rng)
+    K = _sampled_orders(structure, method, budget, num_permutations)
+    if K is None:
         return exact_plan(structure)
+    return sampled_plan(structure, K, seed, antithetic, rng=rng)
+
+
+def make_plans(
+    structures,
+    method: str = "auto",
+    *,
+    budget: int = 256,
+    num_permutations: int | None = None,
+    seed: int = 0,
+    antithetic: bool = True,
+    rng: np.random.Generator | None = None,
+) -> list[CoalitionPlan]:
+    """``[make_plan(s, method, ..., rng=rng) for s in structures]``, with every sampled plan drawn at once.
+
+    With ``rng`` the structures that need a sampled plan take their orders from ``rng`` in list order, in
+    one draw, exactly as successive ``make_plan`` calls would (same plans, same state of ``rng`` after);
+    the orders and the plans are then built vectorised over all of them. A structure listed twice gets two
+    independent draws. Without ``rng``, each plan comes from ``seed`` (cached).
+    """
+    _check_rng(rng)
+    structures = list(structures)
+    if rng is None:
+        return [
+            make_plan(s, method, budget=budget, num_permutations=num_permutations, seed=seed, antithetic=antithetic)
+            for s in structures
+        ]
+    Ks = [_sampled_orders(s, method, budget, num_permutations) for s in structures]
+    sampled = [r for r, K in enumerate(Ks) if K is not None]
+    out = [exact_plan(s) if K is None else None for s, K in zip(structures, Ks)]
+    drawn = _sampled_plans([structures[r] for r in sampled], [Ks[r] for r in sampled], rng, bool(antithetic))
+    for r, plan in zip(sampled, drawn):
+        out[r] = plan
+    return out
+
+
+def _sampled_orders(structure, method: str, budget: int, num_permutations: int | None) -> int | None:
+    """The number of orders K of ``method``'s sampled plan for ``structure``, or None for the exact plan."""
+    if method == "exact":
+        _check_structure(structure)
+        return None
     if method == "sampled":
-        return sampled_plan(structure, 64 if num_permutations is None else num_permutations, seed, antithetic)
+        _check_structure(structure)
+        K = 64 if num_permutations is None else num_permutations
+        _check_num_permutations(K)
+        return K
     if method == "auto":
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
             raise ValueError(f"budget: expected an int >= 2 (coalitions per response), got {budget!r}")
         _check_structure(structure)
         if num_exact_coalitions(structure) <= budget:
-            return exact_plan(structure)
+            return None
         per_order = max(structure.num_players - 1, 1)
         K = num_permutations or max(1, (budget - 2) // per_order)
-        return sampled_plan(structure, K, seed, antithetic)
+        _check_num_permutations(K)
+        return K
     raise ValueError(f"method: expected 'exact', 'sampled' or 'auto', got {method!r}")
+
+
+def _check_num_permutations(num_permutations) -> None:
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
+        raise ValueError(f"num_permutations: expected a positive int, got {num_permutations!r}")
+
+
+def _check_rng(rng) -> None:
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise ValueError(
+            f"rng: expected a numpy.random.Generator (e.g. numpy.random.default_rng(0)) or None, "
+            f"got {type(rng).__name__}"
+        )
 
 
 def _check_structure(structure) -> None:
@@ -384,8 +633,9 @@ class PlanBatch:
         self.term_plus = _cat_tensors([p.term_plus for p in distinct], torch.int64)
         self.term_minus = _cat_tensors([p.term_minus for p in distinct], torch.int64)
         self.term_weight = _cat_tensors([p.term_weight for p in distinct], torch.float64)
-        terms_per_row = [int(p.player_ptr.diff().max()) if p.num_players else 0 for p in distinct]
-        self.max_terms_per_row = max(terms_per_row, default=0)
+        # Most terms of one row: consecutive pointers of one plan differ by its rows' term counts, and across
+        # two plans by 0 (a plan's last pointer is the next one's first), so one diff covers every plan.
+        self.max_terms_per_row = int(np.diff(self.player_ptr).max()) if len(self.player_ptr) > 1 else 0
         self._device_cache: dict = {}
 
     @classmethod

@@ -379,6 +379,7 @@ class OSPOTrainer:
             "data_rng": self.data_rng.bit_generator.state,
             "order": list(self.order),
             "rng": _rng_states(),
+            "attributor": self.attributor.state_dict() if self.attributor is not None else None,
         }
 
     def save_checkpoint(self) -> Path:
@@ -400,6 +401,8 @@ class OSPOTrainer:
         self.order = list(state["order"])
         self.step = int(state["step"])
         _set_rng_states(state["rng"])
+        if self.attributor is not None and state.get("attributor") is not None:
+            self.attributor.load_state_dict(state["attributor"])  # the sampled plans' orders continue
         _truncate_metrics(self.output_dir / METRICS, self.step)
 
 

@@ -12,6 +12,7 @@ datasets = pytest.importorskip("datasets")
 
 from trl import GRPOConfig  # noqa: E402
 
+from ospo_fast.attribution import OwenAttributor  # noqa: E402
 from ospo_fast.integrations.trl import OSPOGRPOTrainer  # noqa: E402
 from ospo_fast.policy import build_tokenizer, tiny_causal_lm  # noqa: E402
 
@@ -105,6 +106,17 @@ def test_tokens_outside_the_segments_get_trls_advantage(tokenizer, tmp_path, red
         assert outside.any()  # the end-of-sequence token and the final "." at least
         expected = inputs["sequence_advantages"][:, None].expand_as(mask)
         assert torch.equal(inputs["advantages"][outside], expected[outside])
+
+
+def test_resume_restores_the_attributors_generator(tokenizer, tmp_path):
+    # Sampled plans draw fresh orders at every step; a resumed run continues the uninterrupted run's draws.
+    options = dict(attribution_method="sampled", config=dict(max_steps=2, save_strategy="steps", save_steps=1))
+    straight = train_one_step(tokenizer, tmp_path / "straight", word_overlap, **options)
+    resumed = train_one_step(tokenizer, tmp_path / "resumed", word_overlap, **options)
+    assert resumed.ospo_attributor.state_dict() == straight.ospo_attributor.state_dict()
+    resumed.ospo_attributor.load_state_dict(OwenAttributor(word_overlap, seed=7).state_dict())  # elsewhere
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-1"))
+    assert resumed.ospo_attributor.state_dict() == straight.ospo_attributor.state_dict()
 
 
 def test_use_liger_kernel_is_refused(tokenizer, tmp_path):

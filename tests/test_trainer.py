@@ -111,13 +111,16 @@ def test_sequence_reward_is_the_value_of_all_segments(make_trainer, tmp_path):
     torch.testing.assert_close(rollout["rewards"].double(), keyword_reward(answers, rollout["owners"]), rtol=1e-6, atol=1e-6)
 
 
-def test_resume_continues_exactly_where_it_stopped(make_trainer, tmp_path):
-    straight = make_trainer(tmp_path / "straight", max_steps=4)
+@pytest.mark.parametrize("method", ["auto", "sampled"])
+def test_resume_continues_exactly_where_it_stopped(make_trainer, tmp_path, method):
+    straight = make_trainer(tmp_path / "straight", max_steps=4, attribution_method=method)
     straight.train()
-    first = make_trainer(tmp_path / "resumed", max_steps=2)
+    first = make_trainer(tmp_path / "resumed", max_steps=2, attribution_method=method)
     first.train()
-    second = make_trainer(tmp_path / "resumed", max_steps=4, seed=1)  # a different init, overwritten
+    second = make_trainer(tmp_path / "resumed", max_steps=4, seed=1, attribution_method=method)  # init overwritten
     second.train(resume=True)
+    # The sampled plans' generator continues where it stopped (seed 1 would draw other orders).
+    assert second.attributor.state_dict() == straight.attributor.state_dict()
     for a, b in zip(straight.model.parameters(), second.model.parameters()):
         torch.testing.assert_close(a, b)
     lines = [json.loads(x) for x in (tmp_path / "resumed" / METRICS).read_text().splitlines()]

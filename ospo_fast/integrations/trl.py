@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
 
 import torch
@@ -181,6 +182,21 @@ class OSPOGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ospo/attribution_seconds"].append(time.perf_counter() - start)
         self._metrics[mode]["ospo/reward_evaluations"].append(float(credit.attributions.num_evaluations))
         return output
+
+    # Checkpoints: the attributor's generator is saved and restored with TRL's random states, so a resumed
+    # run draws the sampled plans' orders that an uninterrupted one would.
+
+    def _attributor_state_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"ospo_attributor_{self.args.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        torch.save(self.ospo_attributor.state_dict(), self._attributor_state_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and os.path.isfile(self._attributor_state_file(checkpoint)):
+            self.ospo_attributor.load_state_dict(torch.load(self._attributor_state_file(checkpoint), weights_only=True))
 
     def _owners(self, inputs) -> list[int]:
         if any(self.owner_column not in x for x in inputs):
