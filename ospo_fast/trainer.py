@@ -36,10 +36,10 @@ import torch
 
 from .advantages import DEFAULT_MAX_SHARE, REDISTRIBUTION_MODES, group_advantages, redistribute
 from .attribution import OwenAttributor
+from .data.prompts import follows_format
 from .loss import grpo_loss
 from .policy import completion_offsets, prompt_text
 from .rollout import attribute_completions
-from .data.prompts import follows_format
 from .segment import Segmenter, coalition_text
 
 CHECKPOINT = "checkpoint.pt"
