@@ -20,6 +20,13 @@ Among the segment tokens the mean stays ``A`` (so the mean over the whole comple
 Owen value whatever its token length (:func:`spread_credit`). Because credit comes from the token ->
 player map of the completion itself, it lands on the answer's tokens wherever the answer starts.
 
+Known limit, measured (tests/test_advantages.py, ``_noise_group_sums``): under rewards that carry no signal,
+the segments of one answer are unbiased against each other only when they are alike (same token length,
+same union size). A segment's Owen value grows with ``R - v(empty)``, which moves with the advantage, and
+a short segment holds it on fewer tokens: with phrases of 1, 4, 2 and 3 tokens in two sentences, the
+one-token phrase's group sum drifts to +1.5 (proportional), +0.9 (rank), +0.3 (hybrid) and the others to
+between -0.4 and +0.4, while every token outside the segments stays at exactly 0.
+
 **Direction and blame.** Owen values are signed: positive when a segment raised the reward, negative when it
 lowered it. Credit is read in the direction of the advantage: ``u_t = sign(A) * c_t`` with ``sign(0) = +1``.
 For a response better than its group (A > 0) the tokens that raised the reward get the largest shares of
