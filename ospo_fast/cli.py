@@ -106,8 +106,11 @@ def train(args) -> int:
     summary = run(settings, config, resume=args.resume)
     print()
     print(format_table(summary["results"]))
-    print(f"\nrun folder: {config.output_dir} (report.md, metrics.jsonl, reward.png, ndcg.png, attributions.html, "
-          f"policy/); {time.perf_counter() - start:.0f} s in all")
+    forms = summary.get("format", {})
+    print("\nformat rate (answers closed by </answer>) and completion tokens, greedy: " + "; ".join(
+        f"{p} {f['format_rate']:.2f}, {f['completion_tokens']:.1f}" for p, f in forms.items() if f))
+    print(f"\nrun folder: {config.output_dir} (report.md, metrics.jsonl, reward.png, ndcg.png, format.png, "
+          f"attributions.html, policy/); {time.perf_counter() - start:.0f} s in all")
     return 0
 
 

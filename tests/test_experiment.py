@@ -35,7 +35,8 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
     assert "| ospo (proportional) | " in report.split("| policy | format rate |")[1]
     assert "Sampled completions in training" in report
     assert set(summary["results"]["warm start"]) == {"dense", "bm25", "lsa"}
-    assert "ndcg@10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ndcg@10" in printed and "format rate (answers closed by </answer>)" in printed
 
 
 def test_train_resume_continues_the_run(tmp_path):
