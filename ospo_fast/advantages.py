@@ -16,16 +16,20 @@ rewards that carry no signal no token class drifts; a redistribution that moved 
 think block and the answer would teach, whatever the task, to write more of one and less of the other.
 Among the segment tokens the mean stays ``A`` (so the mean over the whole completion is ``A`` too).
 
-**Token credit.** A segment's Owen value is spread evenly over its tokens, so a segment's total credit is its
-Owen value whatever its token length (:func:`spread_credit`). Because credit comes from the token ->
-player map of the completion itself, it lands on the answer's tokens wherever the answer starts.
-
-Known limit, measured (tests/test_advantages.py, ``_noise_group_sums``): under rewards that carry no signal,
-the segments of one answer are unbiased against each other only when they are alike (same token length,
-same union size). A segment's Owen value grows with ``R - v(empty)``, which moves with the advantage, and
-a short segment holds it on fewer tokens: with phrases of 1, 4, 2 and 3 tokens in two sentences, the
-one-token phrase's group sum drifts to +1.5 (proportional), +0.9 (rank), +0.3 (hybrid) and the others to
-between -0.4 and +0.4, while every token outside the segments stays at exactly 0.
+**Token credit.** A segment's credit is spread evenly over its tokens, so a segment's total credit is the
+same whatever its token length (:func:`spread_credit`). Because credit comes from the token -> player map
+of the completion itself, it lands on the answer's tokens wherever the answer starts. The trainers
+(:func:`ospo_fast.rollout.attribute_completions`) use as a segment's credit its *excess* Owen value,
+:func:`ospo_fast.owen.excess_credit`: the Owen value less the segment's structural share ``w_i`` of
+``v(N) - v(empty)``, i.e. its Owen value in the game with v(N) and v(empty) set to 0. The raw Owen value
+moves with the response's reward, and so with its advantage, by ``w_i (R - v(empty))``: larger for the
+phrases of short sentences, and concentrated on few tokens for short phrases. Under rewards that carry no
+signal that made short phrases and one-phrase sentences drift: with phrases of 1, 4, 2 and 3 tokens in
+sentences of one and three phrases, the one-token phrase's group sum went to +3.9 (proportional), +1.6
+(rank), +2.1 (hybrid). The excess credit does not depend on v(N) or v(empty), sums to 0 over the answer,
+and keeps every segment token within noise of 0 there (tested; with skewed rewards, mostly 0 and
+sometimes high, within 0.2). What it gives up: in an additive game whose unions differ in size, the
+phrases of small unions get less than their Owen value's share (the structure pays them more of v(N)).
 
 **Direction and blame.** Owen values are signed: positive when a segment raised the reward, negative when it
 lowered it. Credit is read in the direction of the advantage: ``u_t = sign(A) * c_t`` with ``sign(0) = +1``.

@@ -94,6 +94,22 @@ class CoalitionPlan:
         counts = self.player_ptr.diff()
         return torch.repeat_interleave(torch.arange(self.num_players), counts)
 
+    def boundary_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 ``([n], [n])``: the weight of v(N) and of v(empty) in each player's value (rows
+        ``full_index`` and ``empty_index`` of :meth:`weight_matrix`); computed once per plan. Each sums to
+        +1 and -1 over the players (efficiency). Exact plans: ``1 / (m |U_i|)`` and its negative; sampled
+        plans: the share of orders in which the player comes last, and first (negated)."""
+        weights = self._device_cache.get("boundary")
+        if weights is None:
+            player = self.term_player
+            full = torch.zeros(self.num_players, dtype=torch.float64)
+            empty = torch.zeros(self.num_players, dtype=torch.float64)
+            on_full, on_empty = self.term_plus == self.full_index, self.term_minus == self.empty_index
+            full.index_add_(0, player[on_full], self.term_weight[on_full])
+            empty.index_add_(0, player[on_empty], -self.term_weight[on_empty])
+            weights = self._device_cache["boundary"] = (full, empty)
+        return weights
+
     def weight_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense Owen weight matrix ``W`` (``[C, n]``) with ``phi = values @ W``."""
         W = torch.zeros(self.num_coalitions, self.num_players, dtype=torch.float64)

@@ -2,8 +2,10 @@
 
 :func:`attribute_completions` decodes each completion with :func:`~ospo_fast.policy.completion_offsets`,
 segments it, attributes its reward with an :class:`~ospo_fast.OwenAttributor` (one batched evaluation for the
-whole batch), and spreads the Owen values over the completion tokens that produced each segment
-(:func:`~ospo_fast.spread_credit`). :class:`~ospo_fast.OSPOTrainer` and the TRL and verl integrations all
+whole batch), and spreads each segment's credit over the completion tokens that produced it
+(:func:`~ospo_fast.spread_credit`). The credit is the segment's Owen value beyond its structural share of
+the whole answer's value (:func:`~ospo_fast.owen.excess_credit`), so that it carries nothing of the reward
+itself: see :mod:`ospo_fast.advantages`. :class:`~ospo_fast.OSPOTrainer` and the TRL and verl integrations all
 call it; each then redistributes its own advantages with the credit (:func:`~ospo_fast.redistribute`).
 """
 
@@ -17,6 +19,7 @@ import torch
 
 from .advantages import spread_credit
 from .attribution import Attributions, OwenAttributor
+from .owen import excess_credit
 from .policy import completion_offsets
 from .segment import Segmentation, token_player_maps
 
@@ -30,7 +33,9 @@ class CompletionCredit:
         offsets: ``offsets[j][t]``: the character span of token t in ``texts[j]`` ((0, 0) for special tokens).
         attributions: the :class:`~ospo_fast.Attributions` of the texts (segments, Owen values, v(S)).
         token_player: int64 ``[N, T]``: the segment of each completion token, -1 outside every segment.
-        credit: float32 ``[N, T]`` on the ids' device: each segment's Owen value spread evenly over its tokens.
+        credit: float32 ``[N, T]`` on the ids' device: each segment's excess credit
+            (:func:`~ospo_fast.owen.excess_credit`, its Owen value less its share of v(N) - v(empty)) spread
+            evenly over its tokens; it sums to 0 over a completion's segment tokens.
     """
 
     texts: list[str]
@@ -88,5 +93,5 @@ def attribute_completions(
     token_player = token_player_maps(segmentations, offsets).to(ids.device)  # one span per id: [N, T]
     if reserve_last is not None:
         token_player = token_player.masked_fill(reserve_last.bool().to(ids.device), -1)
-    credit = spread_credit([p.float() for p in out.phi], token_player)
+    credit = spread_credit([excess_credit(a.plan, a.values, a.phi).float() for a in out.items], token_player)
     return CompletionCredit(texts, offsets, out, token_player, credit)

@@ -7,6 +7,7 @@ import torch
 from conftest import assert_close
 
 from ospo_fast.advantages import DEFAULT_MAX_SHARE, group_advantages, redistribute, spread_credit
+from ospo_fast.owen import excess_credit
 from ospo_fast.plans import exact_plan
 from ospo_fast.structure import CoalitionStructure
 
@@ -374,7 +375,7 @@ def _noise_group_sums(mode: str, structure: list[list[int]], lengths: list[int],
     plan = exact_plan(CoalitionStructure(structure))
     values = torch.rand(groups * G, plan.num_coalitions, generator=g, dtype=torch.float64)
     values[:, plan.empty_index] = 0.2
-    phi = values @ plan.weight_matrix()
+    phi = excess_credit(plan, values, values @ plan.weight_matrix())  # the credit the trainers use
     A = group_advantages(values[:, plan.full_index], G)
     row = [-1] * 10
     for i, n in enumerate(lengths):
@@ -395,13 +396,16 @@ def test_noise_rewards_move_no_token_class(mode):
     # and EOS used to drift to -1.2 and the answer's tokens to +2.7: answers stopped closing).
     mean, stderr, row = _noise_group_sums(mode, [[0]], [5], groups=2000, seed=1)
     assert mean.abs().max() < 1e-9, mean  # one segment: exactly GRPO
-    # Two sentences of two equal-length phrases: every token is exchangeable with its peers.
-    mean, stderr, row = _noise_group_sums(mode, [[0, 1], [2, 3]], [3, 3, 3, 3], groups=2000, seed=2)
-    outside = row < 0
-    assert mean[outside].abs().max() < 1e-9, mean  # think, tags, punctuation, EOS: exactly GRPO
-    first = 10
-    assert abs(float(mean[first])) < max(4 * float(stderr[first]), 0.05), (mean[first], stderr[first])
-    assert (mean[~outside].abs() < 4 * stderr[~outside] + 0.05).all(), mean
+    # Phrases alike, of unequal token lengths, in sentences of unequal sizes (Owen values spread per token
+    # used to push the one-token phrase of the one-phrase sentence to +1.6 .. +3.9).
+    for structure, lengths in (([[0, 1], [2, 3]], [3, 3, 3, 3]), ([[0, 1], [2, 3]], [1, 4, 2, 3]),
+                               ([[0], [1, 2, 3]], [1, 4, 2, 3])):
+        mean, stderr, row = _noise_group_sums(mode, structure, lengths, groups=2000, seed=2)
+        outside = row < 0
+        assert mean[outside].abs().max() < 1e-9, mean  # think, tags, punctuation, EOS: exactly GRPO
+        first = 10
+        assert abs(float(mean[first])) < 4 * float(stderr[first]) + 0.05, (structure, lengths, mean[first])
+        assert (mean[~outside].abs() < 4 * stderr[~outside] + 0.05).all(), (structure, lengths, mean)
 
 
 def test_redistribution_without_a_segment_mask_would_move_the_think_block():

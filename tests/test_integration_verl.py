@@ -182,12 +182,19 @@ def test_score_responses_rewards_are_compute_score_of_each_response(tokenizer):
     torch.testing.assert_close(dense.sum(1), rewards)
 
 
-def test_score_responses_credit_sums_to_the_owen_values(tokenizer):
+def test_score_responses_credit_is_the_excess_credit_of_the_segments(tokenizer):
+    from ospo_fast.owen import excess_credit
+
     ids, mask = response_batch(tokenizer)
     _, dense, credit = score_responses(tokenizer, ids, mask, build_attributor(Rows()))
     _, recovered = split_token_rewards(dense, mask)
-    for j, attribution in enumerate(credit.attributions):
-        torch.testing.assert_close(recovered[j].sum().double(), attribution.phi.sum(), rtol=1e-5, atol=1e-6)
+    for j, a in enumerate(credit.attributions):  # the excess credit sums to 0 over the segments
+        assert abs(float(recovered[j].sum())) < 1e-5
+        excess = excess_credit(a.plan, a.values, a.phi).float()
+        for i in range(a.segmentation.num_players):
+            tokens = credit.token_player[j] == i
+            if tokens.any():
+                torch.testing.assert_close(recovered[j][tokens].sum(), excess[i], rtol=1e-5, atol=1e-6)
 
 
 def test_coalitions_keep_the_response_frame(tokenizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -224,3 +225,29 @@ def test_long_runs_of_one_plan_match_the_reference(backend, device, dtype):
     expected = of.owen_from_values(batch, values.double(), backend="torch")
     tol = 1e-11 if dtype == torch.float64 else 2e-5
     assert_close(of.owen_from_values(batch, values.to(device), backend=backend), expected, tol, tol, what=backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Excess credit: the Owen value less its share of v(N) - v(empty)
+
+
+@pytest.mark.parametrize("method", ["exact", "sampled"])
+@pytest.mark.parametrize("structure", [[[0]], [[0], [1, 2, 3]], [[0, 1], [2, 3, 4], [5]], [[0, 1, 2, 3, 4, 5, 6]]])
+def test_excess_credit_is_the_owen_value_of_the_game_without_its_grand_and_empty_values(method, structure):
+    from ospo_fast.owen import excess_credit
+
+    s = of.CoalitionStructure(structure)
+    plan = of.make_plan(s, method, num_permutations=5, rng=np.random.default_rng(len(structure)))
+    full, empty = plan.boundary_weights()
+    assert float(full.sum()) == pytest.approx(1.0) and float(empty.sum()) == pytest.approx(-1.0)
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(4, plan.num_coalitions, generator=g, dtype=torch.float64)
+    e = excess_credit(plan, values, of.owen_from_values(plan, values))
+    zeroed = values.clone()
+    zeroed[:, [plan.full_index, plan.empty_index]] = 0.0
+    torch.testing.assert_close(e, of.owen_from_values(plan, zeroed), rtol=0, atol=1e-12)
+    torch.testing.assert_close(e.sum(-1), torch.zeros(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    moved = values.clone()  # the reward of the whole response and of the empty one do not enter it
+    moved[:, plan.full_index] += 10.0
+    moved[:, plan.empty_index] -= 3.0
+    torch.testing.assert_close(excess_credit(plan, moved, of.owen_from_values(plan, moved)), e, rtol=0, atol=1e-12)
