@@ -3,7 +3,7 @@
 The stage between the Owen values and the loss::
 
     rewards [B*G] --group_advantages--> A [N]                          (N = B*G responses)
-    Owen values of each response's segments + token -> segment maps --spread_credit--> c [N, T]
+    (excess) Owen values of each response's segments + token -> segment maps --spread_credit--> c [N, T]
     redistribute(A, c, completion_mask, mode) --> per-token advantages Â [N, T]  --> ospo_fast.loss.grpo_loss
 
 Design decisions (each is tested in tests/test_advantages.py):
