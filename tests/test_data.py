@@ -7,6 +7,8 @@ real extracts beside the repository (../shared/data) are tested when that folder
 from __future__ import annotations
 
 import collections
+import json
+import re
 import warnings
 from pathlib import Path
 
@@ -20,8 +22,11 @@ from ospo_fast.data import (
     ESCI_COLUMNS,
     ESCI_TEMPLATE,
     HM_TEMPLATE,
+    KINDS,
+    Pools,
     article_text,
     build_pools,
+    char_ngram_vectors,
     check_template,
     customer_histories,
     default_esci_path,
@@ -30,18 +35,23 @@ from ospo_fast.data import (
     esci_task,
     extract_answer,
     follows_format,
+    held_out_items,
     hm_pools,
     hm_task,
     load_default_esci,
     load_esci,
     load_esci_csv,
     load_hm,
+    ngram_neighbours,
+    pool_mix,
     product_text,
     product_text_parts,
     render,
+    three_way_split,
     title_category,
     train_eval_split,
 )
+from ospo_fast.data.ngrams import char_ngrams, ngram_similarity
 from ospo_fast.data.pools import _quotas
 from ospo_fast.rewards import BM25Reward
 
@@ -416,7 +426,7 @@ def test_esci_related_negatives_are_lexical_neighbours():
 def test_hm_pools_real_extract_target_and_categories():
     data = load_hm(shared("hm", "articles.csv"), transactions_path=shared("hm", "transactions_train.csv"))
     histories = customer_histories(data.transactions).head(30)
-    p = hm_pools(data, histories, seed=0)
+    p = hm_pools(data, histories, seed=0, negatives="mix")
     types = dict(zip(data.articles["article_id"], data.articles["product_type_name"]))
     groups = dict(zip(data.articles["article_id"], data.articles["garment_group_name"]))
     for pool, gain, kind, (_, h) in zip(p.pools, p.gains, p.kinds, histories.iterrows()):
@@ -427,6 +437,198 @@ def test_hm_pools_real_extract_target_and_categories():
         for a, k in zip(ids, kind):
             if k == "category":
                 assert types[a] == types[h["target"]] or groups[a] == groups[h["target"]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hard negatives: char n-gram neighbours
+
+
+def test_char_ngrams_stay_within_words():
+    assert char_ngrams("Tea", (3, 4)) == [" te", "tea", "ea ", " tea", "tea "]
+    grams = char_ngrams("ab, CD!")
+    assert " ab " in grams and " cd " in grams and not any("b c" in g or "," in g for g in grams)
+    assert char_ngrams("...") == []
+
+
+def test_char_ngram_vectors_are_unit_rows_and_zero_for_empty_texts():
+    x = char_ngram_vectors(["red shoes", "red shoe", "", "blue hat"])
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    np.testing.assert_allclose(norms, [1, 1, 0, 1])
+    sims = (x @ x.T).toarray()
+    assert sims[0, 1] > sims[0, 3] and sims[0, 3] == 0
+
+
+# Target 4; items 0..8 share 0, 1, 4, 2, -, 3, 4 (a duplicate of the target's text), 2, 2 of its words.
+NEIGHBOUR_TEXTS = [
+    "lima mike november oscar",
+    "alpha india juliet kilo",
+    "alpha bravo charlie delta echo",
+    "alpha bravo golf hotel",
+    "alpha bravo charlie delta",
+    "alpha bravo charlie foxtrot",
+    "alpha bravo charlie delta",
+    "alpha bravo golf hotel",
+    "alpha bravo golf hotel",
+]
+
+
+def test_ngram_neighbours_come_best_first():
+    x = char_ngram_vectors(NEIGHBOUR_TEXTS)
+    # Best first; equal scores (3, 7, 8 are one text) by index; the target, its duplicate and item 0 (nothing
+    # in common) left out.
+    assert ngram_neighbours(x, [[4]], depth=10, texts=NEIGHBOUR_TEXTS)[0].tolist() == [2, 5, 3, 7, 8, 1]
+    assert ngram_neighbours(x, [[4]], depth=3, texts=NEIGHBOUR_TEXTS)[0].tolist() == [2, 5, 3]
+    assert ngram_neighbours(x, [[4]], depth=10, skip=[[2, 7]], texts=NEIGHBOUR_TEXTS)[0].tolist() == [5, 3, 8, 1]
+    # Without texts the duplicate (cosine 1) comes first.
+    assert ngram_neighbours(x, [[4]], depth=2)[0].tolist() == [6, 2]
+    # Several targets: an item's score is its best cosine to any of them.
+    both = ngram_neighbours(x, [[4, 0]], depth=10, texts=NEIGHBOUR_TEXTS)[0].tolist()
+    assert both[:2] == [2, 5] and set(both) == {1, 2, 3, 5, 7, 8}
+
+
+def test_default_task_negatives_are_the_targets_nearest_items(task):
+    x = char_ngram_vectors(task.items)
+    for pool, gain, kind in list(zip(task.pools, task.gains, task.kinds))[:40]:
+        assert set(kind) == {"judged", "neighbour"}
+        target = [i for i, g in zip(pool, gain) if g > 0]
+        negatives = [i for i, k in zip(pool, kind) if k != "judged"]
+        outside = sorted(set(range(len(task.items))) - set(pool))
+        # Every negative is at least as close to the target as every catalogue item left out of the pool.
+        assert ngram_similarity(x, target, negatives).min() >= ngram_similarity(x, target, outside).max() - 1e-9
+        ranked = ngram_neighbours(x, [target], depth=len(negatives), texts=task.items)[0]
+        assert set(ranked.tolist()) == set(negatives)
+        scores = ngram_similarity(x, target, ranked)
+        assert (np.diff(scores) <= 1e-9).all()  # best first
+
+
+def test_neighbour_pools_skip_judged_and_excluded_items_and_fill_up_at_random():
+    ranked = [np.array([0, 5, 9, 1, 2, 3, 4]), np.array([7])]
+    pools, gains, kinds = build_pools(
+        [[0], [1]], [[1.0], [1.0]], 50, neighbours=ranked, exclude=[[9], []], owner_keys=["a", "b"], pool_size=4,
+    )  # fmt: skip
+    assert {i for i, k in zip(pools[0], kinds[0]) if k == "neighbour"} == {5, 1, 2}  # the first free ones
+    assert collections.Counter(kinds[1]) == {"judged": 1, "neighbour": 1, "random": 2}
+    assert 1 not in [i for i, k in zip(pools[1], kinds[1]) if k != "judged"]
+    with pytest.warns(UserWarning, match="smaller than pool_size=100"):
+        pools, _, kinds = build_pools([[0]], [[1.0]], 30, neighbours=[np.arange(29, 0, -1)], pool_size=100)
+    assert sorted(pools[0]) == list(range(30)) and kinds[0].count("neighbour") == 29
+
+
+def test_neighbour_pools_are_the_same_on_every_machine():
+    pools, gains, kinds = build_pools(
+        [[0], [3, 4]], [[1.0], [1.0, 0.1]], 20, neighbours=[np.arange(19, -1, -1), np.arange(20)],
+        owner_keys=["a", "b"], pool_size=6, seed=7,
+    )  # fmt: skip
+    assert pools == [[19, 18, 15, 0, 17, 16], [3, 2, 5, 0, 1, 4]]
+    assert kinds[1] == ["judged", "neighbour", "neighbour", "neighbour", "neighbour", "judged"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"negatives": "nearest"}, "negatives"),
+        ({"negatives": "neighbours"}, "neighbours"),
+        ({"negatives": "neighbours", "neighbours": [np.arange(5)], "mix": (0.5, 0.3, 0.2)}, "mix"),
+        ({"negatives": "neighbours", "neighbours": [np.arange(5)], "related": [np.arange(5)]}, "related"),
+        ({"negatives": "mix", "neighbours": [np.arange(5)]}, "neighbours"),
+        ({"neighbours": [np.arange(5), np.arange(5)]}, "neighbours"),
+    ],
+)
+def test_bad_negative_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_pools([[0]], [[1.0]], 10, **kwargs)
+
+
+def test_task_negatives_argument():
+    near = esci_task(default_esci_path(), max_samples=3)
+    assert {k for kinds in near.kinds for k in kinds} == {"judged", "neighbour"}
+    mixed = esci_task(default_esci_path(), max_samples=3, negatives="mix")
+    assert "neighbour" not in {k for kinds in mixed.kinds for k in kinds}
+    # mix= alone keeps its old meaning.
+    assert esci_task(default_esci_path(), max_samples=3, mix=(0.5, 0.3, 0.2)).pools == mixed.pools
+    with pytest.raises(ValueError, match="mix"):
+        esci_task(default_esci_path(), max_samples=3, negatives="neighbours", mix=(0.0, 1.0, 0.0))
+    with pytest.raises(ValueError, match="negatives"):
+        default_task(negatives="hard")
+
+
+def test_default_task_pools_are_deterministic(task):
+    again = default_task()
+    assert again.pools == task.pools and again.kinds == task.kinds
+    other = default_task(seed=1)
+    assert [sorted(p) for p in other.pools] == [sorted(p) for p in task.pools]  # the neighbours do not depend on it
+    assert other.pools != task.pools  # the order (shuffle) does
+
+
+def test_default_task_pools_are_harder_than_the_mix(task):
+    mixed = default_task(negatives="mix")
+    near, old = pool_mix(task), pool_mix(mixed)
+    assert near["neighbour"] == 1.0 and old["neighbour"] == 0.0
+    assert near["similarity_negatives"] > old["similarity_negatives"] > 0
+    assert near["similarity_negatives"] > 1.1 * near["similarity_random"]
+    assert near["same_category"] > near["same_category_random"]
+
+    # A measure of its own, over words rather than char n-grams: the mean Jaccard overlap of word sets.
+    def word_overlap(t):
+        words = [set(re.findall(r"\w+", text.lower())) for text in t.items]
+        values = []
+        for pool, kind in zip(t.pools, t.kinds):
+            j = next(i for i, k in zip(pool, kind) if k == "judged")
+            values += [len(words[i] & words[j]) / len(words[i] | words[j]) for i, k in zip(pool, kind) if k != "judged"]
+        return np.mean(values)
+
+    assert word_overlap(task) > word_overlap(mixed)
+
+
+def test_hm_neighbour_pools_real_extract():
+    data = load_hm(shared("hm", "articles.csv"), transactions_path=shared("hm", "transactions_train.csv"))
+    histories = customer_histories(data.transactions).head(30)
+    p = hm_pools(data, histories, seed=0)
+    for pool, gain, kind, (_, h) in zip(p.pools, p.gains, p.kinds, histories.iterrows()):
+        ids = [p.item_ids[i] for i in pool]
+        assert len(set(ids)) == 100 and ids[gain.index(1.0)] == h["target"]
+        assert not set(ids) & (set(h["history"]) - {h["target"]})
+        assert set(kind) == {"judged", "neighbour"}
+    near, old = pool_mix(p), pool_mix(hm_pools(data, histories, seed=0, negatives="mix"))
+    assert near["similarity_negatives"] > old["similarity_negatives"]
+    assert near["same_category"] > near["same_category_random"]
+
+
+def test_pool_mix_by_hand():
+    # Items 0 and 1 share their text; 0, 2 and 3 share no n-gram.
+    items = ["alpha", "alpha", "bravo", "charlie"]
+    pools = Pools(
+        items=items,
+        item_ids=["i0", "i1", "i2", "i3"],
+        owners=["a", "b"],
+        pools=[[2, 0, 1, 3], [0, 3, 1, 2]],
+        gains=[[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+        kinds=[["random", "judged", "neighbour", "random"], ["category", "judged", "related", "judged"]],
+        categories=["x", "x", "y", ""],
+    )
+    # Pool a: target 0 (x); negatives 2 (random, y, cos 0), 1 (neighbour, x, cos 1), 3 (random, none, cos 0).
+    # Pool b: target 2 (3 is judged with gain 0); negatives 0 (category, x), 1 (related, x), both cos 0.
+    # Each pool's negatives are all its unjudged items, so the random sample is the same items.
+    mix = pool_mix(pools)
+    assert mix == pytest.approx(
+        {
+            "pools": 2, "negatives": 5, "neighbour": 0.2, "category": 0.2, "related": 0.2, "random": 0.4,
+            "same_category": 0.2, "same_category_random": 0.2, "similarity_negatives": 0.2, "similarity_random": 0.2,
+        }
+    )  # fmt: skip
+    assert sum(mix[k] for k in KINDS if k != "judged") == pytest.approx(1.0)
+    unknown = pool_mix(Pools(items, pools.item_ids, pools.owners, pools.pools, pools.gains, pools.kinds))
+    assert unknown["same_category"] is None and unknown["similarity_negatives"] == pytest.approx(0.2)
+
+
+def test_pool_mix_of_a_task_is_json_and_deterministic(task):
+    mix = pool_mix(task)
+    assert json.loads(json.dumps(mix)) == mix
+    assert pool_mix(task) == mix
+    assert mix["pools"] == len(task.pools) and mix["negatives"] == sum(len(p) - 1 for p in task.pools)
+    assert pool_mix(task, seed=1)["similarity_negatives"] == mix["similarity_negatives"]
+    assert task.categories is not None and len(task.categories) == len(task.items)
+    assert task.categories[task.item_ids.index("B01LVWQY6K")] == "diaper"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -554,3 +756,69 @@ def test_train_eval_split_is_seeded_and_disjoint(task):
     assert [s.id for s in task.split(0.25, seed=3)[1].samples] == [s.id for s in evaluation.samples]
     assert [s.id for s in task.split(0.25, seed=4)[1].samples] != [s.id for s in evaluation.samples]
     assert train.pools is task.pools  # owners stay valid: one reward serves both halves
+
+
+def test_three_way_split_is_seeded_disjoint_and_covers(task):
+    train, val, test = three_way_split(task, val_fraction=0.1, test_fraction=0.2, seed=3)
+    n = len(task)
+    assert (len(val), len(test), len(train)) == (round(0.1 * n), round(0.2 * n), n - round(0.1 * n) - round(0.2 * n))
+    ids = [s.id for s in task.samples]
+    parts = [[s.id for s in part.samples] for part in (train, val, test)]
+    assert sorted(sum(parts, [])) == sorted(ids) and len(set(sum(parts, []))) == n
+    for part in parts:
+        assert part == [i for i in ids if i in set(part)]  # original order
+    again = task.three_way_split(0.1, 0.2, seed=3)
+    assert [[s.id for s in p.samples] for p in again] == parts
+    assert [s.id for s in task.three_way_split(0.1, 0.2, seed=4)[2].samples] != parts[2]
+    assert train.pools is task.pools and test.pools is task.pools
+    # With no validation part, the test part is train_eval_split's eval part.
+    t2, v2, e2 = task.three_way_split(0.0, 0.25, seed=3)
+    assert len(v2) == 0
+    assert [s.id for s in e2.samples] == [s.id for s in train_eval_split(task, 0.25, seed=3)[1].samples]
+    assert [s.id for s in t2.samples] == [s.id for s in train_eval_split(task, 0.25, seed=3)[0].samples]
+
+
+@pytest.mark.parametrize(
+    "n, val, test, sizes",
+    [(3, 0.1, 0.1, (1, 1, 1)), (5, 0.01, 0.2, (3, 1, 1)), (5, 0.01, 0.3, (2, 1, 2)), (2, 0.3, 0.3, (1, 0, 1)),
+     (1, 0.4, 0.4, (1, 0, 0)), (10, 0.0, 0.0, (10, 0, 0)), (4, 0.45, 0.45, (1, 1, 2))],
+)  # fmt: skip
+def test_three_way_split_gives_each_nonzero_part_a_sample(task, n, val, test, sizes):
+    small = task.select(range(n))
+    train, v, t = small.three_way_split(val, test)
+    assert (len(train), len(v), len(t)) == sizes
+
+
+@pytest.mark.parametrize(
+    "val, test, name",
+    [(1.0, 0.0, "val_fraction"), (-0.1, 0.2, "val_fraction"), (0.1, 1, "test_fraction"), (0.1, "0.2", "test_fraction"),
+     (True, 0.2, "val_fraction"), (0.5, 0.5, "val_fraction, test_fraction")],
+)  # fmt: skip
+def test_three_way_split_rejects_bad_fractions(task, val, test, name):
+    with pytest.raises(ValueError, match=f"^{re.escape(name)}:"):
+        task.three_way_split(val, test)
+
+
+def test_held_out_items_are_the_targets_of_held_out_samples(task):
+    train, val, test = task.three_way_split(0.1, 0.2, seed=0)
+    held = train.held_out_items(val, test)
+    expected = {task.item_ids.index(pid) for s in val.samples + test.samples for pid in s.target_ids}
+    assert held == sorted(expected) and len(held) == len(val) + len(test)  # one target per query here
+    assert held_out_items(val, test) == held
+    assert train.held_out_items() == []
+    # The shipped queries judge distinct products: no training target is held out.
+    assert not {task.item_ids.index(s.target_ids[0]) for s in train.samples} & set(held)
+
+
+def test_held_out_items_skip_zero_gain_judgements_and_other_catalogues():
+    frame = load_esci(ESCI_EXAMPLES, ESCI_PRODUCTS, split=None, version=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = esci_task(frame, pool_size=10)
+    first = t.select([0])
+    held = {t.item_ids[i] for i in t.held_out_items(first)}
+    assert held == {"B0FXMOUSE1", "B0FXMOUSE2", "B0FXPAD001"}  # B0FXMOUSE3 is judged Irrelevant (gain 0)
+    with pytest.raises(ValueError, match="catalogue"):
+        t.held_out_items(default_task().select([0]))
+    with pytest.raises(ValueError, match="SearchTask"):
+        t.held_out_items([0])

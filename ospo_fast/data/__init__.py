@@ -1,7 +1,8 @@
 """Data for the generative-search tasks: ESCI and H&M loaders, candidate pools, prompts, a shipped sample.
 
->>> from ospo_fast.data import default_task, extract_answer
+>>> from ospo_fast.data import default_task, extract_answer, pool_mix
 >>> task = default_task()                  # 188 real ESCI queries, pools of 100, no download
+>>> mix = pool_mix(task)                   # what the pools hold: {"neighbour": 1.0, ..., "same_category": ...}
 >>> reward = task.reward("bm25")           # BM25Reward(task.items, task.pools, task.gains)
 >>> s = task.samples[0]
 >>> float(reward([s.query], [s.owner])[0]) > 0
@@ -34,9 +35,31 @@ from .hm import (
     load_hm,
     normalise_article_id,
 )
-from .pools import DEFAULT_MIX, KINDS, Pools, bm25_ranked, build_pools, category_codes, esci_pools, hm_pools, owner_rng
+from .ngrams import char_ngram_vectors, ngram_neighbours
+from .pools import (
+    DEFAULT_MIX,
+    KINDS,
+    NEGATIVES,
+    Pools,
+    bm25_ranked,
+    build_pools,
+    category_codes,
+    esci_pools,
+    hm_pools,
+    owner_rng,
+    pool_mix,
+)
 from .prompts import ESCI_TEMPLATE, HM_TEMPLATE, TEMPLATE_FIELDS, chat, check_template, extract_answer, follows_format, render
-from .tasks import Sample, SearchTask, default_task, esci_task, hm_task, train_eval_split
+from .tasks import (
+    Sample,
+    SearchTask,
+    default_task,
+    esci_task,
+    held_out_items,
+    hm_task,
+    three_way_split,
+    train_eval_split,
+)
 
 __all__ = [
     "ARTICLE_COLUMNS",
@@ -48,6 +71,7 @@ __all__ = [
     "HM_TEMPLATE",
     "HMData",
     "KINDS",
+    "NEGATIVES",
     "PRODUCT_COLUMNS",
     "Pools",
     "Sample",
@@ -58,6 +82,7 @@ __all__ = [
     "bm25_ranked",
     "build_pools",
     "category_codes",
+    "char_ngram_vectors",
     "chat",
     "check_template",
     "customer_histories",
@@ -67,17 +92,21 @@ __all__ = [
     "esci_task",
     "extract_answer",
     "follows_format",
+    "held_out_items",
     "hm_pools",
     "hm_task",
     "load_default_esci",
     "load_esci",
     "load_esci_csv",
     "load_hm",
+    "ngram_neighbours",
     "normalise_article_id",
     "owner_rng",
+    "pool_mix",
     "product_text",
     "product_text_parts",
     "render",
+    "three_way_split",
     "title_category",
     "train_eval_split",
 ]

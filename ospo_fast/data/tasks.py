@@ -12,6 +12,14 @@ A :class:`SearchTask` is what training and evaluation consume: ``task.samples`` 
   pool holds the query's judged products (ESCI gains E=1, S=0.1, C=0.01, I=0) and negatives.
 - H&M (:func:`hm_task`): a customer's earlier purchases -> the model describes the next item -> the pool
   holds the article bought next (gain 1) and negatives.
+
+The negatives are by default the catalogue items nearest to the targets by a retriever used nowhere else
+(``negatives="neighbours"``; ``negatives="mix"`` or ``mix=`` for the reference category / related / random mix;
+:mod:`ospo_fast.data.pools`); :func:`~ospo_fast.data.pool_mix` reports what the pools hold.
+
+Splits: :meth:`SearchTask.split` (train / eval) and :meth:`SearchTask.three_way_split` (train / validation /
+test) keep every pool, so one reward serves all parts; :meth:`SearchTask.held_out_items` names the items
+judged for held-out samples, which anything fitted for training (a vocabulary, an LSA encoder) should not see.
 """
 
 from __future__ import annotations
@@ -25,10 +33,19 @@ import pandas as pd
 
 from .esci import load_default_esci, load_esci, load_esci_csv
 from .hm import HMData, article_text, customer_histories, load_hm
-from .pools import DEFAULT_MIX, Pools, esci_pools, hm_pools
+from .pools import Pools, esci_pools, hm_pools
 from .prompts import ESCI_TEMPLATE, HM_TEMPLATE, chat, check_template, render
 
-__all__ = ["Sample", "SearchTask", "esci_task", "hm_task", "default_task", "train_eval_split"]
+__all__ = [
+    "Sample",
+    "SearchTask",
+    "esci_task",
+    "hm_task",
+    "default_task",
+    "train_eval_split",
+    "three_way_split",
+    "held_out_items",
+]
 
 
 @dataclass(frozen=True)
@@ -65,9 +82,12 @@ class SearchTask:
         item_ids: ``[I]`` the items' dataset ids.
         pools: ``[O]`` lists of indices into ``items``.
         gains: ``[O]`` lists of gains aligned with ``pools``.
-        kinds: ``[O]`` lists of entry kinds ("judged", "category", "related", "random").
+        kinds: ``[O]`` lists of entry kinds (:data:`~ospo_fast.data.KINDS`: "judged", "neighbour", "category",
+            "related", "random").
         samples: the samples; ``sample.owner`` indexes ``pools``. A split keeps every pool, so owners stay valid
-            and one reward serves both halves.
+            and one reward serves every part.
+        categories: ``[I]`` each item's category key (ESCI: the title's head noun; H&M: ``product_type_name``;
+            ``""``: none), for :func:`~ospo_fast.data.pool_mix`; None: unknown.
     """
 
     name: str
@@ -77,6 +97,7 @@ class SearchTask:
     gains: List[List[float]]
     kinds: List[List[str]]
     samples: List[Sample]
+    categories: Optional[List[str]] = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -98,6 +119,31 @@ class SearchTask:
     def split(self, eval_fraction: float = 0.1, seed: int = 0) -> Tuple["SearchTask", "SearchTask"]:
         """``(train, eval)``: see :func:`train_eval_split`."""
         return train_eval_split(self, eval_fraction, seed)
+
+    def three_way_split(
+        self, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    ) -> Tuple["SearchTask", "SearchTask", "SearchTask"]:
+        """``(train, val, test)``: see :func:`three_way_split`."""
+        return three_way_split(self, val_fraction, test_fraction, seed)
+
+    def held_out_items(self, *others: "SearchTask") -> List[int]:
+        """Sorted indices into this task's ``items`` of the items judged with a positive gain for the samples
+        of ``others`` (held-out parts of this task: its validation and test splits).
+
+        Fit anything training may see (a vocabulary, an LSA encoder) on the rest of the catalogue::
+
+            train, val, test = task.three_way_split()
+            held = set(train.held_out_items(val, test))
+            fit_items = [t for i, t in enumerate(task.items) if i not in held]
+
+        Raises ``ValueError`` when another task has a different catalogue (its indices would mean other items).
+        """
+        for k, other in enumerate(others):
+            if not isinstance(other, SearchTask):
+                raise ValueError(f"others[{k}]: expected a SearchTask, got {type(other).__name__}")
+            if other.items is not self.items and (other.item_ids != self.item_ids or other.items != self.items):
+                raise ValueError(f"others[{k}]: task {other.name!r} has a different catalogue (items) from this task")
+        return held_out_items(*others)
 
     def reward(self, kind: str = "bm25", **kwargs):
         """A retrieval reward over this task's pools: ``"bm25"`` (:class:`~ospo_fast.rewards.BM25Reward`) or
@@ -128,14 +174,69 @@ def train_eval_split(task: SearchTask, eval_fraction: float = 0.1, seed: int = 0
     return task.select([i for i in range(n) if i not in chosen]), task.select(eval_idx)
 
 
+def three_way_split(
+    task: SearchTask, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> Tuple[SearchTask, SearchTask, SearchTask]:
+    """Split a task's samples at random (PCG64, ``seed``) into train, validation and test, each in the
+    original order; disjoint, together all samples.
+
+    ``round(test_fraction * n)`` samples go to test and ``round(val_fraction * n)`` to validation. Each part
+    with a non-zero fraction gets at least one sample when there are enough samples for that (one per part);
+    train always keeps at least one. The test part is the one :func:`train_eval_split` with
+    ``eval_fraction=test_fraction`` and the same seed would give, so ``val_fraction=0`` reproduces that split.
+
+    Raises:
+        ValueError: a fraction outside ``[0, 1)``, or fractions summing to 1 or more (naming the argument).
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction, test_fraction: expected a sum below 1 (train needs samples), got "
+            f"{val_fraction!r} + {test_fraction!r}"
+        )
+    n = len(task.samples)
+    n_test, n_val = int(round(test_fraction * n)), int(round(val_fraction * n))
+    if n >= 1 + (val_fraction > 0) + (test_fraction > 0):
+        if test_fraction > 0:
+            n_test = max(n_test, 1)
+        if val_fraction > 0:
+            n_val = max(n_val, 1)
+        while n_test + n_val > n - 1:  # train keeps one: take it from the larger part, never below one
+            if n_val > n_test or (n_val == n_test and n_val > 1):
+                n_val -= 1
+            else:
+                n_test -= 1
+    else:  # too few samples for one per part: train keeps one, then test, then validation
+        n_test = min(n_test, max(n - 1, 0))
+        n_val = min(n_val, max(n - 1 - n_test, 0))
+    perm = np.random.Generator(np.random.PCG64(int(seed))).permutation(n)
+    test_idx = sorted(perm[:n_test].tolist())
+    val_idx = sorted(perm[n_test : n_test + n_val].tolist())
+    held = set(test_idx) | set(val_idx)
+    return task.select([i for i in range(n) if i not in held]), task.select(val_idx), task.select(test_idx)
+
+
+def held_out_items(*tasks: SearchTask) -> List[int]:
+    """Sorted indices of the catalogue items judged with a positive gain for any sample of ``tasks`` (which
+    share one catalogue: parts of one task). See :meth:`SearchTask.held_out_items`."""
+    out = set()
+    for task in tasks:
+        for s in task.samples:
+            out.update(int(i) for i, g in zip(task.pools[s.owner], task.gains[s.owner]) if g > 0)
+    return sorted(out)
+
+
 def esci_task(
     source,
     pool_size: int = 100,
     seed: int = 0,
-    mix: Sequence[float] = DEFAULT_MIX,
+    mix: Optional[Sequence[float]] = None,
     template: Optional[str] = None,
     max_samples: Optional[int] = None,
     *,
+    negatives: Optional[str] = None,
     system: Optional[str] = None,
     max_item_chars: int = 600,
     require_relevant: bool = True,
@@ -149,9 +250,12 @@ def esci_task(
             parquet files (loaded with :func:`~ospo_fast.data.load_esci`'s defaults: train, small, us).
         pool_size: candidates per query (judged + negatives).
         seed: seeds the negatives (:mod:`ospo_fast.data.pools`).
-        mix: shares of negatives (category, related, random).
+        mix: shares of negatives (category, related, random) with ``negatives="mix"``; given alone, it selects
+            ``"mix"``.
         template: a format string with the field ``{request}``; default :data:`~ospo_fast.data.ESCI_TEMPLATE`.
         max_samples: keep the first this many queries.
+        negatives: ``"neighbours"`` (default: the products nearest to the judged ones by char n-gram TF-IDF)
+            or ``"mix"`` (:mod:`ospo_fast.data.pools`).
         system: an optional system message prepended to every prompt.
         max_item_chars: item text length.
         require_relevant: drop queries with no judged product of positive gain.
@@ -163,7 +267,7 @@ def esci_task(
     frame = _esci_frame(source)
     pools = esci_pools(
         frame, pool_size=pool_size, mix=mix, seed=seed, max_item_chars=max_item_chars,
-        require_relevant=require_relevant, max_owners=_check_max_samples(max_samples),
+        require_relevant=require_relevant, max_owners=_check_max_samples(max_samples), negatives=negatives,
     )  # fmt: skip
     queries = dict(zip(frame["query_id"].astype(str), frame["query"]))
     samples = []
@@ -189,10 +293,11 @@ def hm_task(
     source,
     pool_size: int = 100,
     seed: int = 0,
-    mix: Sequence[float] = DEFAULT_MIX,
+    mix: Optional[Sequence[float]] = None,
     template: Optional[str] = None,
     max_samples: Optional[int] = None,
     *,
+    negatives: Optional[str] = None,
     system: Optional[str] = None,
     max_history: int = 10,
     history_chars: int = 160,
@@ -208,7 +313,8 @@ def hm_task(
     Args:
         source: an :class:`~ospo_fast.data.HMData` with articles and transactions (customers optional:
             they fill the template's ``{age}``), or ``(articles_path, customers_path, transactions_path)``.
-        pool_size, seed, mix, max_samples, system, name: as for :func:`esci_task`.
+        pool_size, seed, mix, max_samples, negatives, system, name: as for :func:`esci_task` (neighbours: the
+            articles nearest to the target; the customer's earlier purchases are never negatives).
         template: a format string with fields among ``{history}``, ``{num_items}``, ``{age}``; default
             :data:`~ospo_fast.data.HM_TEMPLATE`.
         max_history: the most history items shown in a prompt (the latest).
@@ -227,7 +333,9 @@ def hm_task(
     limit = _check_max_samples(max_samples)
     if limit is not None:
         histories = histories.head(limit)
-    pools = hm_pools(data, histories, pool_size=pool_size, mix=mix, seed=seed, max_item_chars=max_item_chars)
+    pools = hm_pools(
+        data, histories, pool_size=pool_size, mix=mix, seed=seed, max_item_chars=max_item_chars, negatives=negatives
+    )
 
     articles = data.articles.set_index("article_id")
     ages = {}
@@ -265,7 +373,9 @@ def default_task(seed: int = 0, pool_size: int = 100, **kwargs) -> SearchTask:
 
     200 real ESCI queries (us), one judged product each; queries whose product is judged Irrelevant are
     dropped (``require_relevant``), leaving 188. The catalogue is the 200 products, so every pool has 100
-    candidates. ``kwargs`` go to :func:`esci_task`.
+    candidates: the judged product and its 99 nearest neighbours by char n-gram TF-IDF (``negatives=
+    "neighbours"``; pass ``negatives="mix"`` for the reference mix, which this small catalogue mostly fills
+    with random products). ``kwargs`` go to :func:`esci_task`.
     """
     kwargs.setdefault("name", "esci-default")
     return esci_task(load_default_esci(), pool_size=pool_size, seed=seed, **kwargs)
@@ -303,4 +413,6 @@ def _judged(pools: Pools, owner: int) -> Dict[str, float]:
 
 
 def _task(name: str, pools: Pools, samples: List[Sample]) -> SearchTask:
-    return SearchTask(name, pools.items, pools.item_ids, pools.pools, pools.gains, pools.kinds, samples)
+    return SearchTask(
+        name, pools.items, pools.item_ids, pools.pools, pools.gains, pools.kinds, samples, pools.categories
+    )
