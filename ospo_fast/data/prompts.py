@@ -3,8 +3,8 @@
 Templates are plain ``str.format`` strings with named fields. A user passes their own with
 ``template="..."``; :func:`check_template` rejects fields the task does not provide, naming them.
 
->>> render(ESCI_TEMPLATE, "esci", request="running shoes")[:40]
-'A shopper typed this request into an onl'
+>>> chat(render(ESCI_TEMPLATE, "esci", request="mama koala"), ESCI_SYSTEM, ESCI_WORKED_EXAMPLES)[-1]
+{'role': 'user', 'content': 'mama koala'}
 >>> extract_answer("<think>short</think><answer>red trail running shoes</answer>")
 'red trail running shoes'
 """
@@ -14,36 +14,47 @@ from __future__ import annotations
 import re
 import string
 from functools import lru_cache
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 __all__ = [
     "ESCI_TEMPLATE",
+    "ESCI_SYSTEM",
+    "ESCI_WORKED_EXAMPLES",
     "HM_TEMPLATE",
     "TEMPLATE_FIELDS",
     "check_template",
     "render",
     "chat",
     "extract_answer",
+    "follows_format",
+    "MAX_QUERY_WORDS",
 ]
 
-ESCI_TEMPLATE = (
-    "A shopper typed this request into an online store:\n"
-    "\n"
-    "{request}\n"
-    "\n"
-    "Write one search query that finds the product they want in the store's product catalogue. "
-    "Think briefly inside <think></think>, then give only the search query inside <answer></answer>."
+#: The ESCI task's user message: the shopper's request itself. The instructions are in the system message
+#: and a worked example precedes it as an earlier exchange (what a small instruct model follows best:
+#: SmolLM2-135M-Instruct copies a worked example written inside the user message).
+ESCI_TEMPLATE = "{request}"
+
+ESCI_SYSTEM = (
+    "You rewrite a shopper's request as a product search query: short phrases separated by commas "
+    "(the product type, its attributes, its use)."
 )
+
+#: (request, query) exchanges shown before the request, with the default template.
+ESCI_WORKED_EXAMPLES = (("running shoes", "running shoes, lightweight, breathable mesh, cushioned sole"),)
 
 HM_TEMPLATE = (
     "A customer of a fashion store bought these items, oldest first:\n"
     "\n"
     "{history}\n"
     "\n"
-    "Describe the next item they will buy, as a short product description that a search engine can match "
-    "against the store's catalogue. Think briefly inside <think></think>, then give only the description "
-    "inside <answer></answer>."
+    "Describe the next item they will buy as short phrases separated by commas (product type, colour, "
+    "material, style), so that a search engine can match it against the store's catalogue. Answer with the "
+    "description only."
 )
+
+#: Answers longer than this many words are not a search query (a policy rambling or repeating itself).
+MAX_QUERY_WORDS = 32
 
 #: The fields each task fills in its template.
 TEMPLATE_FIELDS: Dict[str, FrozenSet[str]] = {
@@ -90,9 +101,12 @@ def render(template: str, task: str, **fields) -> str:
     return check_template(template, task).format(**fields)
 
 
-def chat(text: str, system: Optional[str] = None) -> List[Dict[str, str]]:
-    """A chat-style message list: an optional system message, then ``text`` as the user message."""
+def chat(text: str, system: Optional[str] = None, worked_examples: Sequence[Tuple[str, str]] = ()) -> List[Dict[str, str]]:
+    """A chat-style message list: an optional system message, ``worked_examples`` as earlier (user,
+    assistant) exchanges, then ``text`` as the user message."""
     messages = [{"role": "system", "content": system}] if system else []
+    for user, assistant in worked_examples:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     messages.append({"role": "user", "content": text})
     return messages
 
@@ -120,11 +134,20 @@ def extract_answer(completion: str) -> str:
 
 
 _CLOSED_ANSWER = re.compile(r"<answer>\s*\S.*?</answer>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"</?(think|answer)>", re.IGNORECASE)
 
 
 def follows_format(completion: str) -> bool:
-    """True when the completion holds a non-empty answer closed by its tag, ``<answer>...</answer>``: the
-    format the prompts ask for (what the training logs count as its format rate)."""
+    """True when the completion is an answer in the format the prompts ask for (what the training logs and
+    reports count as the format rate):
+
+    - a completion with ``<think>``/``<answer>`` tags: a non-empty answer closed by its tag;
+    - without tags (the whole completion is the answer): one non-empty line of at most
+      :data:`MAX_QUERY_WORDS` words.
+    """
     if not isinstance(completion, str):
         raise ValueError(f"completion: expected a str, got {type(completion).__name__}")
-    return _CLOSED_ANSWER.search(completion) is not None
+    if _TAG.search(completion):
+        return _CLOSED_ANSWER.search(completion) is not None
+    answer = completion.strip()
+    return bool(answer) and "\n" not in answer and len(answer.split()) <= MAX_QUERY_WORDS

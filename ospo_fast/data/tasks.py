@@ -34,7 +34,7 @@ import pandas as pd
 from .esci import load_default_esci, load_esci, load_esci_csv
 from .hm import HMData, article_text, customer_histories, load_hm
 from .pools import Pools, esci_pools, hm_pools
-from .prompts import ESCI_TEMPLATE, HM_TEMPLATE, chat, check_template, render
+from .prompts import ESCI_WORKED_EXAMPLES, ESCI_SYSTEM, ESCI_TEMPLATE, HM_TEMPLATE, chat, check_template, render
 
 __all__ = [
     "Sample",
@@ -238,6 +238,7 @@ def esci_task(
     *,
     negatives: Optional[str] = None,
     system: Optional[str] = None,
+    worked_examples: Optional[Sequence[Tuple[str, str]]] = None,
     max_item_chars: int = 600,
     require_relevant: bool = True,
     name: str = "esci",
@@ -256,14 +257,21 @@ def esci_task(
         max_samples: keep the first this many queries.
         negatives: ``"neighbours"`` (default: the products nearest to the judged ones by char n-gram TF-IDF)
             or ``"mix"`` (:mod:`ospo_fast.data.pools`).
-        system: an optional system message prepended to every prompt.
+        system: the system message of every prompt; default :data:`~ospo_fast.data.ESCI_SYSTEM` with the
+            default template, none with a template of your own.
+        worked_examples: (request, query) exchanges shown before the request; default
+            :data:`~ospo_fast.data.ESCI_WORKED_EXAMPLES` with the default template, none with your own.
         max_item_chars: item text length.
         require_relevant: drop queries with no judged product of positive gain.
         name: the task's name.
     Returns:
         A :class:`SearchTask` with one sample per query.
     """
-    template = check_template(ESCI_TEMPLATE if template is None else template, "esci")
+    if template is None:
+        template = ESCI_TEMPLATE
+        system = ESCI_SYSTEM if system is None else system
+        worked_examples = ESCI_WORKED_EXAMPLES if worked_examples is None else worked_examples
+    template = check_template(template, "esci")
     frame = _esci_frame(source)
     pools = esci_pools(
         frame, pool_size=pool_size, mix=mix, seed=seed, max_item_chars=max_item_chars,
@@ -279,7 +287,7 @@ def esci_task(
             Sample(
                 id=f"esci-{qid}",
                 owner=o,
-                prompt=chat(text, system),
+                prompt=chat(text, system, worked_examples or ()),
                 text=text,
                 query=query,
                 target_ids=tuple(pid for pid, g in judged.items() if g > 0),
