@@ -471,6 +471,10 @@ def write_report(out: Path, summary: dict) -> None:
         + f"; mean n-gram similarity to the judged product {mix['similarity_negatives']:.3f} (random items "
         f"{mix['similarity_random']:.3f}).",
         "",
+        "## Summary",
+        "",
+        *summary_lines(summary),
+        "",
         "## Test split, greedy answers",
         "",
         "`dense` is the training retriever (all-MiniLM-L6-v2); `bm25` and `lsa` (fitted on the training items "
@@ -500,6 +504,25 @@ def write_report(out: Path, summary: dict) -> None:
     for before, after in zip(summary["examples"]["untrained"], summary["examples"]["trained"]):
         text.append(f"| {_cell(before['request'])} | {_cell(before['completion'])} | {_cell(after['completion'])} |")
     (out / "report.md").write_text("\n".join(text) + "\n")
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """Where the trained policy stands, in a few sentences computed from the results (dense NDCG@10)."""
+    ndcg = {p: summary["policies"][p]["dense"]["ndcg@10"] for p in POLICIES}
+    stats = summary["answer_stats"]
+    lines = []
+    for other in ("untrained", "copy request"):
+        d = summary["paired_ndcg10"]["dense"][f"trained - {other}"]
+        verdict = ("better" if d["ci95"][0] > 0 else "worse" if d["ci95"][1] < 0 else "not distinguishable")
+        lines.append(f"- Against `{other}` ({ndcg[other]:.3f}), the trained policy ({ndcg['trained']:.3f}) is "
+                     f"{verdict}: {d['mean']:+.3f}, 95% interval [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+                     f"{d['wins']} prompts won, {d['losses']} lost, {d['ties']} tied.")
+    lines.append(f"- Segments per answer {stats['untrained']['segments_per_answer']:.1f} → "
+                 f"{stats['trained']['segments_per_answer']:.1f} (the request itself: "
+                 f"{stats['copy request']['segments_per_answer']:.1f}); answers that repeat themselves "
+                 f"{stats['untrained']['repetition_rate']:.0%} → {stats['trained']['repetition_rate']:.0%}; format "
+                 f"rate {stats['untrained']['format_rate']:.0%} → {stats['trained']['format_rate']:.0%}.")
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -46,6 +46,7 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| copy request | dense |" in report and "| trained | lsa |" in report
     assert "trained - untrained" in report and "Sampled completions in training" in report
+    assert "Against `untrained`" in report.split("## Summary")[1] and "Against `copy request`" in report
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and "eval_ndcg@10" in lines[0]  # validation of the untrained policy first
     printed = capsys.readouterr().out
