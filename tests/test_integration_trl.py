@@ -119,11 +119,59 @@ def test_resume_restores_the_attributors_generator(tokenizer, tmp_path):
     assert resumed.ospo_attributor.state_dict() == straight.ospo_attributor.state_dict()
 
 
-def test_use_liger_kernel_is_refused(tokenizer, tmp_path):
-    args = GRPOConfig(output_dir=str(tmp_path), use_liger_kernel=True, report_to=[], use_cpu=True)
+def construct(tokenizer, tmp_path, **config):
+    args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, num_generations=2,
+                      per_device_train_batch_size=2, **config)
+    return OSPOGRPOTrainer(tiny_causal_lm(tokenizer, hidden_size=64, num_layers=1, num_heads=2),
+                           reward_funcs=word_overlap, args=args, processing_class=tokenizer,
+                           train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS, "target": TARGETS}))
+
+
+def test_use_liger_kernel_is_refused_where_trl_uses_ligers_grpo_loss(tokenizer, tmp_path, monkeypatch):
+    # TRL <= 1.13 computes the loss with Liger's fused GRPO loss (GRPOTrainer.compute_liger_loss).
+    from trl import GRPOTrainer
+
+    monkeypatch.setattr(GRPOTrainer, "compute_liger_loss", lambda self, *a: None, raising=False)
     with pytest.raises(ValueError, match="use_liger_kernel.*one advantage per sequence"):
-        OSPOGRPOTrainer(tiny_causal_lm(tokenizer, hidden_size=64, num_layers=1, num_heads=2),
-                        reward_funcs=word_overlap, args=args, processing_class=tokenizer)
+        construct(tokenizer, tmp_path, use_liger_kernel=True)
+
+
+def test_use_liger_kernel_is_accepted_where_trl_uses_its_own_loss(tokenizer, tmp_path, monkeypatch):
+    # TRL >= 1.14: Liger only patches the layers; TRL's own loss takes the [B, T] advantages.
+    from trl import GRPOTrainer
+
+    monkeypatch.delattr(GRPOTrainer, "compute_liger_loss", raising=False)
+    trainer = construct(tokenizer, tmp_path, use_liger_kernel=True)
+    assert trainer.args.use_liger_kernel
+
+
+def test_trl_older_than_the_minimum_is_refused_at_construction(tokenizer, tmp_path, monkeypatch):
+    import trl
+
+    from ospo_fast.integrations.trl import MIN_TRL_VERSION
+
+    monkeypatch.setattr(trl, "__version__", "1.0.0")
+    with pytest.raises(ImportError, match=rf"trl>={MIN_TRL_VERSION}.*trl 1\.0\.0 is installed"):
+        construct(tokenizer, tmp_path)
+    monkeypatch.setattr(trl, "__version__", MIN_TRL_VERSION)
+    construct(tokenizer, tmp_path)
+
+
+def test_ospo_statistics_appear_in_the_logged_metrics(tokenizer, tmp_path):
+    trainer = train_one_step(tokenizer, tmp_path, word_overlap)
+    logged = {k: v for entry in trainer.state.log_history for k, v in entry.items() if k.startswith("ospo/")}
+    advantages = torch.cat([x["advantages"] for x in trainer.loss_inputs])
+    mask = torch.cat([x["completion_mask"] for x in trainer.loss_inputs]).bool()
+    rows = [advantages[j][mask[j]] for j in range(len(mask)) if mask[j].any()]
+    expected_std = sum(r.std(unbiased=False).item() for r in rows) / len(rows)
+    expected_nonuniform = sum(r.unique().numel() > 1 for r in rows) / len(rows)
+    assert logged["ospo/token_advantage_std"] == pytest.approx(expected_std, rel=1e-4)
+    assert logged["ospo/token_advantage_std"] > 0  # GRPO's would be 0
+    assert logged["ospo/nonuniform_fraction"] == pytest.approx(expected_nonuniform)
+    assert logged["ospo/reward_calls_per_completion"] == pytest.approx(logged["ospo/reward_evaluations"] / len(mask))
+    assert logged["ospo/reward_calls_per_completion"] >= 1
+    assert logged["ospo/segments_per_completion"] > 0
+    assert logged["ospo/attribution_seconds"] > 0
 
 
 def test_coalitions_are_scored_with_their_own_rows_columns(tokenizer, tmp_path):

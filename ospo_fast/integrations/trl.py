@@ -37,6 +37,8 @@ import os
 import time
 
 import torch
+import trl
+from packaging.version import Version
 from torch import nn
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
@@ -45,17 +47,67 @@ from ..advantages import DEFAULT_MAX_SHARE, redistribute
 from ..attribution import OwenAttributor
 from .common import CompletionReward, attribute_completions
 
-__all__ = ["OSPOGRPOTrainer"]
+__all__ = ["OSPOGRPOTrainer", "MIN_TRL_VERSION"]
+
+# The oldest TRL the trainer is tested with: TRL 1.0-1.2 have no `_tokenizer` (the first step fails), 1.3 is untested.
+MIN_TRL_VERSION = "1.4.0"
 
 LIGER_MESSAGE = (
-    "use_liger_kernel=True: OSPOGRPOTrainer gives every completion token its own advantage (a [B, T] tensor), "
-    "and Liger's fused GRPO loss takes one advantage per sequence ([B]), so the token credit would be lost. "
-    "Set use_liger_kernel=False; TRL's own loss takes per-token advantages."
+    "use_liger_kernel=True: this TRL ({version}) computes the GRPO loss with Liger's fused loss, which takes one "
+    "advantage per sequence ([B]); OSPOGRPOTrainer gives every completion token its own advantage ([B, T]), so "
+    "the token credit would be lost. Set use_liger_kernel=False, or use TRL >= 1.14, where Liger only patches "
+    "the model's layers and TRL's own loss takes per-token advantages."
 )
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """Raises ImportError when the installed TRL (or ``version``) is older than :data:`MIN_TRL_VERSION`."""
+    version = trl.__version__ if version is None else version
+    if Version(version) < Version(MIN_TRL_VERSION):
+        raise ImportError(
+            f"trl: OSPOGRPOTrainer needs trl>={MIN_TRL_VERSION}, but trl {version} is installed; "
+            "upgrade with pip install 'ospo_fast[trl]'"
+        )
+
+
+def uses_liger_grpo_loss(args) -> bool:
+    """Whether TRL would compute the loss with Liger's fused GRPO loss (one advantage per sequence).
+
+    TRL <= 1.13 does so under ``use_liger_kernel`` (``GRPOTrainer.compute_liger_loss``); from 1.14 Liger
+    only patches the model's layers and TRL's own loss, which takes per-token advantages, is used.
+    """
+    return bool(getattr(args, "use_liger_kernel", False)) and hasattr(GRPOTrainer, "compute_liger_loss")
 
 
 def _ignore(*args, **kwargs) -> None:
     """Stands in for TRL's ``log_extra``/``log_metric`` while coalitions are scored."""
+
+
+def token_statistics(advantages: torch.Tensor, mask: torch.Tensor, credit) -> dict[str, float]:
+    """What the redistribution did to a batch, as TRL metrics (so a run shows OSPO at work).
+
+    Args:
+        advantages: float ``[B, T]`` token advantages; mask: bool ``[B, T]``, the trained tokens;
+        credit: the batch's :class:`~ospo_fast.integrations.common.CompletionCredit`.
+    """
+    values = advantages.float()
+    count = mask.sum(1)
+    rows = count > 0
+    mean = (values * mask).sum(1) / count.clamp(min=1)
+    spread = ((((values - mean[:, None]) * mask) ** 2).sum(1) / count.clamp(min=1)).sqrt()[rows]
+    # Non-uniform: the row's trained tokens differ by more than float noise.
+    high = values.masked_fill(~mask, -torch.inf).amax(1)
+    low = values.masked_fill(~mask, torch.inf).amin(1)
+    nonuniform = (high - low)[rows] > 1e-6 * (1 + mean[rows].abs())
+    num = max(len(credit.attributions), 1)
+    evaluations = float(credit.attributions.num_evaluations)
+    return {
+        "ospo/token_advantage_std": spread.mean().item() if spread.numel() else 0.0,
+        "ospo/nonuniform_fraction": nonuniform.float().mean().item() if rows.any() else 0.0,
+        "ospo/reward_calls_per_completion": evaluations / num,
+        "ospo/segments_per_completion": sum(a.segmentation.num_players for a in credit.attributions) / num,
+        "ospo/reward_evaluations": evaluations,
+    }
 
 
 class OSPOGRPOTrainer(GRPOTrainer):
@@ -78,8 +130,14 @@ class OSPOGRPOTrainer(GRPOTrainer):
             at most ``attribution_budget`` coalitions per completion, else sampled orders).
         segmenter: cuts completions into segments (default :class:`~ospo_fast.Segmenter`).
 
+    Logs, next to TRL's metrics (this process's completions): ``ospo/token_advantage_std`` (the std of the
+    advantages within a completion, averaged over completions; 0 under GRPO), ``ospo/nonuniform_fraction``
+    (the share of completions whose tokens got different advantages), ``ospo/reward_calls_per_completion``,
+    ``ospo/segments_per_completion``, ``ospo/reward_evaluations`` and ``ospo/attribution_seconds``.
+
     Raises:
-        ValueError: ``args.use_liger_kernel=True``; a model-based reward function without ``ospo_reward``;
+        ImportError: TRL older than :data:`MIN_TRL_VERSION`.
+        ValueError: ``args.use_liger_kernel=True`` where TRL uses Liger's fused GRPO loss (TRL <= 1.13); a model-based reward function without ``ospo_reward``;
             a bad redistribution option.
     """
 
@@ -105,8 +163,9 @@ class OSPOGRPOTrainer(GRPOTrainer):
         segmenter=None,
         **kwargs,
     ):
-        if args is not None and getattr(args, "use_liger_kernel", False):
-            raise ValueError(LIGER_MESSAGE)
+        check_trl_version()
+        if uses_liger_grpo_loss(args):
+            raise ValueError(LIGER_MESSAGE.format(version=trl.__version__))
         if ospo_attributor is not None and ospo_reward is not None:
             raise ValueError("ospo_reward: pass either ospo_attributor or ospo_reward, not both")
         self.ospo_options = dict(mode=redistribution, alpha=alpha, floor=floor, clip=clip, max_share=max_share)
@@ -179,8 +238,10 @@ class OSPOGRPOTrainer(GRPOTrainer):
         output["advantages"] = redistribute(
             sequence, credit.credit.to(mask.device), mask, segment_mask=segments, **self.ospo_options
         ).to(sequence.dtype)
-        self._metrics[mode]["ospo/attribution_seconds"].append(time.perf_counter() - start)
-        self._metrics[mode]["ospo/reward_evaluations"].append(float(credit.attributions.num_evaluations))
+        elapsed = time.perf_counter() - start
+        for name, value in token_statistics(output["advantages"], mask, credit).items():
+            self._metrics[mode][name].append(value)
+        self._metrics[mode]["ospo/attribution_seconds"].append(elapsed)
         return output
 
     # Checkpoints: the attributor's generator is saved and restored with TRL's random states, so a resumed
