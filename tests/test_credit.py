@@ -1,0 +1,90 @@
+"""The controlled credit-assignment benchmark: its construction, the worth of its hints on the real reward,
+and the attribution check."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import ospo_fast.data as data
+from ospo_fast.credit import attribution_check, credit_answer, credit_task, hint_phrases
+from ospo_fast.segment import Segmenter
+
+WORDS = re.compile(r"[a-z0-9]+")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return data.default_task()
+
+
+@pytest.fixture(scope="module")
+def task(base):
+    return credit_task(base, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reward(base):
+    return data.default_task().reward("dense")
+
+
+def test_hints_come_from_their_items_and_are_marked(base, task):
+    assert len(task) > len(base) // 2
+    for s in task.samples:
+        true, decoys = s.info["true_hints"], s.info["decoy_hints"]
+        target = base.items[base.pools[s.owner][max(range(len(base.gains[s.owner])), key=base.gains[s.owner].__getitem__)]]
+        decoy = base.items[s.info["decoy_item"]]
+        assert s.info["decoy_item"] in base.pools[s.owner] and decoy != target
+        for hint in true:
+            assert f"[+] {hint}" in s.text and set(hint.split()) <= set(WORDS.findall(target.lower()))
+            assert set(hint.split()) - set(WORDS.findall(decoy.lower()))  # a word the decoy lacks
+        for hint in decoys:
+            assert f"[-] {hint}" in s.text and set(hint.split()) <= set(WORDS.findall(decoy.lower()))
+        for hint in true + decoys:
+            assert not set(hint.split()) & set(WORDS.findall(s.query.lower()))
+            assert Segmenter()(hint).num_players == 1
+        assert s.prompt[-1]["content"] == s.text and s.text.startswith(f"Request: {s.query}\n")
+
+
+def test_task_is_seeded(base, task):
+    assert [s.text for s in credit_task(base, seed=0).samples] == [s.text for s in task.samples]
+    assert [s.text for s in credit_task(base, seed=1).samples] != [s.text for s in task.samples]
+
+
+def test_true_hints_raise_the_reward_and_decoys_lower_it(task, reward):
+    # Measured on the real MiniLM reward, over every sample: one hint added to the request at a time.
+    owners = [s.owner for s in task.samples]
+    alone = reward([s.query for s in task.samples], owners)
+    for kind, sign in (("true_hints", 1), ("decoy_hints", -1)):
+        deltas = torch.stack([
+            reward([credit_answer(s.query, [s.info[kind][k]]) for s in task.samples], owners) - alone
+            for k in range(2)
+        ])
+        assert sign * float(deltas.mean()) > 0.02, kind
+
+
+def test_hint_phrases_skip_request_words_and_shared_phrases():
+    item = "Hiking boots, waterproof, leather upper, for men. Vibram sole"
+    other = "Leather dress shoes, for men. rubber sole"
+    assert hint_phrases(item, other, request="hiking boots") == ["waterproof", "leather upper", "vibram sole"]
+    # "men" is in the other item too; a segment that shares a word with the request is left out.
+    assert hint_phrases("Waterproof hiking boots, for men", other, request="hiking boots") == []
+
+
+def test_attribution_check_finds_the_signs(task, reward):
+    out = attribution_check(task, reward, budget=64, seed=0, limit=40)
+    assert out["num_answers"] == 40 and out["num_segments"] == 160
+    for method in ("exact", "sampled", "leave_one_out"):
+        assert 0 <= out[method]["right_sign"] <= 1 and 0 <= out[method]["zero"] <= 1
+    assert out["exact"]["right_sign"] > 0.6 and out["sampled"]["right_sign"] > 0.6
+    assert out["exact"]["right_sign"] > out["leave_one_out"]["right_sign"]
+    assert out["mean_value"]["true"] > out["mean_value"]["decoy"]
+
+
+def test_bad_arguments_are_named(base):
+    with pytest.raises(ValueError, match="num_true"):
+        credit_task(base, num_true=0)
+    with pytest.raises(ValueError, match="lower num_true"):
+        credit_task(base, num_true=50)
