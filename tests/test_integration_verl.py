@@ -220,6 +220,47 @@ def test_reserved_last_token_carries_no_credit(tokenizer):
     assert (credit.credit[last_token_mask(mask)] == 0).all()
 
 
+@pytest.fixture
+def first_step(monkeypatch):
+    """The estimator checks for credit on its first call in a process: make the next call the first."""
+    import ospo_fast.integrations.verl as ospo_verl
+
+    monkeypatch.setattr(ospo_verl, "_credit_checked", False)
+
+
+def test_estimator_raises_at_the_first_step_when_no_credit_arrives(first_step):
+    rewards, _, mask, index = random_batch(4)
+    scalar = last_token_mask(mask) * rewards[:, None]  # one float per response, as verl's agent loop writes
+    with pytest.raises(RuntimeError, match="no token credit reached the estimator.*no_credit=warn"):
+        compute_ospo_advantage(scalar, mask, index)
+
+
+def test_estimator_warns_once_and_trains_as_grpo_by_opt_in(first_step):
+    import warnings
+
+    rewards, _, mask, index = random_batch(4)
+    scalar = last_token_mask(mask) * rewards[:, None]
+    with pytest.warns(RuntimeWarning, match="no token credit"):
+        adv, _ = compute_ospo_advantage(scalar, mask, index, config={"ospo": {"no_credit": "warn"}})
+    torch.testing.assert_close(adv, grpo_loop(rewards, index)[:, None] * mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_ospo_advantage(scalar, mask, index, config={"ospo": {"no_credit": "warn"}})
+
+
+def test_estimator_with_credit_on_its_first_step_does_not_raise(first_step):
+    rewards, credit, mask, index = random_batch(3)
+    adv, _ = compute_ospo_advantage(dense_token_rewards(rewards, credit, mask), mask, index)
+    torch.testing.assert_close((adv * mask).sum(1) / mask.sum(1), grpo_loop(rewards, index), rtol=1e-5, atol=1e-5)
+
+
+def test_estimator_rejects_a_bad_no_credit_option(first_step):
+    rewards, credit, mask, index = random_batch(3)
+    with pytest.raises(ValueError, match="algorithm.ospo.no_credit.*'raise' or 'warn'"):
+        compute_ospo_advantage(dense_token_rewards(rewards, credit, mask), mask, index,
+                               config={"ospo": {"no_credit": "ignore"}})
+
+
 # ----------------------------------------------------------------------------------------------------
 # On real verl objects (only where verl is installed)
 
@@ -312,3 +353,87 @@ def test_verl_reward_loop_manager_assembles_dense_rm_scores(verl, tokenizer):
     torch.testing.assert_close(rm_scores.sum(1), legacy.sum(1))
     assert (rm_scores[~mask] == 0).all()
     assert (rm_scores != 0).sum() > (legacy != 0).sum()  # the credit is spread over the tokens
+
+
+def loop_scores(verl, tokenizer):
+    """The reward-loop manager's run_single over the batch: what verl's agent loop receives per response."""
+    registry = import_verl("verl.experimental.reward_loop.reward_manager")
+    from omegaconf import OmegaConf
+
+    data, mask = verl_batch(verl, tokenizer)
+    manager = registry.get_reward_manager_cls("ospo")(OmegaConf.create({}), tokenizer, answer_overlap)
+
+    async def score_all():
+        return await asyncio.gather(*[manager.run_single(data[i : i + 1]) for i in range(len(data))])
+
+    return data, mask, [o["reward_score"] for o in manager.loop.run_until_complete(score_all())]
+
+
+def assert_ospo_advantages_from(verl, rm_scores, mask):
+    """verl's compute_advantage with the ospo estimator over rm_scores: credit arrived and moved advantage."""
+    ray_trainer = import_verl("verl.trainer.ppo.ray_trainer")
+    from omegaconf import OmegaConf
+    from tensordict import TensorDict
+
+    index = np.array(["a"] * len(mask), dtype=object)
+    data = verl.DataProto(batch=TensorDict({"token_level_rewards": rm_scores, "response_mask": mask.long()},
+                                           batch_size=len(mask)), non_tensor_batch={"uid": index})
+    adv = ray_trainer.compute_advantage(data, adv_estimator="ospo", config=OmegaConf.create({})).batch["advantages"]
+    torch.testing.assert_close((adv * mask).sum(1) / mask.sum(1), grpo_loop(rm_scores.sum(1), index),
+                               rtol=1e-5, atol=1e-5)
+    assert any(adv[j][mask[j]].unique().numel() > 1 for j in range(len(mask)))  # not GRPO's uniform rows
+
+
+def test_v1_agent_loop_delivers_the_dense_token_rewards(verl, tokenizer, first_step):
+    # verl 0.9's default trainer (trainer.use_v1) stores AgentLoopOutput.as_dict()'s rm_scores per response.
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    data, mask, scores = loop_scores(verl, tokenizer)
+    rows = []
+    for j, score in enumerate(scores):
+        valid = int(mask[j].sum())
+        output = AgentLoopOutput(prompt_ids=data.batch["prompts"][j].tolist(),
+                                 response_ids=data.batch["responses"][j, :valid].tolist(),
+                                 response_mask=[1] * valid, metrics=AgentLoopMetrics())
+        output.reward_score = score  # as verl's _compute_score assigns the reward loop's result
+        rm_scores = output.as_dict()["rm_scores"]
+        torch.testing.assert_close(rm_scores, torch.tensor(score.token_rewards))
+        rows.append(torch.nn.functional.pad(rm_scores, (0, mask.shape[1] - valid)))
+    assert_ospo_advantages_from(verl, torch.stack(rows), mask)
+
+
+def test_legacy_agent_loop_delivers_the_dense_token_rewards(verl, tokenizer, first_step):
+    # The legacy trainer pads each output (_InternalAgentLoopOutput) and assembles rm_scores in _postprocess.
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopWorker, _InternalAgentLoopOutput
+
+    data, mask, scores = loop_scores(verl, tokenizer)
+    inputs = []
+    for j, score in enumerate(scores):
+        prompt, response = data.batch["prompts"][j : j + 1], data.batch["responses"][j : j + 1]
+        attention = data.batch["attention_mask"][j : j + 1]
+        output = _InternalAgentLoopOutput(
+            prompt_ids=prompt, response_ids=response, input_ids=torch.cat([prompt, response], 1),
+            position_ids=attention.cumsum(1) - 1, response_mask=mask[j : j + 1].long(), attention_mask=attention,
+            metrics=AgentLoopMetrics(), reward_score=float(score),
+        )
+        output.reward_score = score  # what the wrapped _agent_loop_postprocess restores after validation
+        inputs.append(output)
+    worker = object.__new__(AgentLoopWorker)
+    worker.reward_loop_worker_handles = object()
+    rm_scores = worker._postprocess(inputs).batch["rm_scores"]
+    for j, score in enumerate(scores):
+        torch.testing.assert_close(rm_scores[j, : int(mask[j].sum())], torch.tensor(score.token_rewards))
+    assert_ospo_advantages_from(verl, rm_scores, mask)
+
+
+def test_verl_loads_the_plugin_in_a_fresh_process():
+    # The verl.plugins entry point makes VERL_USE_EXTERNAL_MODULES unnecessary: importing verl registers ospo.
+    import subprocess
+    import sys
+
+    import_verl("verl")
+    code = ("import sys, verl; from verl.trainer.ppo import core_algos; "
+            "print('ospo' in core_algos.ADV_ESTIMATOR_REGISTRY, 'ospo_fast.integrations.verl' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["True", "True"]

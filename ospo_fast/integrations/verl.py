@@ -43,6 +43,7 @@ pure-torch functions (:func:`ospo_advantages`, :func:`dense_token_rewards`, :fun
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -68,7 +69,9 @@ __all__ = [
     "split_token_rewards",
 ]
 
-ESTIMATOR_OPTIONS = dict(mode="proportional", alpha=0.5, floor=0.1, max_share=DEFAULT_MAX_SHARE, clip=None)
+ESTIMATOR_OPTIONS = dict(
+    mode="proportional", alpha=0.5, floor=0.1, max_share=DEFAULT_MAX_SHARE, clip=None, no_credit="raise"
+)
 ATTRIBUTION_OPTIONS = dict(method="auto", budget=64, seed=0, max_players=16)
 
 
@@ -211,6 +214,36 @@ def _options(defaults: dict, given: dict, where: str) -> dict:
     return {**defaults, **given}
 
 
+NO_CREDIT_MESSAGE = (
+    "algorithm.adv_estimator=ospo: no token credit reached the estimator (every response's reward sits on its "
+    "last token), so ospo would compute exactly verl's grpo. The ospo reward manager delivers the credit "
+    "(reward.reward_manager.name=ospo, with ospo_fast.integrations.verl registered in every verl process: the "
+    "verl.plugins entry point does it); another reward manager, or a verl path that keeps one float per "
+    "response, drops it (docs/integrations.md, 'Which verl paths deliver the credit'). To train on anyway, as "
+    "grpo with a warning, set +algorithm.ospo.no_credit=warn."
+)
+
+# Checked on the estimator's first call in a process: later batches may rightly carry no credit (every
+# answer one segment, or equal rewards), the first one of a run where credit flows practically never does.
+_credit_checked = False
+
+
+def _check_credit_arrives(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, no_credit: str) -> None:
+    global _credit_checked
+    if no_credit not in ("raise", "warn"):
+        raise ValueError(f"algorithm.ospo.no_credit: expected 'raise' or 'warn', got {no_credit!r}")
+    if _credit_checked:
+        return
+    _credit_checked = True
+    _, credit = split_token_rewards(token_level_rewards, response_mask)
+    if bool((credit != 0).any()):
+        return
+    if no_credit == "raise":
+        _credit_checked = False  # a caller that catches it and retries is checked again
+        raise RuntimeError(NO_CREDIT_MESSAGE)
+    warnings.warn(NO_CREDIT_MESSAGE, RuntimeWarning, stacklevel=3)
+
+
 def compute_ospo_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -223,13 +256,20 @@ def compute_ospo_advantage(
     """The estimator verl calls for ``algorithm.adv_estimator=ospo``: ``(advantages, returns)``, both ``[B, L]``.
 
     Options come from ``config`` (verl's ``algorithm`` section): ``norm_adv_by_std_in_grpo`` and the section
-    ``ospo`` (``mode``, ``alpha``, ``floor``, ``max_share``, ``clip``; set with ``+algorithm.ospo.mode=rank``).
+    ``ospo`` (``mode``, ``alpha``, ``floor``, ``max_share``, ``clip``; set with ``+algorithm.ospo.mode=rank``;
+    and ``no_credit``).
+
+    Raises:
+        RuntimeError: on the first call in a process, when no token of the batch carries credit (the reward
+            reached the estimator as one number per response) and ``no_credit`` is ``"raise"`` (the default);
+            ``no_credit="warn"`` warns once instead and trains as GRPO.
     """
     if index is None:
         raise ValueError("index: the ospo estimator needs the prompt group ids (verl's non_tensor_batch['uid'])")
     if norm_adv_by_std_in_grpo is None:
         norm_adv_by_std_in_grpo = bool(config.get("norm_adv_by_std_in_grpo", True)) if config is not None else True
     options = _options(ESTIMATOR_OPTIONS, _section(config, "ospo"), "algorithm.ospo")
+    _check_credit_arrives(token_level_rewards, response_mask, options.pop("no_credit"))
     with torch.no_grad():
         advantages = ospo_advantages(
             token_level_rewards, response_mask, index, epsilon=epsilon,
@@ -432,6 +472,65 @@ def _verl_classes() -> dict[str, type]:
     return _CLASSES
 
 
+# ----------------------------------------------------------------------------------------------------
+# Delivering the token rewards through verl's agent loop
+
+# verl 0.9's agent loop turns each response's ``reward_score`` into ``rm_scores`` with the whole reward on the
+# last token, the only route from a rule-based reward to the estimator. These wrappers write the dense token
+# rewards a TokenRewards carries instead; any other score is left as verl writes it.
+
+
+def _dense_row(score: TokenRewards, row: torch.Tensor) -> torch.Tensor:
+    """``row`` (a response's rm_scores) with the token rewards written from its first token."""
+    out = torch.zeros_like(row)
+    n = min(len(score.token_rewards), row.shape[-1])
+    out[:n] = torch.tensor(score.token_rewards[:n], dtype=row.dtype)
+    return out
+
+
+def _install_token_reward_delivery() -> None:
+    """Wraps the agent loop's output assembly (idempotent): ``AgentLoopOutput.as_dict`` (the v1 trainer,
+    ``trainer.use_v1=True``, verl's default) and ``AgentLoopWorker`` post-processing (the legacy trainer)."""
+    try:
+        from verl.experimental.agent_loop import agent_loop
+    except ImportError:  # verl without the agent loop: the batch reward manager's tensor is used as it is
+        return
+    if getattr(agent_loop.AgentLoopOutput.as_dict, "_ospo_dense", False):
+        return
+
+    as_dict = agent_loop.AgentLoopOutput.as_dict
+
+    def dense_as_dict(self):
+        score = self.reward_score
+        output = as_dict(self)
+        if isinstance(score, TokenRewards) and "rm_scores" in output:
+            output["rm_scores"] = _dense_row(score, output["rm_scores"])
+        return output
+
+    worker = agent_loop.AgentLoopWorker
+    agent_loop_postprocess, postprocess = worker._agent_loop_postprocess, worker._postprocess
+
+    async def keep_token_rewards(self, output, *args, **kwargs):
+        # The padded output is a validated pydantic model, which turns the TokenRewards into a plain float.
+        internal = await agent_loop_postprocess(self, output, *args, **kwargs)
+        if isinstance(output.reward_score, TokenRewards):
+            internal.reward_score = output.reward_score
+        return internal
+
+    def dense_postprocess(self, inputs, *args, **kwargs):
+        data = postprocess(self, inputs, *args, **kwargs)
+        if "rm_scores" in data.batch.keys() and all(isinstance(x.reward_score, TokenRewards) for x in inputs):
+            rm_scores = data.batch["rm_scores"]
+            for i, x in enumerate(inputs):  # responses are right-padded
+                rm_scores[i] = _dense_row(x.reward_score, rm_scores[i])
+        return data
+
+    for wrapper in (dense_as_dict, keep_token_rewards, dense_postprocess):
+        wrapper._ospo_dense = True
+    agent_loop.AgentLoopOutput.as_dict = dense_as_dict
+    worker._agent_loop_postprocess, worker._postprocess = keep_token_rewards, dense_postprocess
+
+
 def __getattr__(name: str):
     if name in ("OSPORewardManager", "OSPORewardLoopManager"):
         classes = _verl_classes()
@@ -443,8 +542,11 @@ def __getattr__(name: str):
 def register() -> None:
     """Register the ``"ospo"`` advantage estimator and reward managers with verl (idempotent).
 
-    Runs at import when verl is installed; call it in processes that never import this module (e.g. as
-    Ray's ``worker_process_setup_hook``), or load the module with ``VERL_USE_EXTERNAL_MODULES``.
+    Also makes verl's agent loop deliver the dense token rewards to the estimator (they would otherwise
+    arrive as one float per response). Runs at import when verl is installed, and verl imports this module
+    in every process that imports verl through the ``verl.plugins`` entry point that ospo_fast declares
+    (unless ``VERL_USE_EXTERNAL_PLUGINS=none``); otherwise call it yourself or name the module in
+    ``VERL_USE_EXTERNAL_MODULES``.
     """
     from verl.trainer.ppo import core_algos
     from verl.workers.reward_manager import registry
@@ -459,6 +561,7 @@ def register() -> None:
 
         if loop_registry.REWARD_MANAGER.get("ospo") is not classes["OSPORewardLoopManager"]:
             loop_registry.register("ospo")(classes["OSPORewardLoopManager"])
+    _install_token_reward_delivery()
 
 
 if importlib.util.find_spec("verl") is not None:
