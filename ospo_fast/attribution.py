@@ -12,7 +12,9 @@ forward) or any text reward ``reward(texts, owners) -> float [N]`` (evaluated wi
 from __future__ import annotations
 
 import html
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -20,9 +22,10 @@ import numpy as np
 import torch
 
 from .advantages import spread_credit
-from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, evaluate_text_reward
-from .owen import owen_from_values
+from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, check_packed_options, evaluate_text_reward
+from .owen import BACKENDS, owen_from_values
 from .plans import CoalitionPlan, make_plan, make_plans
+from .rewards.dense import DenseRetrievalReward
 from .rewards.metrics import check_queries
 from .segment import Segmentation, Segmenter, token_player_maps
 from .structure import CoalitionStructure
@@ -188,9 +191,13 @@ class OwenAttributor:
         antithetic: sampled plans pair each order with its reverse.
         backend: Owen aggregation backend (see :func:`ospo_fast.owen_from_values`).
         evaluator: "auto" (packed encoder forward for a DenseRetrievalReward over a BERT-family encoder,
-            else one text call), "packed" or "text".
+            else one text call; a DenseRetrievalReward the packed forward cannot run falls back to the
+            text call with a warning), "packed" or "text".
         attention: attention backend of the packed forward ("auto", "flash", "sdpa").
-        encoder_dtype: matmul precision of the packed forward (None: float32 on CPU, bfloat16 on CUDA).
+        encoder_dtype: matmul precision of the packed forward (None: float32 on CPU, bfloat16 on CUDA;
+            torch.float32, torch.bfloat16 or torch.float16, or its name). ``attention`` and ``encoder_dtype``
+            given explicitly are honoured or refused: an unsupported value, or one the evaluator cannot use
+            (a text reward, ``evaluator="text"``), raises.
         synchronize: on CUDA, wait for the device before returning, so that ``timings`` include its work.
             Off by default: a call then never synchronises the host with the GPU (results stay on the device
             until read), and the "evaluate" and "aggregate" timings measure the host's share only.
@@ -199,6 +206,10 @@ class OwenAttributor:
             segments and lays out one group while the GPU embeds the one before: more groups hide more of
             the host's work, at the price of more, smaller kernel launches. On the CPU nothing overlaps, and
             groups only cost. Results do not depend on it, to floating-point rounding.
+
+    Thread-safe: threads may share one attributor. The packed forward's activation buffers and the phrase
+    token cache are each used under a lock; everything else a call touches is its own (the random
+    generator draws under numpy's own lock, so concurrent sampled calls draw in no fixed order).
     """
 
     def __init__(
@@ -221,6 +232,10 @@ class OwenAttributor:
             raise ValueError(f"reward: expected a callable reward(texts, owners), got {type(reward).__name__}")
         if evaluator not in ("auto", "packed", "text"):
             raise ValueError(f"evaluator: expected 'auto', 'packed' or 'text', got {evaluator!r}")
+        if segmenter is not None and not callable(segmenter):
+            raise ValueError(f"segmenter: expected a callable text -> Segmentation, got {type(segmenter).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.reward = reward
         self.segmenter = segmenter if segmenter is not None else Segmenter()
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -235,13 +250,31 @@ class OwenAttributor:
         self.backend = backend
         self.synchronize = synchronize
         self.pipeline = pipeline
-        self.packed = None
-        if evaluator in ("auto", "packed"):
-            try:
-                self.packed = EncoderCoalitionEvaluator(reward, attention=attention, dtype=encoder_dtype)
-            except (AttributeError, ValueError) as exc:
-                if evaluator == "packed":
-                    raise ValueError(f"evaluator='packed': {exc}") from None
+        self.packed = self._packed_evaluator(reward, evaluator, attention, encoder_dtype)
+
+    @staticmethod
+    def _packed_evaluator(reward, evaluator: str, attention, encoder_dtype):
+        """The packed evaluator, or None for the text path. Options given explicitly (``evaluator="packed"``,
+        ``attention``, ``encoder_dtype``) are honoured or raise; only the automatic choice falls back."""
+        attention, encoder_dtype = check_packed_options(attention, encoder_dtype, "encoder_dtype")
+        explicit = [f"{name}={value!r}" for name, value, default in
+                    (("attention", attention, "auto"), ("encoder_dtype", encoder_dtype, None)) if value != default]
+        if evaluator == "text":
+            if explicit:
+                raise ValueError(f"{explicit[0].split('=')[0]}: only the packed evaluator uses it, and evaluator='text'")
+            return None
+        try:
+            return EncoderCoalitionEvaluator(reward, attention=attention, dtype=encoder_dtype)
+        except (AttributeError, ValueError) as exc:
+            if evaluator == "packed" or explicit:
+                asked = "evaluator='packed'" if evaluator == "packed" else explicit[0]
+                raise ValueError(f"{asked}: the packed evaluator cannot run for this reward: {exc}") from None
+            if isinstance(reward, DenseRetrievalReward):  # a text reward is expected on the text path
+                warnings.warn(
+                    f"evaluator='auto': the packed encoder forward cannot run for this reward ({exc}); "
+                    "falling back to the slower text evaluation", RuntimeWarning, stacklevel=3,
+                )
+            return None
 
     def state_dict(self) -> dict:
         """The state of the random generator of the sampled plans: ``{"rng": <PCG64 state dict>}`` (plain
@@ -284,8 +317,8 @@ class OwenAttributor:
         """
         owners = check_queries(texts, owners, getattr(self.reward, "num_owners", None))
         texts = list(texts)
-        if segmentations is not None and len(segmentations) != len(texts):
-            raise ValueError(f"segmentations: expected {len(texts)}, one per text, got {len(segmentations)}")
+        if segmentations is not None:
+            _check_segmentations(segmentations, texts)
         timings = dict(segment=0.0, plan=0.0, evaluate=0.0, aggregate=0.0)
         items, evaluations = [], 0
         plan_of: dict = {}  # (text, structure) -> plan, for the whole call: a repeated text shares one draw
@@ -341,6 +374,22 @@ class OwenAttributor:
         if new:
             plan_of.update(zip(new, make_plans(list(new.values()), **self.plan_options, rng=self.rng)))
         return [plan_of[(sg.text, sg.structure)] for sg in segmentations]
+
+
+def _check_segmentations(segmentations, texts: list[str]) -> None:
+    """Each ``segmentations[j]`` is a Segmentation of ``texts[j]`` (its spans index that very text)."""
+    if isinstance(segmentations, (str, bytes)) or not isinstance(segmentations, Sequence):
+        raise ValueError(f"segmentations: expected a list of Segmentation, got {type(segmentations).__name__}")
+    if len(segmentations) != len(texts):
+        raise ValueError(f"segmentations: expected {len(texts)}, one per text, got {len(segmentations)}")
+    for j, (sg, text) in enumerate(zip(segmentations, texts)):
+        if not isinstance(sg, Segmentation):
+            raise ValueError(f"segmentations[{j}]: expected a Segmentation, got {type(sg).__name__}")
+        if sg.text != text:
+            raise ValueError(
+                f"segmentations[{j}]: is the segmentation of another text ({sg.text[:60]!r}), "
+                f"not of texts[{j}] ({text[:60]!r})"
+            )
 
 
 def _groups(n: int, count: int) -> list[tuple[int, int]]:

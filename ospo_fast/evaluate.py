@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from . import _extension
 from ._device import to_device_all
 from .plans import CoalitionPlan, PlanBatch
+from .rewards.encoder import tokenizable
 from .segment import Segmentation, coalition_texts
 from .structure import MAX_PLAYERS
 
@@ -241,6 +243,29 @@ def pack_coalitions(
 # The encoder forward on a packed batch
 
 
+#: Attention backends of the packed forward.
+ATTENTIONS = ("auto", "flash", "sdpa")
+#: Matmul precisions of the packed forward.
+PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+def check_packed_options(attention, dtype, dtype_name: str = "dtype") -> tuple[str, torch.dtype | None]:
+    """``(attention, dtype)`` of the packed forward after checking them; ``dtype`` may be given by name
+    ("bfloat16" or "torch.bfloat16"). None stays None (the evaluator's default). ValueError naming the
+    option (``dtype_name``: what the caller calls it) and its supported values otherwise."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+    names = [str(d).replace("torch.", "") for d in PACKED_DTYPES]
+    if isinstance(dtype, str):
+        by_name = dict(zip(names, PACKED_DTYPES))
+        dtype = by_name.get(dtype.replace("torch.", ""), dtype)
+    if dtype is not None and dtype not in PACKED_DTYPES:
+        raise ValueError(
+            f"{dtype_name}: the packed forward supports None (default), {', '.join(f'torch.{n}' for n in names)} "
+            f"(or their names), got {dtype!r}"
+        )
+    return attention, dtype
+
+
 _ACTIVATIONS = ("gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 
 
@@ -288,6 +313,8 @@ class PackedBertForward:
 
     In float32 the activations live in buffers kept across calls (see :meth:`_buffer`), about
     ``intermediate + 3 * hidden`` floats per token of the largest batch; :meth:`release_buffers` frees them.
+    Thread-safe: a lock serialises the forwards of one instance (they share those buffers and the folded
+    weights built on first use); the returned hidden states are never a shared buffer.
     """
 
     SUPPORTED = ("bert",)
@@ -298,10 +325,17 @@ class PackedBertForward:
             raise ValueError(f"encoder: the packed forward supports {self.SUPPORTED}, got {config.model_type!r}")
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("encoder: the packed forward needs absolute position embeddings")
-        if attention not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"attention: expected 'auto', 'flash' or 'sdpa', got {attention!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"encoder: hidden_act {config.hidden_act!r} is not supported by the packed forward")
+        device = next(model.parameters()).device
+        if attention == "flash" and (device.type != "cuda" or dtype == torch.float32 or _flash_varlen() is None):
+            raise ValueError(
+                "attention='flash' needs flash-attn or torch >= 2.9 (torch.nn.attention.varlen), a CUDA device "
+                f"and dtype torch.float16 or torch.bfloat16; got {device.type} and {dtype}. Supported attention "
+                f"values: {ATTENTIONS}"
+            )
         self.model = model
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
@@ -310,6 +344,7 @@ class PackedBertForward:
         self.dtype = dtype
         self._layers = None
         self._buffers: dict[str, torch.Tensor] = {}  # see _buffer
+        self._lock = threading.Lock()  # one forward at a time: it writes _buffers (and _layers once)
 
     def _folded_layers(self) -> list[dict]:
         """The layers' weights rearranged once for fewer passes over the activations (exact algebra):
@@ -369,11 +404,6 @@ class PackedBertForward:
         if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
             cu = packed.cu_seqlens
             return flash(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
-        if self.attention == "flash":
-            raise ValueError(
-                "attention='flash' needs flash-attn or torch >= 2.9 (torch.nn.attention.varlen), a CUDA device "
-                "and fp16/bf16 weights"
-            )
         if self._attention_kernel(q.device):
             # The C++ kernel: one task per sequence, no per-length calls, output written in place.
             out = self._buffer("context", q.shape[0], q.shape[1] * q.shape[2], q).view(q.shape)
@@ -395,7 +425,8 @@ class PackedBertForward:
     @torch.inference_mode()
     def hidden_states(self, packed: PackedSequences) -> torch.Tensor:
         """Last hidden states float ``[total, hidden]`` of the packed tokens."""
-        return self._hidden_states(packed)
+        with self._lock:
+            return self._hidden_states(packed)
 
     def _hidden_states(self, packed: PackedSequences) -> torch.Tensor:
         layers = self._folded_layers()
@@ -469,7 +500,8 @@ class PackedBertForward:
 
     def release_buffers(self) -> None:
         """Frees the activation buffers (the next call allocates them again)."""
-        self._buffers.clear()
+        with self._lock:
+            self._buffers.clear()
 
     def _linear(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """bias + x @ w_t (None: no bias): into the shared "wide" buffer in float32; in reduced precision, out
@@ -597,16 +629,16 @@ class EncoderCoalitionEvaluator:
         tok = self.encoder.tokenizer
         if getattr(self.encoder, "pooling", "mean") not in ("mean", "cls"):
             raise ValueError(f"reward.encoder.pooling: the packed path supports 'mean' and 'cls', got {self.encoder.pooling!r}")
+        attention, dtype = check_packed_options(attention, dtype)
         if dtype is None:
             dtype = torch.bfloat16 if reward.device.type == "cuda" else torch.float32
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
         self.forward = PackedBertForward(self.encoder.model, attention=attention, dtype=dtype)
         self.cls_id, self.sep_id = tok.cls_token_id, tok.sep_token_id
         self.max_length = self.encoder.max_length
         self.chunk_tokens = chunk_tokens
         self.pack_backend = pack_backend
         self._phrase_tokens: dict[str, list[int]] = {}  # phrase or gap -> its token ids (see _player_tokens)
+        self._phrase_lock = threading.Lock()  # the cache and the tokenizer are shared by concurrent calls
 
     def __call__(self, coalitions: CoalitionBatch) -> tuple[torch.Tensor, int]:
         """Values float32 ``[coalitions.batch.num_values]`` on the reward's device, and the number of
@@ -705,14 +737,15 @@ class EncoderCoalitionEvaluator:
                     pieces.append(sg.text[sg.spans[i - 1][1] : start])
                 pieces.append(sg.text[start:end])
         cache = self._phrase_tokens
-        new = list(dict.fromkeys(p for p in pieces if p not in cache))
-        if new and len(cache) + len(new) > _PHRASE_CACHE_SIZE:
-            cache.clear()  # start over with this batch's pieces
-            new = list(dict.fromkeys(pieces))
-        if new:
-            ids = self.encoder.tokenizer(new, add_special_tokens=False, truncation=False)["input_ids"]
-            cache.update(zip(new, ids))
-        piece_ids = [cache[p] for p in pieces]
+        with self._phrase_lock:  # another call could clear the cache between our update and our reads
+            new = list(dict.fromkeys(p for p in pieces if p not in cache))
+            if new and len(cache) + len(new) > _PHRASE_CACHE_SIZE:
+                cache.clear()  # start over with this batch's pieces
+                new = list(dict.fromkeys(pieces))
+            if new:
+                ids = self.encoder.tokenizer(tokenizable(new), add_special_tokens=False, truncation=False)["input_ids"]
+                cache.update(zip(new, ids))
+            piece_ids = [cache[p] for p in pieces]
         counts = np.fromiter(map(len, piece_ids), dtype=np.int64, count=len(pieces))
         token_ids = np.fromiter(chain.from_iterable(piece_ids), dtype=np.int64, count=int(counts.sum()))
         U = len(segmentations)

@@ -34,13 +34,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .advantages import DEFAULT_MAX_SHARE, REDISTRIBUTION_MODES, group_advantages, redistribute
+from .advantages import DEFAULT_MAX_SHARE, REDISTRIBUTION_MODES, SCALES, _clip_bounds, group_advantages, redistribute
 from .attribution import OwenAttributor
 from .data.prompts import follows_format
-from .loss import grpo_loss
+from .loss import LOSS_BACKENDS, LOSS_TYPES, grpo_loss
 from .policy import completion_offsets, prompt_text
 from .rollout import attribute_completions
 from .segment import Segmenter, coalition_text
+from .structure import MAX_PLAYERS
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -86,26 +87,74 @@ class OSPOConfig:
     loss_backend: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> "OSPOConfig":
-        if self.mode not in ("ospo", "grpo"):
-            raise ValueError(f"mode: expected 'ospo' or 'grpo', got {self.mode!r}")
-        if self.redistribution not in REDISTRIBUTION_MODES:
-            raise ValueError(f"redistribution: expected one of {REDISTRIBUTION_MODES}, got {self.redistribution!r}")
+        """Validates every field (run at construction, so a bad setting fails before any model is loaded);
+        each error names the field and what it accepts."""
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+            raise ValueError(f"output_dir: expected a non-empty path, got {self.output_dir!r}")
+        _choice(self, "mode", ("ospo", "grpo"))
+        _choice(self, "redistribution", REDISTRIBUTION_MODES)
+        _choice(self, "advantage_scale", SCALES)
+        _choice(self, "loss_type", LOSS_TYPES)
+        _choice(self, "loss_backend", LOSS_BACKENDS)
+        _choice(self, "attribution_method", ("auto", "exact", "sampled"))
         for name in ("group_size", "prompts_per_step", "max_steps", "micro_batch_size", "num_iterations",
-                     "max_new_tokens", "save_steps", "attribution_budget", "max_players"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size: GRPO needs at least 2 completions per prompt, got {self.group_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: expected > 0, got {self.temperature!r}")
-        if self.max_share is not None and (isinstance(self.max_share, bool) or not isinstance(self.max_share, (int, float))
-                                           or not self.max_share >= 1):
-            raise ValueError(f"max_share: expected None or a number >= 1, got {self.max_share!r}")
+                     "max_new_tokens", "save_steps", "max_players"):
+            _int_at_least(self, name, 1)
+        _int_at_least(self, "group_size", 2, "GRPO needs at least 2 completions per prompt")
+        _int_at_least(self, "attribution_budget", 2, "a response's game needs at least v(empty) and v(N)")
+        _int_at_least(self, "warmup_steps", 0)
+        _int_at_least(self, "seed", 0)
+        if self.max_players > MAX_PLAYERS:
+            raise ValueError(f"max_players: expected an int in [1, {MAX_PLAYERS}], got {self.max_players!r}")
+        inf = math.inf
+        _number_in(self, "learning_rate", 0, inf, low_open=True)
+        _number_in(self, "temperature", 0, inf, low_open=True)
+        _number_in(self, "max_grad_norm", 0, inf, low_open=True)
+        _number_in(self, "top_p", 0, 1, low_open=True)
+        _number_in(self, "weight_decay", 0, inf)
+        _number_in(self, "beta", 0, inf)
+        _number_in(self, "eps_low", 0, 1, high_open=True)  # the lower clip bound 1 - eps_low stays positive
+        _number_in(self, "eps_high", 0, inf)
+        _number_in(self, "alpha", 0, 1)
+        _number_in(self, "floor", 0, 1)
+        if self.max_share is not None:
+            _number_in(self, "max_share", 1, inf)
+        _clip_bounds(self.clip)  # raises naming clip
+        _dtype(self.attribution_dtype)  # raises naming attribution_dtype
+        if self.bf16 not in (None, True, False):
+            raise ValueError(f"bf16: expected None, True or False, got {self.bf16!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress: expected True or False, got {self.progress!r}")
+        if self.lora is not None and not isinstance(self.lora, dict):
+            raise ValueError(f"lora: expected None or a dict of peft LoraConfig arguments, got {self.lora!r}")
         return self
+
+
+def _choice(cfg, name: str, allowed) -> None:
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
+
+
+def _int_at_least(cfg, name: str, low: int, why: str = "") -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
+        raise ValueError(f"{name}: expected {kind}" + (f" ({why})" if why else "") + f", got {value!r}")
+
+
+def _number_in(cfg, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """A finite number (inf only where ``high`` is inf and excluded) in the given interval."""
+    value = getattr(cfg, name)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = ("(" if low_open else "[") + f"{low}, " + (f"{high})" if high_open or high == math.inf else f"{high}]")
+        raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r}")
 
 
 class OSPOTrainer:
@@ -158,7 +207,7 @@ class OSPOTrainer:
         ) if cfg.mode == "ospo" else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warmup = max(cfg.warmup_steps, 0)
+        warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
@@ -423,8 +472,8 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     dtype = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"attribution_dtype: expected None or a torch dtype name like 'bfloat16', got {name!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"attribution_dtype: expected None or a floating torch dtype name like 'bfloat16', got {name!r}")
     return dtype
 
 

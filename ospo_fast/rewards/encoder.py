@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,6 +31,15 @@ __all__ = [
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 _POOLING_MODES = ("mean", "cls", "max")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def tokenizable(texts: Sequence[str]) -> list[str]:
+    """``texts`` with every lone surrogate (e.g. "\\ud800", which no UTF-8 tokenizer accepts) replaced by
+    U+FFFD, one character for one: a text stays as long as it was, so character spans still hold."""
+    return [_LONE_SURROGATE.sub("\ufffd", t) for t in texts]
 
 
 def minilm_path() -> Path:
@@ -198,7 +208,7 @@ class SentenceEncoder:
         for s in starts:
             idx = order[s : s + self.batch_size]
             batch = self.tokenizer(
-                [texts[j] for j in idx],
+                tokenizable([texts[j] for j in idx]),
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
