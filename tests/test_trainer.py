@@ -168,7 +168,7 @@ def test_resume_without_a_checkpoint_says_so(make_trainer, tmp_path):
     [
         (dict(mode="ppo"), r"mode: expected one of \('ospo', 'grpo'\)"),
         (dict(redistribution="uniform"), "redistribution: expected one of"),
-        (dict(group_size=1), "group_size: GRPO needs at least 2"),
+        (dict(group_size=1), r"group_size: expected an int >= 2 \(GRPO needs at least 2"),
         (dict(max_steps=0), "max_steps: expected a positive int"),
         (dict(learning_rate=0.0), r"learning_rate: expected a finite number in \(0, inf\)"),
     ],
