@@ -80,7 +80,8 @@ def credit_answer(request: str, hints: Sequence[str]) -> str:
 def credit_task(base: SearchTask, num_true: int = 2, num_decoys: int = 2, seed: int = 0) -> SearchTask:
     """The benchmark's task over ``base``'s catalogue and pools (e.g. :func:`~ospo_fast.data.default_task`).
 
-    For each sample with a judged product, the decoy item is the negative of its pool that shares the most
+    For each sample with a judged product, the request is the sample's query (ESCI), else the judged item's
+    category (H&M: its product type, so the hints must say which one of that type). The decoy item is the negative of its pool that shares the most
     words with the judged product; ``num_true`` hints come from the judged product and ``num_decoys`` from
     the decoy (:func:`hint_phrases`), shuffled together with a generator seeded by ``seed``. Samples with
     too few hints of either kind are dropped. ``sample.info`` holds ``true_hints``, ``decoy_hints`` and
@@ -96,21 +97,25 @@ def credit_task(base: SearchTask, num_true: int = 2, num_decoys: int = 2, seed: 
     for sample in base.samples:
         pool, gains = base.pools[sample.owner], base.gains[sample.owner]
         judged = [i for i, g in zip(pool, gains) if g > 0]
-        if not judged or sample.query is None:
+        if not judged:
             continue
         target = judged[int(np.argmax([g for g in gains if g > 0]))]
+        # The request: the shopper's query (ESCI); else the judged item's category (H&M: its product type).
+        request = sample.query or (base.categories[target] if base.categories else None)
+        if not request:
+            continue
         target_words = _words(base.items[target])
         negatives = [i for i, g in zip(pool, gains) if g <= 0]
         decoy = max(negatives, key=lambda i: (len(_words(base.items[i]) & target_words), -i))
-        true = hint_phrases(base.items[target], base.items[decoy], sample.query, segmenter)[:num_true]
-        decoys = hint_phrases(base.items[decoy], base.items[target], sample.query, segmenter)[:num_decoys]
+        true = hint_phrases(base.items[target], base.items[decoy], request, segmenter)[:num_true]
+        decoys = hint_phrases(base.items[decoy], base.items[target], request, segmenter)[:num_decoys]
         if len(true) < num_true or len(decoys) < num_decoys:
             continue
         marked = [("+", h) for h in true] + [("-", h) for h in decoys]
         marked = [marked[j] for j in rng.permutation(len(marked))]
-        text = f"Request: {sample.query}\nHints: " + "; ".join(f"[{m}] {h}" for m, h in marked)
+        text = f"Request: {request}\nHints: " + "; ".join(f"[{m}] {h}" for m, h in marked)
         samples.append(replace(
-            sample, prompt=chat(text, CREDIT_SYSTEM), text=text,
+            sample, prompt=chat(text, CREDIT_SYSTEM), text=text, query=request,
             info={**sample.info, "true_hints": true, "decoy_hints": decoys, "decoy_item": int(decoy)},
         ))
     if not samples:
