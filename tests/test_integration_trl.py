@@ -289,3 +289,22 @@ def test_game_value_of_each_whole_completion_is_the_reward_trl_computed(tmp_path
                 spaced = text[: sg.spans[0][0]] + " ".join(sg.segments) + text[sg.spans[-1][1] :]
                 joined_differently += punctuation_reward(None, [spaced]) != punctuation_reward(None, [text])
     assert joined_differently > 0  # the old single-space join would have missed TRL's reward here
+
+
+def test_reward_model_recipe_in_the_docs_runs(tmp_path, monkeypatch):
+    """docs/integrations.md's reward-model recipe runs as written, and its game sees each row's prompt."""
+    import pathlib
+    import re
+
+    docs = (pathlib.Path(__file__).parents[1] / "docs" / "integrations.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "rm_ospo_reward" in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(blocks[0], "integrations.md", "exec"), namespace)
+    trainer, prompts = namespace["trainer"], namespace["prompts"]
+    assert trainer.state.global_step == 1
+    logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+    assert logged["ospo/reward_evaluations"] > 0
+    scores = namespace["rm_ospo_reward"](["soft cable", "soft cable"], [0, 1])  # the prompt changes the score
+    assert scores.shape == (2,) and scores[0] != scores[1]

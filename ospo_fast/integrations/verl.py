@@ -15,8 +15,8 @@ over its other tokens, so no credit is lost there. The ``"ospo"`` estimator spli
 (the sum) and the credit (every token but the last), computes verl's GRPO advantage of ``R`` within each
 ``uid`` group, and redistributes it over the tokens that carry credit with :func:`ospo_fast.redistribute`
 (every other token, the last one included, keeps the GRPO advantage). A reward that puts
-one scalar on the last token (any other reward manager) has no credit: the estimator then gives every token
-the GRPO advantage, exactly verl's ``"grpo"``. With ``algorithm.use_kl_in_reward`` the per-token KL penalty
+one scalar on the last token (any other reward manager) has no credit: the estimator would give every token
+the GRPO advantage, exactly verl's ``"grpo"``, so it refuses such a first batch (``no_credit``). With ``algorithm.use_kl_in_reward`` the per-token KL penalty
 is part of ``r``, of the sequence reward and of the credit, as it is for verl's estimators.
 
 The reward manager scores a response with verl's ``compute_score(data_source, solution_str, ground_truth,
@@ -32,8 +32,9 @@ Two reward-manager APIs exist in verl; both are registered under ``"ospo"``:
 * :class:`OSPORewardLoopManager` (``verl.experimental.reward_loop``, verl >= 0.7): ``run_single`` scores one
   response; its ``reward_score`` is a float (the sequence reward) that also carries the dense token rewards,
   and :meth:`assemble_rm_scores` writes them when verl assembles ``rm_scores`` for a batch. verl's agent-loop
-  streaming reward path places one float per response on its last token instead; there the credit is lost
-  and the estimator reduces to GRPO (see docs/integrations.md).
+  streaming reward path would place one float per response on its last token; :func:`register` wraps it to
+  write the dense token rewards instead (see docs/integrations.md). Where no credit arrives all the same,
+  the ``"ospo"`` estimator raises at its first step rather than silently computing GRPO.
 
 verl is imported only when this module registers with it (at import, when verl is installed); the
 pure-torch functions (:func:`ospo_advantages`, :func:`dense_token_rewards`, :func:`split_token_rewards`,
