@@ -106,15 +106,38 @@ def evaluate_text_reward(reward: Callable, coalitions: CoalitionBatch) -> tuple[
             query_texts.append(key[1])
             query_owners.append(o)
         value_index[k] = j
-    scores = reward(query_texts, query_owners) if query_texts else torch.zeros(0)
-    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
-    if scores.shape[0] != len(query_texts):
-        raise ValueError(
-            f"reward: returned {scores.shape[0]} values for {len(query_texts)} texts; expected one value per text"
-        )
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("reward: returned NaN or infinite values for some coalition texts")
-    return scores.cpu()[torch.from_numpy(value_index)], len(query_texts)
+    if not query_texts:
+        return torch.zeros(0, dtype=torch.float64), 0
+    scores = _reward_values(reward, reward(query_texts, query_owners), len(query_texts))
+    return scores[torch.from_numpy(value_index)], len(query_texts)
+
+
+def _reward_values(reward: Callable, out, n: int) -> torch.Tensor:
+    """A text reward's output for ``n`` texts as float64 ``[n]`` on the CPU; a ValueError naming the reward
+    and what was expected when it is not ``n`` finite real numbers (a tensor, an array or a list)."""
+    name = getattr(reward, "__name__", None) or type(reward).__name__
+    expected = f"expected {n} finite real numbers (a float tensor, array or list of shape [{n}]), one per text"
+    if isinstance(out, (str, bytes)):
+        raise ValueError(f"reward {name}: returned a {type(out).__name__}; {expected}")
+    try:
+        values = torch.as_tensor(out)
+    except (TypeError, ValueError, RuntimeError) as exc:  # None, strings, ragged lists
+        raise ValueError(f"reward {name}: returned {_preview(out)}, not numbers ({exc}); {expected}") from None
+    if values.dtype == torch.bool or values.is_complex():
+        raise ValueError(f"reward {name}: returned values of dtype {values.dtype}; {expected}")
+    if values.dim() == 2 and values.shape[1] == 1:  # a column [n, 1], as a model head returns it
+        values = values[:, 0]
+    if tuple(values.shape) != (n,):
+        raise ValueError(f"reward {name}: returned shape {tuple(values.shape)}; {expected}")
+    values = values.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"reward {name}: returned NaN or infinite values for some coalition texts; {expected}")
+    return values
+
+
+def _preview(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------

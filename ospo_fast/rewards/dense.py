@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .encoder import SentenceEncoder, encode_cached
+from .encoder import SentenceEncoder, check_cache_dir, encode_cached
 from .metrics import METRICS, check_queries, check_texts, pad_pools, pool_metric
 
 __all__ = ["DenseRetrievalReward"]
@@ -37,7 +37,7 @@ class DenseRetrievalReward:
         encoder: a :class:`SentenceEncoder`; None loads the bundled all-MiniLM-L6-v2.
         k: metric cutoff; None for the whole pool.
         metric: "ndcg" (linear gain, log2 discount), "recall" or "mrr".
-        cache_dir: embedding cache directory; None for the default, False to disable.
+        cache_dir: embedding cache directory (a non-empty path); None for the default, False to disable.
         device: where embeddings and pool tensors live; None follows the encoder.
 
     Attributes (for evaluators that produce query embeddings themselves):
@@ -60,6 +60,7 @@ class DenseRetrievalReward:
         _check_metric(metric, k)
         # Validate the pools before loading or running any model.
         index, pool_gains, valid = pad_pools(pools, gains, num_items=len(items))
+        check_cache_dir(cache_dir)
         if encoder is None:
             encoder = SentenceEncoder(device=device)
         self.encoder = encoder

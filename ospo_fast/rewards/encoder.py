@@ -26,6 +26,7 @@ __all__ = [
     "SentenceEncoder",
     "default_cache_dir",
     "encode_cached",
+    "check_cache_dir",
 ]
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -259,6 +260,40 @@ def _texts_digest(encoder, texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def check_cache_dir(cache_dir) -> Optional[Path]:
+    """The cache directory of ``cache_dir``: None (or True) -> :func:`default_cache_dir`, False -> None
+    (caching disabled), a non-empty str or path -> that path. ValueError naming ``cache_dir`` otherwise
+    (an empty string would silently mean the working directory)."""
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        return default_cache_dir()
+    if not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir):
+        raise ValueError(
+            f"cache_dir: expected a non-empty path, None (the default directory) or False (no cache), got {cache_dir!r}"
+        )
+    return Path(cache_dir).expanduser()
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _cache_problem(blob, digest: str, num_texts: int) -> Optional[str]:
+    """What is wrong with a loaded cache file, or None when it can be used."""
+    if not isinstance(blob, dict) or blob.get("digest") != digest or "sha256" not in blob:
+        return "not a cache file of these texts and this encoder"
+    emb = blob.get("embeddings")
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != num_texts or emb.dtype != torch.float32:
+        got = f"{emb.dtype} {tuple(emb.shape)}" if isinstance(emb, torch.Tensor) else type(emb).__name__
+        return f"expected float32 embeddings of shape [{num_texts}, D], got {got}"
+    if _tensor_sha256(emb) != blob["sha256"]:
+        return "checksum mismatch (the file was changed or corrupted)"
+    if not bool(torch.isfinite(emb).all()):
+        return "non-finite embeddings"
+    return None
+
+
 def encode_cached(
     encoder,
     texts: Sequence[str],
@@ -268,22 +303,24 @@ def encode_cached(
 
     The cache file is named by a SHA-256 of the encoder's :meth:`SentenceEncoder.cache_key` (model name/path,
     config, weight files, max_length, pooling) and every text. It is written atomically (temporary file in
-    the same directory, then ``os.replace``), so concurrent processes never read half a file. A cache file
-    that cannot be read or does not match is recomputed and rewritten; an unwritable cache directory only
-    warns.
+    the same directory, then ``os.replace``), so concurrent processes never read half a file. It stores a
+    SHA-256 of the embeddings' bytes: a file that cannot be read, does not match (texts, shape, float32,
+    finite values) or fails the checksum (bytes changed on disk) is recomputed and rewritten, with a
+    warning; an unwritable cache directory only warns.
 
     Args:
         encoder: a :class:`SentenceEncoder` (or any object with ``encode(texts) -> Tensor [N, D]``, ``name``
             and optionally ``cache_key()`` and ``device``).
         texts: the texts, typically a catalogue of items.
-        cache_dir: directory of the cache files; None for :func:`default_cache_dir`; False disables caching.
+        cache_dir: directory of the cache files (a non-empty path); None for :func:`default_cache_dir`;
+            False disables caching.
 
     Returns:
         float [N, D] on the encoder's device.
     """
-    if cache_dir is False:
+    directory = check_cache_dir(cache_dir)
+    if directory is None:
         return encoder.encode(texts)
-    directory = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_cache_dir()
     digest = _texts_digest(encoder, texts)
     path = directory / f"{digest}.pt"
     device = getattr(encoder, "device", "cpu")
@@ -291,20 +328,21 @@ def encode_cached(
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            emb = blob["embeddings"]
-            ok = isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0] == len(texts)
-            if ok and blob.get("digest") == digest:
-                return emb.to(device)
-        except Exception:  # any unreadable file (truncated, garbage, old format) is just a cache miss
-            pass
+            problem = _cache_problem(blob, digest, len(texts))
+        except Exception as exc:  # truncated, garbage, an old format
+            problem = f"unreadable ({type(exc).__name__})"
+        if problem is None:
+            return blob["embeddings"].to(device)
+        warnings.warn(f"embedding cache {path}: {problem}; recomputing it", RuntimeWarning, stacklevel=2)
 
     emb = encoder.encode(texts)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=directory)
         try:
+            saved = emb.detach().to("cpu", torch.float32).contiguous()
             with os.fdopen(fd, "wb") as f:
-                torch.save({"digest": digest, "embeddings": emb.detach().cpu()}, f)
+                torch.save({"digest": digest, "embeddings": saved, "sha256": _tensor_sha256(saved)}, f)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -26,9 +26,11 @@ data checks (finite, non-negative gains, index ranges) happen once, host side, i
 from __future__ import annotations
 
 import math
+import operator
 from itertools import chain
 from typing import Dict, Iterable, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -347,7 +349,8 @@ def pad_pools(
 
     Raises:
         ValueError naming the argument: empty ``pools``, an empty pool, ``pools``/``gains`` length mismatch
-        (overall or per pool), non-integer indices, indices out of range, NaN/inf/negative gains.
+        (overall or per pool), non-integer indices, indices out of range, NaN/inf/negative gains, gains the
+        float32 metrics cannot hold (a positive gain that rounds to 0, a pool whose gains sum past 1.7e38).
     """
     flat_idx, lengths = _flatten("pools", pools, "int")
     if len(lengths) == 0:
@@ -381,6 +384,7 @@ def pad_pools(
     if (g < 0).any():
         o = int(owner_of[g < 0][0])
         raise ValueError(f"gains[{o}]: gains must be non-negative")
+    _check_gains_fit(g, owner_of, len(lengths))
     if (idx < 0).any():
         o = int(owner_of[idx < 0][0])
         raise ValueError(f"pools[{o}]: item index must be >= 0, got {int(idx[idx < 0][0])}")
@@ -394,12 +398,38 @@ def pad_pools(
     starts = torch.cumsum(lengths_t, 0) - lengths_t
     col = torch.arange(idx.numel()) - torch.repeat_interleave(starts, lengths_t)
     index = torch.zeros(num_pools, width, dtype=torch.long)
-    gain_t = torch.zeros(num_pools, width, dtype=torch.float32)
+    gain_t = torch.zeros(num_pools, width, dtype=GAIN_DTYPE)
     valid = torch.zeros(num_pools, width, dtype=torch.bool)
     index[owner_of, col] = idx
-    gain_t[owner_of, col] = g.to(torch.float32)
+    gain_t[owner_of, col] = g.to(GAIN_DTYPE)
     valid[owner_of, col] = True
     return index.to(device), gain_t.to(device), valid.to(device)
+
+
+#: The dtype the pools' gains are stored and the metrics computed in.
+GAIN_DTYPE = torch.float32
+
+
+def _check_gains_fit(g: torch.Tensor, owner_of: torch.Tensor, num_pools: int) -> None:
+    """Gains (finite, >= 0, float64) must survive the metrics' dtype: no positive gain may round to 0 (it
+    would stop counting as relevant), and each pool's gains must sum to at most half the dtype's largest
+    value (DCG and ideal DCG are sums of gains; the half is a margin for rounding), or NDCG becomes NaN."""
+    info = torch.finfo(GAIN_DTYPE)
+    vanish = (g > 0) & (g.to(GAIN_DTYPE) == 0)
+    if vanish.any():
+        o = int(owner_of[vanish][0])
+        raise ValueError(
+            f"gains[{o}]: gain {float(g[vanish][0]):.3g} rounds to 0 in {GAIN_DTYPE} (smallest positive "
+            f"{info.smallest_normal * info.eps:.3g}); rescale the gains"
+        )
+    totals = torch.zeros(num_pools, dtype=torch.float64).index_add_(0, owner_of, g)
+    limit = float(info.max) / 2
+    if (totals > limit).any():
+        o = int(torch.nonzero(totals > limit)[0])
+        raise ValueError(
+            f"gains[{o}]: the pool's gains sum to {float(totals[o]):.3g}, beyond what the metrics can sum in "
+            f"{GAIN_DTYPE} (at most {limit:.3g}); rescale the gains"
+        )
 
 
 def check_texts(texts, name: str) -> list:
@@ -412,6 +442,16 @@ def check_texts(texts, name: str) -> list:
         if not isinstance(t, str):
             raise ValueError(f"{name}[{j}]: expected str, got {type(t).__name__}")
     return list(texts)
+
+
+def _owner_index(o, j: int) -> int:
+    """One owner as a Python int: an int, a numpy integer or an integer 0-d tensor; not a bool or a float."""
+    if isinstance(o, (bool, np.bool_)):
+        raise ValueError(f"owners[{j}]: expected an int, got {type(o).__name__}")
+    try:
+        return operator.index(o)
+    except TypeError:
+        raise ValueError(f"owners[{j}]: expected an int, got {type(o).__name__} {o!r:.40}") from None
 
 
 def check_queries(texts, owners, num_owners: Optional[int]):
@@ -428,13 +468,18 @@ def check_queries(texts, owners, num_owners: Optional[int]):
     else:
         if isinstance(owners, (str, bytes)) or not isinstance(owners, Sequence) and not hasattr(owners, "__array__"):
             raise ValueError(f"owners: expected a sequence of int, got {type(owners).__name__}")
+        if hasattr(owners, "__array__") and getattr(owners, "ndim", 1) != 1:
+            raise ValueError(f"owners: expected a 1-D sequence of int, got shape {tuple(owners.shape)}")
+        # One by one: Python and numpy integers of any width mix freely (torch cannot promote uint64 with
+        # int64, nor read object arrays); floats and bools are refused.
+        if isinstance(owners, np.ndarray) and owners.dtype.kind in "iu":  # the vectorised common case
+            values = owners.tolist() if owners.dtype == np.uint64 and owners.size and owners.max() > 2**63 - 1 else owners
+        else:
+            values = [_owner_index(o, j) for j, o in enumerate(owners)]
         try:
-            own = torch.as_tensor(owners)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"owners: expected a sequence of int ({e})") from None
-        if own.numel() and (own.dtype.is_floating_point or own.dtype == torch.bool or own.dim() != 1):
-            raise ValueError(f"owners: expected a 1-D sequence of int, got {_describe(own)}")
-        own = own.to(torch.long).reshape(-1)
+            own = torch.as_tensor(np.asarray(values, dtype=np.int64))
+        except (OverflowError, ValueError, TypeError):
+            raise ValueError(f"owners: owner index {max(values, key=abs)} out of the int64 range") from None
     if own.numel() != len(texts):
         raise ValueError(f"owners: expected {len(texts)} owners (one per text), got {own.numel()}")
     bad = (own < 0) | (own >= num_owners) if num_owners is not None else own < 0
