@@ -22,7 +22,7 @@ import torch
 
 from . import _extension
 from ._checks import as_real_tensor
-from .plans import CoalitionPlan, PlanBatch, make_plan
+from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, PlanBatch, make_plan
 from .structure import CoalitionStructure
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -228,18 +228,22 @@ def owen_values(
     seed: int = 0,
     antithetic: bool = True,
     backend: str = "auto",
+    max_exact_coalitions: int = MAX_EXACT_COALITIONS,
 ) -> torch.Tensor:
     """Owen values of the game ``value_fn`` over ``structure``.
 
     ``value_fn(masks)`` gets every coalition the plan needs at once (bool ``[C, n]``) and returns their
     values (float ``[C]``); it is called exactly once. ``method`` is ``"exact"``, ``"sampled"``
     (``num_permutations`` Owen-consistent orders, default 64, from ``seed``) or ``"auto"`` (exact when it
-    needs at most ``budget`` coalitions). Returns float ``[n]``: float64 when the values are float64.
+    needs at most ``budget`` coalitions). ``exact`` refuses structures that need more than
+    ``max_exact_coalitions`` coalitions (see :func:`~ospo_fast.exact_plan`). Returns float ``[n]``: float64
+    when the values are float64.
     """
     if not callable(value_fn):
         raise ValueError(f"value_fn: expected a callable masks -> values, got {type(value_fn).__name__}")
     plan = make_plan(
-        structure, method, budget=budget, num_permutations=num_permutations, seed=seed, antithetic=antithetic
+        structure, method, budget=budget, num_permutations=num_permutations, seed=seed, antithetic=antithetic,
+        max_exact_coalitions=max_exact_coalitions,
     )
     values = _as_float_values(value_fn(plan.masks), name="value_fn(masks)")
     if tuple(values.shape) != (plan.num_coalitions,):

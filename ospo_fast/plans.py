@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 import torch
@@ -28,8 +28,16 @@ import torch
 from ._device import to_device_all
 from .structure import CoalitionStructure
 
-#: The exact plan refuses structures that would need more coalitions than this; use the sampled plan.
-MAX_EXACT_COALITIONS = 1 << 20
+#: The exact plan refuses structures that need more coalitions than this unless the caller raises the cap
+#: with ``max_exact_coalitions=`` (each coalition is one evaluation of the game: 4096 already take seconds
+#: with a neural reward, 16 players in one union need 65536).
+MAX_EXACT_COALITIONS = 1 << 12
+
+#: The most coalitions ``max_exact_coalitions`` may admit: beyond it the plan alone needs gigabytes.
+EXACT_COALITIONS_HARD_LIMIT = 1 << 20
+
+#: The most orders a sampled plan may draw (each order adds up to ``n - 1`` coalitions to evaluate).
+MAX_PERMUTATIONS = 1 << 16
 
 _U64 = np.uint64
 
@@ -47,6 +55,10 @@ class CoalitionPlan:
         term_weight: float64 ``[T]``.
         method: ``"exact"`` or ``"sampled"``.
         num_permutations: orders drawn (sampled plans), else 0.
+
+    A plan built by hand is checked once, here (the kernels index the values with its terms unchecked);
+    the plans of :func:`exact_plan`, :func:`sampled_plan` and :func:`make_plans` are right by construction
+    and skip the check.
     """
 
     structure: CoalitionStructure
@@ -57,7 +69,14 @@ class CoalitionPlan:
     term_weight: torch.Tensor
     method: str
     num_permutations: int = 0
-    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Not an init argument: dataclasses.replace() gives the new plan its own cache.
+    _device_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Set only by this module's factories; an InitVar, so dataclasses.replace() does not carry it over.
+    _trusted: InitVar[bool] = False
+
+    def __post_init__(self, _trusted: bool) -> None:
+        if not _trusted:
+            _validate_plan(self)
 
     @property
     def num_coalitions(self) -> int:
@@ -125,6 +144,48 @@ class CoalitionPlan:
         )
 
 
+def _validate_plan(plan: CoalitionPlan) -> None:
+    """Raise ValueError naming the first field of a hand-built plan that the kernels could not trust."""
+
+    def fail(name: str, expected: str, got) -> None:
+        raise ValueError(f"CoalitionPlan.{name}: expected {expected}, got {got}")
+
+    def tensor(name: str, dtype: torch.dtype, dim: int) -> torch.Tensor:
+        t = getattr(plan, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != dim or t.device.type != "cpu":
+            got = f"{t.dtype} {t.dim()}-D on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            fail(name, f"a {dim}-D {dtype} CPU tensor", got)
+        return t
+
+    if not isinstance(plan.structure, CoalitionStructure):
+        fail("structure", "a CoalitionStructure", type(plan.structure).__name__)
+    n = plan.structure.num_players
+    masks = tensor("masks", torch.bool, 2)
+    if masks.shape[0] < 1 or masks.shape[1] != n:
+        fail("masks", f"shape (C >= 1, {n}) for {n} players", tuple(masks.shape))
+    if bool(masks[0].any()) or not bool(masks[-1].all()):
+        fail("masks", "the empty coalition in the first row and the grand coalition in the last", "other rows")
+    C = masks.shape[0]
+    plus, minus = tensor("term_plus", torch.int64, 1), tensor("term_minus", torch.int64, 1)
+    weight = tensor("term_weight", torch.float64, 1)
+    T = plus.shape[0]
+    for name, t in (("term_minus", minus), ("term_weight", weight)):
+        if t.shape[0] != T:
+            fail(name, f"{T} entries, one per term like term_plus", t.shape[0])
+    ptr = tensor("player_ptr", torch.int64, 1)
+    if ptr.shape[0] != n + 1 or int(ptr[0]) != 0 or int(ptr[-1]) != T or bool((ptr.diff() < 0).any()):
+        fail("player_ptr", f"{n + 1} non-decreasing offsets from 0 to the number of terms {T}", ptr.tolist()[:12])
+    for name, t in (("term_plus", plus), ("term_minus", minus)):
+        if T and (int(t.min()) < 0 or int(t.max()) >= C):
+            fail(name, f"coalition rows in [0, {C})", f"values in [{int(t.min())}, {int(t.max())}]")
+    if not bool(torch.isfinite(weight).all()):
+        fail("term_weight", "finite weights", "NaN or infinite entries")
+    if plan.method not in ("exact", "sampled"):
+        fail("method", "'exact' or 'sampled'", repr(plan.method))
+    if isinstance(plan.num_permutations, bool) or not isinstance(plan.num_permutations, int) or plan.num_permutations < 0:
+        fail("num_permutations", "a non-negative int", repr(plan.num_permutations))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Shared construction: from (player, plus-mask, minus-mask, weight) terms given as 64-bit masks.
 
@@ -174,6 +235,7 @@ def _plan_from_terms(
         term_weight=torch.from_numpy(merged_weight),
         method=method,
         num_permutations=num_permutations,
+        _trusted=True,
     )
 
 
@@ -205,19 +267,25 @@ def num_exact_coalitions(structure: CoalitionStructure) -> int:
     return (1 << m) + sum((1 << (m - 1)) * ((1 << p) - 2) for p in structure.union_sizes)
 
 
-def exact_plan(structure: CoalitionStructure) -> CoalitionPlan:
+def exact_plan(
+    structure: CoalitionStructure, *, max_exact_coalitions: int = MAX_EXACT_COALITIONS
+) -> CoalitionPlan:
     """Every coalition the exact Owen value needs, each once, with the Owen weights.
 
     For player ``i`` in union ``P_k`` the terms are, for every set ``R`` of other unions and every
     ``T ⊆ P_k \\ {i}``: weight ``r!(m-r-1)!/m! * t!(p-t-1)!/p!`` on ``v(Q_R ∪ T ∪ {i}) - v(Q_R ∪ T)``.
-    Plans are cached per structure.
+    Structures that need more than ``max_exact_coalitions`` coalitions (default
+    :data:`MAX_EXACT_COALITIONS`, 4096) are refused; a caller who means it may raise the cap up to
+    :data:`EXACT_COALITIONS_HARD_LIMIT`. Plans are cached per structure.
     """
     _check_structure(structure)
+    cap = _check_max_exact_coalitions(max_exact_coalitions)
     count = num_exact_coalitions(structure)
-    if count > MAX_EXACT_COALITIONS:
+    if count > cap:
+        hint = f", or pass max_exact_coalitions={count} to force it" if count <= EXACT_COALITIONS_HARD_LIMIT else ""
         raise ValueError(
-            f"structure: the exact Owen value of {structure} needs {count} coalitions, above the limit of "
-            f"{MAX_EXACT_COALITIONS}; use method='sampled' (or 'auto' with a budget)"
+            f"structure: the exact Owen value of {structure} needs {count} coalitions, above "
+            f"max_exact_coalitions={cap}; use method='sampled' (or 'auto' with a budget){hint}"
         )
     return _exact_plan_cached(structure)
 
@@ -266,6 +334,9 @@ def owen_orders(
     advance it: consecutive calls give fresh orders. ``rng=numpy.random.Generator(numpy.random.PCG64(s))``
     gives the orders of ``seed=s``.
     """
+    _check_structure(structure)
+    num_permutations = _check_num_permutations(num_permutations)
+    seed = _check_seed(seed)
     _check_rng(rng)
     if rng is None:
         rng = np.random.Generator(np.random.PCG64(seed))
@@ -327,9 +398,8 @@ def sampled_plan(
     :class:`~ospo_fast.OwenAttributor` does).
     """
     _check_structure(structure)
-    _check_num_permutations(num_permutations)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    num_permutations = _check_num_permutations(num_permutations)
+    seed = _check_seed(seed)
     _check_rng(rng)
     if rng is None:
         return _sampled_plan_cached(structure, num_permutations, seed, bool(antithetic))
@@ -472,6 +542,7 @@ def _plans_from_prefixes(
                 term_weight=torch.from_numpy(merged_weight[t0:t1].copy()),
                 method="sampled",
                 num_permutations=int(K[r]),
+                _trusted=True,
             )
         )
     return out
@@ -507,19 +578,23 @@ def make_plan(
     seed: int = 0,
     antithetic: bool = True,
     rng: np.random.Generator | None = None,
+    max_exact_coalitions: int = MAX_EXACT_COALITIONS,
 ) -> CoalitionPlan:
     """The plan for ``method`` in ``"exact" | "sampled" | "auto"``.
 
-    ``auto`` is exact when the exact plan needs at most ``budget`` coalitions, and otherwise sampled with
-    as many orders as fit the budget (each order adds at most ``n - 1`` coalitions). ``num_permutations``
-    fixes K for ``sampled`` (default 64). A sampled plan is drawn from ``seed`` (deterministic, cached) or,
-    with ``rng`` (a :class:`numpy.random.Generator`), fresh from ``rng`` and not cached (see
-    :func:`sampled_plan`). Exact plans are cached either way.
+    ``auto`` is exact when the exact plan needs at most ``budget`` (and ``max_exact_coalitions``)
+    coalitions, and otherwise sampled with as many orders as fit the budget (each order adds at most
+    ``n - 1`` coalitions; at most :data:`MAX_PERMUTATIONS`). ``num_permutations`` fixes K for ``sampled``
+    (default 64). A sampled plan is drawn from ``seed`` (deterministic, cached) or, with ``rng`` (a
+    :class:`numpy.random.Generator`), fresh from ``rng`` and not cached (see :func:`sampled_plan`). Exact
+    plans are cached either way; ``exact`` refuses structures above ``max_exact_coalitions`` (see
+    :func:`exact_plan`). Integer arguments accept Python and numpy integers, not bools.
     """
+    seed = _check_seed(seed)
     _check_rng(rng)
-    K = _sampled_orders(structure, method, budget, num_permutations)
+    K = _sampled_orders(structure, method, budget, num_permutations, max_exact_coalitions)
     if K is None:
-        return exact_plan(structure)
+        return exact_plan(structure, max_exact_coalitions=max_exact_coalitions)
     return sampled_plan(structure, K, seed, antithetic, rng=rng)
 
 
@@ -532,6 +607,7 @@ def make_plans(
     seed: int = 0,
     antithetic: bool = True,
     rng: np.random.Generator | None = None,
+    max_exact_coalitions: int = MAX_EXACT_COALITIONS,
 ) -> list[CoalitionPlan]:
     """``[make_plan(s, method, ..., rng=rng) for s in structures]``, with every sampled plan drawn at once.
 
@@ -540,48 +616,67 @@ def make_plans(
     the orders and the plans are then built vectorised over all of them. A structure listed twice gets two
     independent draws. Without ``rng``, each plan comes from ``seed`` (cached).
     """
+    seed = _check_seed(seed)
     _check_rng(rng)
     structures = list(structures)
+    options = dict(budget=budget, num_permutations=num_permutations, max_exact_coalitions=max_exact_coalitions)
     if rng is None:
-        return [
-            make_plan(s, method, budget=budget, num_permutations=num_permutations, seed=seed, antithetic=antithetic)
-            for s in structures
-        ]
-    Ks = [_sampled_orders(s, method, budget, num_permutations) for s in structures]
+        return [make_plan(s, method, seed=seed, antithetic=antithetic, **options) for s in structures]
+    Ks = [_sampled_orders(s, method, budget, num_permutations, max_exact_coalitions) for s in structures]
     sampled = [r for r, K in enumerate(Ks) if K is not None]
-    out = [exact_plan(s) if K is None else None for s, K in zip(structures, Ks)]
+    out = [exact_plan(s, max_exact_coalitions=max_exact_coalitions) if K is None else None for s, K in zip(structures, Ks)]
     drawn = _sampled_plans([structures[r] for r in sampled], [Ks[r] for r in sampled], rng, bool(antithetic))
     for r, plan in zip(sampled, drawn):
         out[r] = plan
     return out
 
 
-def _sampled_orders(structure, method: str, budget: int, num_permutations: int | None) -> int | None:
+def _sampled_orders(
+    structure, method: str, budget: int, num_permutations: int | None, max_exact_coalitions: int
+) -> int | None:
     """The number of orders K of ``method``'s sampled plan for ``structure``, or None for the exact plan."""
     if method == "exact":
         _check_structure(structure)
         return None
     if method == "sampled":
         _check_structure(structure)
-        K = 64 if num_permutations is None else num_permutations
-        _check_num_permutations(K)
-        return K
+        return _check_num_permutations(64 if num_permutations is None else num_permutations)
     if method == "auto":
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
-            raise ValueError(f"budget: expected an int >= 2 (coalitions per response), got {budget!r}")
+        budget = _check_int(budget, "budget", "an int >= 2 (coalitions per response)", 2)
         _check_structure(structure)
-        if num_exact_coalitions(structure) <= budget:
+        if num_exact_coalitions(structure) <= min(budget, _check_max_exact_coalitions(max_exact_coalitions)):
             return None
+        if num_permutations is not None:
+            return _check_num_permutations(num_permutations)
         per_order = max(structure.num_players - 1, 1)
-        K = num_permutations or max(1, (budget - 2) // per_order)
-        _check_num_permutations(K)
-        return K
+        return min(max(1, (budget - 2) // per_order), MAX_PERMUTATIONS)  # a huge budget buys no more
     raise ValueError(f"method: expected 'exact', 'sampled' or 'auto', got {method!r}")
 
 
-def _check_num_permutations(num_permutations) -> None:
-    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
-        raise ValueError(f"num_permutations: expected a positive int, got {num_permutations!r}")
+def _check_int(value, name: str, expected: str, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as a Python int in ``[minimum, maximum]``; numpy integers pass, bools and floats do not."""
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return int(value)
+
+
+def _check_num_permutations(num_permutations) -> int:
+    return _check_int(
+        num_permutations, "num_permutations", f"a positive int up to MAX_PERMUTATIONS = {MAX_PERMUTATIONS}",
+        1, MAX_PERMUTATIONS,
+    )
+
+
+def _check_seed(seed) -> int:
+    return _check_int(seed, "seed", "a non-negative int", 0)
+
+
+def _check_max_exact_coalitions(cap) -> int:
+    return _check_int(
+        cap, "max_exact_coalitions", f"an int in [1, EXACT_COALITIONS_HARD_LIMIT = {EXACT_COALITIONS_HARD_LIMIT}]",
+        1, EXACT_COALITIONS_HARD_LIMIT,
+    )
 
 
 def _check_rng(rng) -> None:
