@@ -107,7 +107,8 @@ def _real_number(value, name: str, lo: float, hi: float) -> float:
 # GRPO advantages
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     check_finite: bool | None = None) -> torch.Tensor:
     """GRPO advantages: each reward against its group, ``(R - group mean) / (std + eps)``.
 
     Args:
@@ -116,6 +117,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         scale: ``"group"``: divide by the group's std; ``"batch"``: by the std of all rewards;
             ``"none"``: only centre (Dr. GRPO). Stds are unbiased (``correction=1``), as TRL computes them.
         eps: added to the std (>= 0).
+        check_finite: reject NaN or infinite rewards (None: on CPU tensors only, where it costs no sync).
     Returns:
         float ``[B * G]`` (float64 for float64 rewards, else float32). A group whose rewards are all equal
         (a group of one included) gets exactly 0, never NaN: it carries no signal.
@@ -133,6 +135,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale not in SCALES:
         raise ValueError(f"scale: expected one of {SCALES}, got {scale!r}")
     _real_number(eps, "eps", 0.0, float("inf"))
+    if check_finite or (check_finite is None and rewards.device.type == "cpu"):
+        finite = torch.isfinite(rewards)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"rewards: NaN or infinite values at responses {bad}; a non-finite reward would make "
+                             "its whole group's advantages NaN")
     if group_size == 1 or rewards.numel() == 0:
         return torch.zeros_like(rewards)
     groups = rewards.view(-1, group_size)

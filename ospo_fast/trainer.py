@@ -25,8 +25,10 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -206,7 +208,10 @@ class OSPOTrainer:
             seed=cfg.seed, encoder_dtype=_dtype(cfg.attribution_dtype),
         ) if cfg.mode == "ospo" else None
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # The fused AdamW skips an update on the device when told the gradients are not finite (see optimise).
+        self.fused_optimizer = self.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           fused=self.fused_optimizer or None)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -271,8 +276,9 @@ class OSPOTrainer:
             rewards = torch.as_tensor(self.reward(answers, owners)).reshape(-1)
             evaluations = len(answers)
         attribution_seconds = time.perf_counter() - start
+        _check_rewards(rewards, prompt_ids, cfg.group_size)
         rewards = rewards.float().to(self.device)
-        advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale)
+        advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale, check_finite=False)
         if self.attributor is None:
             segment_mask = torch.zeros_like(mask)
             token_advantages = advantages[:, None].expand_as(mask).float() * mask
@@ -342,8 +348,10 @@ class OSPOTrainer:
         ref_logps = self._reference_logps(rollout)
         total_tokens = mask.sum().clamp(min=1)
         sums: dict[str, torch.Tensor] = {}
+        skipped = torch.zeros((), device=self.device)
         self.model.train()
         for _ in range(cfg.num_iterations):
+            iteration_loss = torch.zeros((), device=self.device)
             for rows in self._micro_batches(n):
                 logits = self._completion_logits(self.model, rollout, rows)
                 loss, metrics = grpo_loss(
@@ -356,13 +364,23 @@ class OSPOTrainer:
                 # Weight of this micro-batch in the full batch's loss: by sequences, or by tokens for dapo.
                 weight = mask[rows].sum() / total_tokens if cfg.loss_type == "dapo" else (rows.stop - rows.start) / n
                 (loss * weight / cfg.num_iterations).backward()
+                iteration_loss = iteration_loss + loss.detach().float() * weight
                 for key, value in {"loss": loss, **metrics}.items():
                     sums[key] = sums.get(key, 0.0) + value.detach() * weight / cfg.num_iterations
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
+            # A non-finite loss or gradient never reaches the weights: the update is skipped (weights and
+            # Adam moments untouched), counted in the "skipped_updates" metric and warned about in train_step.
+            nonfinite = (~(torch.isfinite(grad_norm) & torch.isfinite(iteration_loss))).float()
+            skipped = skipped + nonfinite
+            if self.fused_optimizer:
+                self.optimizer.found_inf = nonfinite  # read on the device: no host sync
+                self.optimizer.step()
+            elif not bool(nonfinite):
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = grad_norm
+        sums["skipped_updates"] = skipped
         return sums
 
     # ------------------------------------------------------------------------------------------------
@@ -395,6 +413,10 @@ class OSPOTrainer:
             **{k: float(v) for k, v in loss_metrics.items()},
             "step_seconds": time.perf_counter() - start,
         }
+        if metrics["skipped_updates"]:
+            warnings.warn(f"step {self.step}: the loss or the gradient was NaN or infinite; "
+                          f"{metrics['skipped_updates']:.0f} update(s) skipped, the weights are unchanged",
+                          RuntimeWarning, stacklevel=2)
         self.last_rollout = rollout
         return metrics
 
@@ -447,11 +469,16 @@ class OSPOTrainer:
         return path
 
     def load_checkpoint(self) -> None:
-        """Restores everything from ``output_dir/checkpoint.pt`` and drops metrics logged after it."""
+        """Restores everything from ``output_dir/checkpoint.pt`` and drops metrics logged after it. The
+        checkpoint's config must agree with this trainer's on everything that shapes the run
+        (:data:`RESUME_MAY_DIFFER` lists the fields that may change, such as ``max_steps`` to extend a run)."""
         path = self.output_dir / CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint at {path}; run without --resume first")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, map_location=self.device)
+        conflicts = resume_conflicts(state["config"], asdict(self.config))
+        if conflicts:
+            name, saved, given = conflicts[0]
+            raise ValueError(f"config.{name}: the run at {path} was saved with {name}={saved!r}, this trainer has "
+                             f"{given!r}; resume with the saved value (only {', '.join(RESUME_MAY_DIFFER)} may differ)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -464,8 +491,55 @@ class OSPOTrainer:
         _truncate_metrics(self.output_dir / METRICS, self.step)
 
 
+#: The keys of a checkpoint written by :meth:`OSPOTrainer.save_checkpoint`.
+CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "scheduler", "data_rng", "order", "rng", "attributor")
+#: Config fields a resumed run may change: where and how long it runs, how often it saves, how it shows
+#: progress, and memory or implementation knobs that leave the optimisation itself as it was.
+RESUME_MAY_DIFFER = ("output_dir", "max_steps", "save_steps", "progress", "micro_batch_size", "loss_backend")
+
+
+def read_checkpoint(path, map_location=None, mmap: bool = False) -> dict:
+    """A checkpoint's contents, loaded with ``weights_only=True`` (tensors and plain data only, so a file
+    from elsewhere cannot run code). A missing, empty, truncated, foreign or incomplete file raises an error
+    naming the file and what was expected. ``mmap=True`` reads the config without reading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {path}; run without --resume first")
+    expected = f"expected a checkpoint written by OSPOTrainer.save_checkpoint (a dict with keys {list(CHECKPOINT_KEYS)})"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[-1].strip() if str(e).strip() else "not a torch checkpoint"
+        raise ValueError(f"{path}: holds something other than tensors and plain data, or is not a torch file "
+                         f"({reason}); {expected}") from None
+    except (EOFError, RuntimeError, OSError) as e:
+        size = path.stat().st_size
+        raise ValueError(f"{path}: cannot be read ({size} bytes: empty or truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                         f"{expected}") from None
+    if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= set(state):
+        missing = sorted(set(CHECKPOINT_KEYS) - set(state)) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: incomplete checkpoint (missing {missing}); {expected}")
+    return state
+
+
+def resume_conflicts(saved: dict, given: dict) -> list[tuple[str, object, object]]:
+    """(field, saved value, given value) for every config field that shapes the run and differs."""
+    return [(name, saved.get(name), value) for name, value in given.items()
+            if name not in RESUME_MAY_DIFFER and saved.get(name) != value]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _check_rewards(rewards: torch.Tensor, prompt_ids: list[int], group_size: int) -> None:
+    """Rewards must be finite: one NaN would turn every advantage of its group, then the weights, into NaN."""
+    finite = torch.isfinite(rewards)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        where = ", ".join(f"{i} (prompt {prompt_ids[i // group_size]}, completion {i % group_size})" for i in bad[:5])
+        raise ValueError(f"reward: returned NaN or infinite values {rewards[bad[:5]].tolist()} for responses "
+                         f"{where}{' ...' if len(bad) > 5 else ''}; every response needs a finite reward")
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -492,7 +566,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global generators' states as tensors and plain data, so checkpoints load with weights_only=True."""
+    legacy = np.random.get_state(legacy=False)
+    numpy_state = {**legacy, "state": {"key": legacy["state"]["key"].tolist(), "pos": int(legacy["state"]["pos"])}}
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -500,7 +577,9 @@ def _rng_states() -> dict:
 
 def _set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    np.random.set_state({**numpy_state, "state": {"key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+                                                  "pos": numpy_state["state"]["pos"]}})
     torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])

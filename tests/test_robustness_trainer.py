@@ -66,3 +66,175 @@ def test_cli_budget_of_one_fails_before_any_model_is_loaded(monkeypatch, tmp_pat
     with pytest.raises(ValueError, match="attribution_budget: expected an int >= 2"):
         cli.main(["train", "--model", "tiny", "--output", str(tmp_path / "run"), "--budget", "1"])
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Non-finite rewards, losses and gradients
+
+
+import torch
+
+from ospo_fast.advantages import group_advantages
+from ospo_fast.policy import build_tokenizer, tiny_causal_lm
+from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOTrainer
+
+KEYWORDS = [["red", "running", "shoes"], ["usb", "charger", "cable"]]
+PROMPTS = [[{"role": "user", "content": "shoes for a run"}], [{"role": "user", "content": "charge my phone"}]]
+
+
+def keyword_reward(texts, owners):
+    return torch.tensor([sum(w in t for w in KEYWORDS[o]) / 3 for t, o in zip(texts, owners)], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = ["<think>run</think><answer>red running shoes</answer>", "usb c charger cable for iphone"] * 20
+    return build_tokenizer(corpus, vocab_size=300)
+
+
+def make_trainer(tokenizer, tmp_path, reward=keyword_reward, seed=0, **overrides):
+    options = dict(output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6,
+                   learning_rate=1e-3, save_steps=1, progress=False, seed=seed)
+    options.update(overrides)
+    model = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, seed=0)
+    return OSPOTrainer(model, tokenizer, reward, PROMPTS, [0, 1], OSPOConfig(**options))
+
+
+def nan_once(at_call: int):
+    """A reward that returns NaN for its second response on call ``at_call`` (0-based)."""
+    calls = []
+
+    def reward(texts, owners):
+        out = keyword_reward(texts, owners)
+        if len(calls) == at_call:
+            out[1] = float("nan")
+        calls.append(1)
+        return out
+
+    return reward
+
+
+def test_group_advantages_refuses_nan_rewards():
+    with pytest.raises(ValueError, match=r"rewards: NaN or infinite values at responses \[1, 2\]"):
+        group_advantages(torch.tensor([0.0, float("nan"), float("inf"), 1.0]), 2)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "ospo"])
+def test_a_nan_reward_stops_the_run_before_any_update_and_keeps_the_checkpoint(tokenizer, tmp_path, mode):
+    # The reward is called once a step: the NaN comes at step 2, after step 1's checkpoint.
+    trainer = make_trainer(tokenizer, tmp_path, reward=nan_once(1), mode=mode, attribution_method="exact")
+    message = (r"reward: returned NaN or infinite values \[nan\] for responses 1 \(prompt \d, completion 1\)"
+               if mode == "grpo" else "NaN or infinite")
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.step == 1
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), saved["model"][name])  # no update after the checkpoint
+
+
+def test_a_nan_loss_skips_the_update_with_a_warning_and_a_metric(tokenizer, tmp_path, monkeypatch):
+    import ospo_fast.trainer as trainer_module
+
+    trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    real_loss = trainer_module.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(trainer_module, "grpo_loss", nan_loss)
+    with pytest.warns(RuntimeWarning, match="NaN or infinite; 1 update"):
+        history = trainer.train()
+    assert history[0]["skipped_updates"] == 1.0
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    # The optimizer's moments are untouched too, so the next good step is an ordinary first step.
+    assert all(not torch.isnan(t).any() for s in trainer.optimizer.state.values() for t in s.values())
+
+
+def test_a_finite_step_reports_no_skipped_update(tokenizer, tmp_path):
+    history = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1).train()
+    assert history[0]["skipped_updates"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: plain data only, clear errors, the saved config wins
+
+
+def test_checkpoint_loads_with_weights_only_and_restores_numpy_and_python_generators(tokenizer, tmp_path):
+    import random
+
+    import numpy as np
+
+    trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1)
+    trainer.train()
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # raises on any pickled object
+    np_draw, py_draw = np.random.rand(), random.random()
+    np.random.seed(123), random.seed(123)
+    from ospo_fast.trainer import _set_rng_states
+
+    _set_rng_states(saved["rng"])
+    # The generators were saved after step 1; the draws right after saving match those after restoring.
+    assert (np.random.rand(), random.random()) == (np_draw, py_draw)
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(tokenizer, tmp_path):
+    import os
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, ("touch " + str(tmp_path / "pwned"),)
+
+    trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1)
+    trainer.train()
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    state["order"] = Exploit()
+    torch.save(state, tmp_path / CHECKPOINT)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: holds something other than tensors and plain data"):
+        make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=2).train(resume=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not a dict", "missing keys"])
+def test_a_damaged_checkpoint_names_the_file_and_what_was_expected(tokenizer, tmp_path, damage):
+    trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1)
+    trainer.train()
+    path = tmp_path / CHECKPOINT
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "not a dict":
+        torch.save([1, 2, 3], path)
+    else:
+        torch.save({"step": 1, "model": {}}, path)
+    message = {"empty": "cannot be read", "truncated": "cannot be read", "not a dict": "incomplete checkpoint",
+               "missing keys": r"incomplete checkpoint \(missing \['attributor', 'config'"}[damage]
+    with pytest.raises(ValueError, match=rf"{CHECKPOINT}: {message}.*expected a checkpoint written by"):
+        make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=2).train(resume=True)
+
+
+@pytest.mark.parametrize("field,value", [("mode", "ospo"), ("group_size", 4), ("seed", 7), ("loss_type", "dapo"),
+                                         ("redistribution", "rank"), ("prompts_per_step", 1)])
+def test_resume_refuses_a_config_that_changes_the_run(tokenizer, tmp_path, field, value):
+    make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1).train()
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    other = make_trainer(tokenizer, tmp_path, **{"mode": "grpo", "max_steps": 2, field: value})
+    with pytest.raises(ValueError, match=rf"config.{field}: the run at .* was saved with {field}={saved['config'][field]!r}"
+                                         rf", this trainer has {value!r}"):
+        other.train(resume=True)
+    assert other.step == 0
+
+
+def test_resume_may_extend_the_run_and_change_how_it_saves_and_shows_progress(tokenizer, tmp_path):
+    make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1).train()
+    trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=2, save_steps=2, micro_batch_size=1)
+    trainer.train(resume=True)
+    assert trainer.step == 2
