@@ -33,7 +33,7 @@ from .data.prompts import chat
 from .data.tasks import Sample, SearchTask
 from .segment import CONJUNCTIONS, PREPOSITIONS, Segmenter
 
-__all__ = ["CREDIT_SYSTEM", "credit_task", "hint_phrases", "credit_answer", "attribution_check"]
+__all__ = ["CREDIT_SYSTEM", "credit_task", "hint_phrases", "credit_answer", "warm_start_pairs", "attribution_check"]
 
 CREDIT_SYSTEM = (
     "You write a product search query: the shopper's request, then the hints marked [+], comma-separated. "
@@ -123,6 +123,21 @@ def credit_task(base: SearchTask, num_true: int = 2, num_decoys: int = 2, seed: 
     return replace(base, name=f"{base.name}-credit", samples=samples)
 
 
+def warm_start_pairs(task: SearchTask, copies: int = 8, seed: int = 0) -> tuple[list, list[str]]:
+    """(prompts, targets) that teach a small policy the answer format, not the choice: each prompt ``copies``
+    times, each time with the request and a random subset of its hints (true and decoy alike, in prompt
+    order), so which hints to keep is left to RL."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    prompts, targets = [], []
+    for s in task.samples:
+        hints = re.findall(r"\] ([^;\n]+)", s.text)
+        for _ in range(copies):
+            keep = rng.random(len(hints)) < 0.5
+            prompts.append(s.prompt)
+            targets.append(credit_answer(s.query, [h for h, k in zip(hints, keep) if k]))
+    return prompts, targets
+
+
 def _hint_of_segment(segments: Sequence[str], hints: dict[str, str]) -> list[str | None]:
     """The kind ("true" / "decoy") of each segment that is a whole hint, else None."""
     return [hints.get(" ".join(_WORDS.findall(s.lower()))) for s in segments]
@@ -146,7 +161,7 @@ def attribution_check(task: SearchTask, reward, budget: int = 64, seed: int = 0,
     samples = task.samples[:limit] if limit else task.samples
     texts, kinds = [], []
     for s in samples:
-        hints = [h for h in re.findall(r"\] ([^;\n]+)", s.text)]
+        hints = re.findall(r"\] ([^;\n]+)", s.text)
         texts.append(credit_answer(s.query, hints))
         kinds.append({h: "true" for h in s.info["true_hints"]} | {h: "decoy" for h in s.info["decoy_hints"]})
     owners = [s.owner for s in samples]

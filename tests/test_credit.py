@@ -88,3 +88,19 @@ def test_bad_arguments_are_named(base):
         credit_task(base, num_true=0)
     with pytest.raises(ValueError, match="lower num_true"):
         credit_task(base, num_true=50)
+
+
+def test_warm_start_teaches_the_format_not_the_choice(task):
+    from ospo_fast.credit import warm_start_pairs
+
+    prompts, targets = warm_start_pairs(task, copies=8, seed=0)
+    assert len(prompts) == len(targets) == 8 * len(task)
+    kept = {"true_hints": 0, "decoy_hints": 0}
+    for prompt, target, s in zip(prompts, targets, [s for s in task.samples for _ in range(8)]):
+        assert prompt == s.prompt and target.startswith(s.query)
+        phrases = target[len(s.query):].split(", ")[1:]
+        assert set(phrases) <= set(s.info["true_hints"]) | set(s.info["decoy_hints"])
+        for kind in kept:
+            kept[kind] += len(set(phrases) & set(s.info[kind]))
+    # True hints and decoys are kept about equally often: the warm start does not teach the choice.
+    assert abs(kept["true_hints"] - kept["decoy_hints"]) < 0.1 * sum(kept.values())
