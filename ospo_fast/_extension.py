@@ -24,6 +24,15 @@ def _load():
     def _(values, value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, term_weight, num_rows):
         return values.new_empty(num_rows)
 
+    # The gradient of the aggregation (linear in the values), on every device the operator runs on.
+    from .owen import _aggregate_backward, _save_for_backward
+
+    torch.library.register_autograd(
+        "ospo_fast::owen_aggregate",
+        _aggregate_backward,
+        setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, inputs),
+    )
+
     @torch.library.register_fake("ospo_fast::varlen_attention")
     def _(q, k, v, cu_seqlens, max_seqlen, scale, out, qkv_bias=None):
         return None

@@ -45,7 +45,16 @@ def owen_aggregate_reference(
     game_ptr_base: int64 ``[G]``; player_ptr: int64 ``[Q]``; term_plus, term_minus: int64 ``[T]``.
     Returns float ``[num_rows]``. Any device and float dtype.
     """
-    device = values.device
+    row_of_term, term, base = _expand_terms(value_offsets, row_offsets, game_ptr_base, player_ptr, num_rows)
+    gain = values[base + term_plus[term]] - values[base + term_minus[term]]
+    out = torch.zeros(num_rows, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, row_of_term, term_weight[term] * gain)
+
+
+def _expand_terms(value_offsets, row_offsets, game_ptr_base, player_ptr, num_rows: int):
+    """Every (row, term) pair of a batch: int64 ``[P]`` each of the output row, the term, and the offset
+    of the row's game in the values."""
+    device = player_ptr.device
     rows = torch.arange(num_rows, device=device)
     game_of_row = torch.repeat_interleave(
         torch.arange(game_ptr_base.numel(), device=device), row_offsets.diff(), output_size=num_rows
@@ -55,10 +64,49 @@ def owen_aggregate_reference(
     row_of_term = torch.repeat_interleave(rows, counts)
     first_of_row = torch.cumsum(counts, 0) - counts
     term = begin[row_of_term] + torch.arange(row_of_term.numel(), device=device) - first_of_row[row_of_term]
-    base = value_offsets[game_of_row[row_of_term]]
-    gain = values[base + term_plus[term]] - values[base + term_minus[term]]
-    out = torch.zeros(num_rows, dtype=values.dtype, device=device)
-    return out.index_add_(0, row_of_term, term_weight[term] * gain)
+    return row_of_term, term, value_offsets[game_of_row[row_of_term]]
+
+
+# Autograd of the aggregation, shared by the registered operator (cpp, cuda) and the triton launch. The
+# output is linear in the values: their gradient is the transposed aggregation, each term sending
+# +weight * grad to its plus coalition and -weight * grad to its minus coalition.
+
+
+def _save_for_backward(ctx, inputs: tuple) -> None:
+    ctx.save_for_backward(*inputs[:8])
+    ctx.num_rows = inputs[8]
+
+
+def _aggregate_backward(ctx, grad: torch.Tensor):
+    values, value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, term_weight = (
+        ctx.saved_tensors
+    )
+    row_of_term, term, base = _expand_terms(value_offsets, row_offsets, game_ptr_base, player_ptr, ctx.num_rows)
+    plus, minus = base + term_plus[term], base + term_minus[term]
+    grad_values = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        sent = term_weight[term] * grad[row_of_term]
+        grad_values = torch.zeros_like(values).index_add_(0, plus, sent).index_add_(0, minus, -sent)
+    if ctx.needs_input_grad[7]:
+        gain = values[plus] - values[minus]
+        grad_weight = torch.zeros_like(term_weight).index_add_(0, term, grad[row_of_term] * gain)
+    return grad_values, None, None, None, None, None, None, grad_weight, None
+
+
+class _TritonAggregate(torch.autograd.Function):
+    """The triton launch with the aggregation's gradient (the kernel itself has none)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        from .kernels.owen_aggregate import owen_aggregate as triton_owen_aggregate
+
+        *args, max_terms = inputs
+        _save_for_backward(ctx, tuple(args))
+        return triton_owen_aggregate(*args, max_terms=max_terms)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return *_aggregate_backward(ctx, grad), None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -105,9 +153,7 @@ def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Te
         return owen_aggregate_reference(*args)
     if backend in ("cpp", "cuda"):
         return torch.ops.ospo_fast.owen_aggregate(*args)
-    from .kernels.owen_aggregate import owen_aggregate as triton_owen_aggregate
-
-    return triton_owen_aggregate(*args, max_terms=batch.max_terms_per_row)
+    return _TritonAggregate.apply(*args, batch.max_terms_per_row)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)

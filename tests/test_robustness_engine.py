@@ -11,6 +11,8 @@ import torch
 import ospo_fast as of
 from ospo_fast import _extension, plans as plans_module
 
+from conftest import BACKEND_IDS, BACKENDS
+
 needs_cpp = pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
 SIXTEEN = of.CoalitionStructure.from_sizes([16])  # one union of 16 players: 2^16 exact coalitions
 
@@ -179,6 +181,44 @@ def test_factory_plans_pay_no_validation(monkeypatch):
         of.owen_from_values(plan, torch.randn(4, plan.num_coalitions))
     of.owen_from_values(of.PlanBatch(built), torch.randn(sum(p.num_coalitions for p in built)))
     assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. gradients flow through every backend
+
+
+def _grad_games(device: str):
+    s = of.CoalitionStructure([[0, 1, 2], [3, 4]])
+    sampled, exact = of.sampled_plan(s, 5, seed=0), of.exact_plan(s)
+    batch = of.PlanBatch([sampled, exact, sampled, of.exact_plan(of.CoalitionStructure([]))])
+    values = torch.randn(batch.num_values, dtype=torch.float64, device=device, requires_grad=True)
+    shared = torch.randn(3, exact.num_coalitions, dtype=torch.float64, device=device, requires_grad=True)
+    return batch, values, exact, shared
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS, ids=BACKEND_IDS)
+def test_gradcheck_owen_from_values(backend, device):
+    batch, values, plan, shared = _grad_games(device)
+    assert torch.autograd.gradcheck(lambda v: of.owen_from_values(batch, v, backend=backend), (values,))
+    assert torch.autograd.gradcheck(lambda v: of.owen_from_values(plan, v, backend=backend), (shared,))
+    # The gradient is the transposed aggregation: d(sum phi)/dv = sum over players of the weight matrix rows.
+    of.owen_from_values(plan, shared, backend=backend).sum().backward()
+    expected = plan.weight_matrix().sum(1).to(device).expand(3, -1)
+    torch.testing.assert_close(shared.grad, expected)
+
+
+@needs_cpp
+def test_registered_operator_differentiates_values_and_weights():
+    batch, values, _, _ = _grad_games("cpu")
+    *index, weight = batch.kernel_args(torch.device("cpu"), torch.float64)
+    weight = weight.clone().requires_grad_()
+    op = torch.ops.ospo_fast.owen_aggregate
+
+    def f(v, w):
+        return op(v, *index, w, batch.num_rows)
+
+    assert torch.autograd.gradcheck(f, (values, weight))
+    assert torch.autograd.gradgradcheck(f, (values, weight))
 
 
 # ---------------------------------------------------------------------------------------------------------
