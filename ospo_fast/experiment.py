@@ -41,7 +41,7 @@ from .data.prompts import extract_answer, follows_format
 from .policy import DEFAULT_MODEL, TINY_MODEL, build_tokenizer, load_policy, prompt_text, tiny_causal_lm
 from .rewards import BM25Reward, DenseRetrievalReward, LSAEncoder, ranking_metrics
 from .segment import Segmenter
-from .trainer import METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
+from .trainer import METRICS, OSPOConfig, OSPOTrainer, append_json_line, read_metrics, supervised_warm_start
 
 KS = (10, 20, 50, 100)
 #: The policies of every evaluation table, in order.
@@ -333,8 +333,7 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
                                  **evaluate)
         line = {"step": step, "eval_ndcg@10": result["table"]["dense"]["ndcg@10"],
                 **{f"eval_{k}": v for k, v in result["format"].items()}}
-        with open(out / METRICS, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_json_line(out / METRICS, line)
 
     def periodic_validation(trainer, step, metrics):
         if step % settings.eval_every == 0 or step == config.max_steps:
@@ -379,7 +378,7 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
 
 def _step_seconds(out: Path) -> dict:
     """Mean seconds per training step, in all and per stage, over the steps in ``metrics.jsonl``."""
-    steps = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if '"step_seconds"' in x]
+    steps = [x for x in read_metrics(out / METRICS) if "step_seconds" in x]
     keys = ("step_seconds", "generation_seconds", "attribution_seconds", "optimise_seconds")
     return {k.removesuffix("_seconds"): statistics.fmean(s[k] for s in steps) for k in keys
             if steps and all(k in s for s in steps)}
@@ -407,7 +406,7 @@ def plot_curves(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if x.strip()]
+    lines = read_metrics(out / METRICS)
     steps = [x for x in lines if "reward" in x]
     evals = [x for x in lines if "eval_ndcg@10" in x]
     if steps:
@@ -539,7 +538,7 @@ def format_lines(out: Path, stats: dict) -> list[str]:
                      f"{f['repetition_rate']:.3f} | {tokens} |")
     lines += ["", "Format: one line of at most 32 words, or a closed `<answer>` for a policy that writes tags. "
               "Repeats itself: a phrase twice or a word three times.", ""]
-    steps = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if '"format_rate"' in x]
+    steps = [x for x in read_metrics(out / METRICS) if "format_rate" in x]
     if steps:
         n = min(10, len(steps))
         first, last = steps[:n], steps[-n:]

@@ -437,7 +437,7 @@ class OSPOTrainer:
         while self.step < cfg.max_steps:
             metrics = self.train_step()
             history.append(metrics)
-            _append_json_line(self.output_dir / METRICS, metrics)
+            append_json_line(self.output_dir / METRICS, metrics)
             for callback in self.callbacks:
                 callback(self, self.step, metrics)
             if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
@@ -598,20 +598,50 @@ def _atomic_torch_save(obj, path: Path) -> None:
             tmp.unlink()
 
 
-def _append_json_line(path: Path, record: dict) -> None:
+def append_json_line(path: Path, record: dict) -> None:
+    """Appends one JSON line in a single write, flushed to disk, so a crash tears at most the last line."""
+    line = json.dumps(record) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file. A torn last line (a crash mid-append) is dropped; a damaged line
+    anywhere else is an error naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines):  # no newline after it: the write that ended here did not finish
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON object ({line[:80]!r}); expected one JSON "
+                             "record per line")
+        records.append(record)
+    return records
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keeps the metric lines of steps up to ``last_step`` (a resumed run rewrites the later ones)."""
+    """Keeps the metric lines of steps up to ``last_step`` (a resumed run rewrites the later ones) and drops
+    a torn last line, so the next append starts on a line of its own."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if text != path.read_text():
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text(text)
         os.replace(tmp, path)
 
 

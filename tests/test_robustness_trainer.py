@@ -238,3 +238,69 @@ def test_resume_may_extend_the_run_and_change_how_it_saves_and_shows_progress(to
     trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=2, save_steps=2, micro_batch_size=1)
     trainer.train(resume=True)
     assert trainer.step == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl: whole lines, and a torn last line tolerated everywhere
+
+
+def test_resume_drops_a_torn_last_metrics_line(tokenizer, tmp_path):
+    import json
+
+    make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1).train()
+    with open(tmp_path / METRICS, "a") as f:  # a crash in the middle of appending step 2's line
+        f.write('{"step": 2, "reward": 0.5, "lo')
+    trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=2)
+    trainer.train(resume=True)
+    lines = (tmp_path / METRICS).read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+
+
+def test_a_damaged_metrics_line_before_the_last_names_the_file_and_line(tmp_path):
+    from ospo_fast.trainer import read_metrics
+
+    path = tmp_path / METRICS
+    path.write_text('{"step": 1}\n{"step": 2, "rew\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON object"):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n{"step": 2, "rew')
+    assert read_metrics(path) == [{"step": 1}]
+
+
+def test_metrics_lines_are_written_in_one_flushed_write(tmp_path, monkeypatch):
+    import io
+
+    import ospo_fast.trainer as trainer_module
+
+    writes, flushed = [], []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            flushed.append(len(writes))
+
+        def fileno(self):
+            return 0
+
+    monkeypatch.setattr(trainer_module, "open", lambda *a, **k: Recorder(), raising=False)
+    monkeypatch.setattr(trainer_module.os, "fsync", lambda fd: None)
+    trainer_module.append_json_line(tmp_path / METRICS, {"step": 1, "reward": 0.25})
+    assert writes == ['{"step": 1, "reward": 0.25}\n'] and flushed == [1]
+
+
+def test_report_readers_tolerate_a_torn_last_metrics_line(tmp_path):
+    import json
+
+    from ospo_fast.experiment import _step_seconds, format_lines, plot_curves
+
+    steps = [dict(step=s, reward=0.1 * s, format_rate=1.0, completion_length=5.0, step_seconds=2.0,
+                  generation_seconds=1.0, attribution_seconds=0.5, optimise_seconds=0.5) for s in (1, 2)]
+    text = "".join(json.dumps(s) + "\n" for s in steps) + json.dumps({"step": 2, "eval_ndcg@10": 0.3}) + "\n"
+    (tmp_path / METRICS).write_text(text + '{"step": 3, "reward": 0.')
+    assert _step_seconds(tmp_path)["step"] == 2.0
+    assert any("reward 0.150 → 0.150" in line for line in format_lines(tmp_path, {}))
+    plot_curves(tmp_path)
+    assert (tmp_path / "reward.png").is_file() and (tmp_path / "ndcg.png").is_file()
