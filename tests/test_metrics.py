@@ -372,3 +372,27 @@ def test_metrics_on_cuda_match_cpu_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     for key in want:
         torch.testing.assert_close(got[key].cpu(), want[key])
+
+
+@pytest.mark.parametrize(
+    "gains, message",
+    [
+        ([[3e38, 3e38, 0.0]], r"gains\[0\]: the pool's gains sum to 6e\+38, beyond what the metrics can sum in torch.float32"),
+        ([[1.0, 0.0, 0.0], [2e38, 2e38, 1.0]], r"gains\[1\]: the pool's gains sum"),
+        ([[1.0, 1e-50, 0.0]], r"gains\[0\]: gain 1e-50 rounds to 0 in torch.float32"),
+    ],
+)
+def test_gains_the_float32_metrics_cannot_hold_are_refused(gains, message):
+    # Each gain is finite in float64 (and 3e38 even in float32), but the first pool's NDCG sums overflow to
+    # inf / inf = NaN in float32 and a gain of 1e-50 becomes 0 there (no longer relevant).
+    with pytest.raises(ValueError, match=message):
+        pad_pools([[0, 1, 2]] * len(gains), gains)
+
+
+def test_largest_accepted_gains_give_finite_metrics():
+    limit = torch.finfo(torch.float32).max / 2
+    index, gains, valid = pad_pools([[0, 1, 2]], [[limit / 2, limit / 4, limit / 4]])
+    scores = torch.tensor([[0.1, 0.9, 0.5]])
+    for metric in ("ndcg", "recall", "mrr"):
+        value = pool_metric(metric, scores, gains, valid)
+        assert torch.isfinite(value).all() and 0 < float(value) <= 1, (metric, value)

@@ -215,11 +215,13 @@ def test_corrupt_cache_file_is_recomputed(encoder, tmp_path):
     want = encode_cached(enc, items, cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.pt")
     path.write_bytes(b"not a torch file")
-    got = encode_cached(enc, items, cache_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        got = encode_cached(enc, items, cache_dir=tmp_path)
     assert enc.calls == 2 and torch.equal(got, want)
     assert torch.equal(encode_cached(enc, items, cache_dir=tmp_path), want) and enc.calls == 2  # rewritten
     path.write_bytes(path.read_bytes()[:50])  # truncated
-    torch.testing.assert_close(encode_cached(enc, items, cache_dir=tmp_path), want)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        torch.testing.assert_close(encode_cached(enc, items, cache_dir=tmp_path), want)
     assert enc.calls == 3
 
 
@@ -392,3 +394,53 @@ def test_bm25_batched_call_equals_one_text_at_a_time():
     batched = reward(texts, owners)
     single = torch.cat([reward([t], [o]) for t, o in zip(texts, owners)])
     torch.testing.assert_close(batched, single)
+
+
+def test_cache_file_with_flipped_bytes_inside_the_tensor_is_recomputed_with_a_warning(encoder, tmp_path):
+    items = small_items()
+    enc = CountingEncoder(encoder)
+    want = encode_cached(enc, items, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(want[2].numpy().tobytes())  # the third row's float32 bytes, stored as they are
+    assert at > 0
+    data[at + 1] ^= 0xFF  # a flipped byte: the file still loads, with a different (finite) value
+    path.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="checksum mismatch"):
+        got = encode_cached(enc, items, cache_dir=tmp_path)
+    assert enc.calls == 2 and torch.equal(got, want)
+    with pytest.warns(RuntimeWarning, match="checksum mismatch"):  # the same through the reward
+        data = bytearray(path.read_bytes())
+        data[at + 1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        reward = DenseRetrievalReward(items, [[0, 1, 2]], [[1.0, 0.0, 0.1]], encoder=enc, cache_dir=tmp_path)
+    assert enc.calls == 3 and torch.equal(reward.item_embeddings, want)
+
+
+def test_cache_file_with_a_valid_checksum_but_bad_embeddings_is_recomputed(encoder, tmp_path):
+    from ospo_fast.rewards.encoder import _tensor_sha256
+
+    items = small_items()
+    enc = CountingEncoder(encoder)
+    want = encode_cached(enc, items, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    blob = torch.load(path, weights_only=True)
+    for bad, problem in ((torch.full_like(want, float("nan")), "non-finite"), (want[:-1].clone(), "expected float32 embeddings of shape")):
+        torch.save({**blob, "embeddings": bad, "sha256": _tensor_sha256(bad)}, path)
+        with pytest.warns(RuntimeWarning, match=problem):
+            assert torch.equal(encode_cached(enc, items, cache_dir=tmp_path), want)
+    assert enc.calls == 3
+
+
+@pytest.mark.parametrize("cache_dir", ["", 3, b"/tmp"])
+def test_cache_dir_must_be_a_non_empty_path_none_or_false(encoder, cache_dir):
+    with pytest.raises(ValueError, match=r"cache_dir: expected a non-empty path, None \(the default directory\) or False"):
+        encode_cached(encoder, small_items(), cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="cache_dir: expected a non-empty path"):
+        DenseRetrievalReward(small_items(), [[0, 1]], [[1.0, 0.0]], encoder=encoder, cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("cls", [DenseRetrievalReward, BM25Reward])
+def test_gains_that_overflow_float32_fail_at_reward_construction(cls, encoder):
+    with pytest.raises(ValueError, match=r"gains\[0\]: the pool's gains sum to 6e\+38"):
+        construct(cls, encoder, gains=[[3e38, 3e38]])
