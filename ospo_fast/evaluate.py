@@ -637,6 +637,9 @@ class EncoderCoalitionEvaluator:
     several forwards of that size. ``pack_backend``: see :func:`pack_coalitions`. ``dtype``: the encoder's
     matmul precision; None is float32 on the CPU (the per-coalition loop's numbers to fp32 tolerance) and
     bfloat16 on CUDA; ``torch.bfloat16`` on a CPU with AMX is several times faster, to bf16 tolerance.
+    ``attention`` and ``dtype`` are checked here (see :func:`check_packed_options`; a dtype may be named).
+    Threads may share an evaluator: the phrase cache (with the tokenizer) and the forward each run under a
+    lock, and the rest of a call is its own.
     """
 
     def __init__(

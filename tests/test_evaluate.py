@@ -521,7 +521,7 @@ def test_to_html_colours_each_segment_and_escapes_text():
         (["a b"], [0, 1], "owners: expected 1 owners (one per text), got 2"),
         (["a b"], [5], "owners: owner index 5 out of range for 2 pools"),
         (["a b"], [-1], "owners: owner index -1 out of range for 2 pools"),
-        (["a b"], [0.5], "owners: expected a 1-D sequence of int"),
+        (["a b"], [0.5], "owners[0]: expected an int, got float 0.5"),
     ],
 )
 def test_attributor_bad_input_names_the_argument(reward, texts, owners, message):
