@@ -5,9 +5,11 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import pandas as pd
+
+T = TypeVar("T")
 
 _TAG = re.compile(r"<[^>]{0,200}>")
 _SPACE = re.compile(r"\s+")
@@ -21,16 +23,52 @@ def require_file(path, what: str, where: str) -> Path:
     return p
 
 
-def read_columns(path: Path) -> list[str]:
-    """The column names of a .parquet or .csv file, without reading its rows."""
+def read_columns(path: Path, what: str) -> list[str]:
+    """The column names of a .parquet or .csv file, without reading its rows (``what`` names the file in
+    errors)."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs the package pyarrow: pip install pyarrow") from e
 
-        return list(pq.read_schema(path).names)
-    return list(pd.read_csv(path, nrows=0).columns)
+        return read_table(path, what, lambda: list(pq.read_schema(path).names))
+    return read_table(path, what, lambda: list(pd.read_csv(path, nrows=0).columns))
+
+
+def read_table(path: Path, what: str, read: Callable[[], T]) -> T:
+    """``read()``, a pandas or pyarrow read of ``path``. A file the reader cannot parse (truncated, not the
+    format its suffix says, undecodable bytes, malformed rows, values of the wrong type) raises a ValueError
+    that names the file and the format expected, with the reader's message, instead of the reader's error."""
+    try:
+        return read()
+    except _reader_errors() as exc:
+        expected = (
+            "a complete Parquet file (a truncated download fails this way: fetch it again)"
+            if path.suffix == ".parquet"
+            else "a UTF-8 CSV file with a header row of column names"
+        )
+        raise ValueError(f"{what} {path}: cannot be read as {expected} ({type(exc).__name__}: {exc})") from exc
+
+
+def _reader_errors() -> tuple[type[BaseException], ...]:
+    # pandas' ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors, pyarrow's errors derive
+    # from ArrowException (some also from ValueError or OSError); FileNotFoundError is checked before.
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    try:
+        import pyarrow
+    except ImportError:
+        return errors
+    return errors + (pyarrow.ArrowException,)
+
+
+def to_int64(column: pd.Series, what: str) -> pd.Series:
+    """An integer column as int64; ValueError naming ``what`` (the file and column) and the first bad values."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    bad = numbers.isna() | (numbers != numbers.round())
+    if bad.any():
+        raise ValueError(f"{what}: expected integers, got {column[bad].tolist()[:5]}")
+    return numbers.astype("int64")
 
 
 def require_columns(columns: Iterable[str], required: Sequence[str], what: str) -> None:

@@ -24,7 +24,16 @@ from typing import Mapping, Optional
 
 import pandas as pd
 
-from ._common import check_max_chars, clean_text, compose, read_columns, require_columns, require_file
+from ._common import (
+    check_max_chars,
+    clean_text,
+    compose,
+    read_columns,
+    read_table,
+    require_columns,
+    require_file,
+    to_int64,
+)
 
 __all__ = [
     "EXAMPLE_COLUMNS",
@@ -117,8 +126,9 @@ def load_esci(
     pr_path = require_file(
         products_path, "ESCI products file", _WHERE.format(name="shopping_queries_dataset_products.parquet")
     )
-    require_columns(read_columns(ex_path), EXAMPLE_COLUMNS, f"ESCI examples file {ex_path}")
-    require_columns(read_columns(pr_path), PRODUCT_COLUMNS, f"ESCI products file {pr_path}")
+    ex_what, pr_what = f"ESCI examples file {ex_path}", f"ESCI products file {pr_path}"
+    require_columns(read_columns(ex_path, "ESCI examples file"), EXAMPLE_COLUMNS, ex_what)
+    require_columns(read_columns(pr_path, "ESCI products file"), PRODUCT_COLUMNS, pr_what)
 
     # Filters are pushed into the parquet reader: the full files hold 2.6M examples and 1.8M products.
     ex_filters = []
@@ -128,7 +138,9 @@ def load_esci(
         ex_filters.append((f"{version}_version", "==", 1))
     if locale is not None:
         ex_filters.append(("product_locale", "==", locale))
-    examples = _read(ex_path, EXAMPLE_COLUMNS, ex_filters, dtype={"product_id": str, "query": str})
+    examples = _read(
+        ex_path, "ESCI examples file", EXAMPLE_COLUMNS, ex_filters, dtype={"product_id": str, "query": str}
+    )
 
     # Only the products of the kept examples are read.
     ids = sorted(set(examples["product_id"].astype(str)))
@@ -136,7 +148,9 @@ def load_esci(
         pr_filters = [("product_id", "in", ids)]
         if locale is not None:
             pr_filters.append(("product_locale", "==", locale))
-        products = _read(pr_path, PRODUCT_COLUMNS, pr_filters, dtype={c: str for c in PRODUCT_COLUMNS})
+        products = _read(
+            pr_path, "ESCI products file", PRODUCT_COLUMNS, pr_filters, dtype={c: str for c in PRODUCT_COLUMNS}
+        )
         products = products.drop_duplicates(["product_id", "product_locale"])
     else:
         products = pd.DataFrame({c: pd.Series(dtype=str) for c in PRODUCT_COLUMNS})
@@ -147,7 +161,7 @@ def load_esci(
     if orphan.any():
         warnings.warn(f"ESCI: {int(orphan.sum())} example(s) have no row in {pr_path}; dropped", stacklevel=2)
         frame = frame[~orphan]
-    frame = _normalise(frame)
+    frame = _normalise(frame, ex_what)  # ids, flags and labels all come from the examples
     return _finish(frame, ESCI_COLUMNS)
 
 
@@ -165,11 +179,12 @@ def load_esci_csv(path) -> pd.DataFrame:
     """
     p = require_file(path, "ESCI CSV file", f"(ESCI rows in the flat layout; the official files are at {ESCI_URL}.)")
     required = [c for c in ESCI_COLUMNS if c != "split"]
-    columns = read_columns(p)
+    columns = read_columns(p, "ESCI CSV file")
     require_columns(columns, required, f"ESCI CSV file {p}")
     keep = [c for c in ESCI_COLUMNS if c in columns]
-    frame = pd.read_csv(p, usecols=keep, dtype={c: str for c in keep if c not in _INT_COLUMNS}, keep_default_na=False)
-    return _finish(_normalise(frame), keep)
+    dtype = {c: str for c in keep if c not in _INT_COLUMNS}
+    frame = read_table(p, "ESCI CSV file", lambda: pd.read_csv(p, usecols=keep, dtype=dtype, keep_default_na=False))
+    return _finish(_normalise(frame, f"ESCI CSV file {p}"), keep)
 
 
 def default_esci_path() -> Path:
@@ -292,22 +307,24 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected one of {list(choices)} or None, got {value!r}")
 
 
-def _read(path: Path, columns, filters, dtype) -> pd.DataFrame:
+def _read(path: Path, what: str, columns, filters, dtype) -> pd.DataFrame:
     """Read ``columns`` of a parquet or CSV file, keeping the rows that pass every ``(col, op, value)``."""
     if path.suffix == ".parquet":
-        return pd.read_parquet(path, columns=list(columns), filters=filters or None)
-    frame = pd.read_csv(path, usecols=list(columns), dtype={k: v for k, v in dtype.items() if k in columns})
+        return read_table(path, what, lambda: pd.read_parquet(path, columns=list(columns), filters=filters or None))
+    dtype = {k: v for k, v in dtype.items() if k in columns}
+    frame = read_table(path, what, lambda: pd.read_csv(path, usecols=list(columns), dtype=dtype))
     for col, op, value in filters:
         frame = frame[frame[col].isin(value) if op == "in" else frame[col] == value]
     return frame
 
 
-def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Official dtypes: E/S/C/I labels, str ids and text ('' for missing), int64 ids and flags."""
+def _normalise(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Official dtypes: E/S/C/I labels, str ids and text ('' for missing), int64 ids and flags. ``what``
+    names the file in errors."""
     frame = frame.copy()
     for col in _INT_COLUMNS:
         if col in frame:
-            frame[col] = pd.to_numeric(frame[col]).astype("int64")
+            frame[col] = to_int64(frame[col], f"{what}: column {col}")
     for col in ("query", "product_id", "product_locale", "split") + _TEXT_COLUMNS:
         if col in frame:
             frame[col] = frame[col].fillna("").astype(str)
@@ -316,7 +333,9 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
         letters = labels.str.lower().map(_LABEL_WORDS).fillna(labels.str.upper())
         bad = sorted(set(labels[~letters.isin(["E", "S", "C", "I"])]))
         if bad:
-            raise ValueError(f"esci_label: unknown label(s) {bad[:10]}; expected E/S/C/I or Exact/Substitute/...")
+            raise ValueError(
+                f"{what}: esci_label: unknown label(s) {bad[:10]}; expected E/S/C/I or Exact/Substitute/..."
+            )
         frame["esci_label"] = letters
     return frame
 

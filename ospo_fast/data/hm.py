@@ -16,7 +16,16 @@ from typing import Mapping, Optional
 
 import pandas as pd
 
-from ._common import check_max_chars, clean_text, compose, read_columns, require_columns, require_file
+from ._common import (
+    check_max_chars,
+    clean_text,
+    compose,
+    read_columns,
+    read_table,
+    require_columns,
+    require_file,
+    to_int64,
+)
 
 __all__ = [
     "ARTICLE_COLUMNS",
@@ -91,19 +100,19 @@ def load_hm(articles_path, customers_path=None, transactions_path=None) -> HMDat
         FileNotFoundError: a file is missing (the message says where to get it).
         ValueError: a file lacks official columns (listed), or an article id is not a number.
     """
-    articles = _read_csv(articles_path, "H&M articles file", "articles.csv", ARTICLE_COLUMNS)
-    articles["article_id"] = normalise_article_id(articles["article_id"], "articles.csv")
+    articles, where = _read_csv(articles_path, "H&M articles file", "articles.csv", ARTICLE_COLUMNS)
+    articles["article_id"] = normalise_article_id(articles["article_id"], where)
     for col in articles.columns:
         if col.endswith(("_name", "_desc")) or col == "prod_name":
             articles[col] = articles[col].fillna("").astype(str)
     if articles["article_id"].duplicated().any():
         dup = articles.loc[articles["article_id"].duplicated(), "article_id"].tolist()[:5]
-        raise ValueError(f"articles.csv: article_id must be unique, repeated: {dup}")
+        raise ValueError(f"{where}: article_id must be unique, repeated: {dup}")
     articles = articles.reset_index(drop=True)
 
     customers = None
     if customers_path is not None:
-        customers = _read_csv(customers_path, "H&M customers file", "customers.csv", CUSTOMER_COLUMNS)
+        customers, _ = _read_csv(customers_path, "H&M customers file", "customers.csv", CUSTOMER_COLUMNS)
         for col in ("FN", "Active", "age"):
             customers[col] = pd.to_numeric(customers[col], errors="coerce").astype("float64")
         for col in ("club_member_status", "fashion_news_frequency", "postal_code"):
@@ -111,13 +120,16 @@ def load_hm(articles_path, customers_path=None, transactions_path=None) -> HMDat
 
     transactions = None
     if transactions_path is not None:
-        transactions = _read_csv(
+        transactions, where = _read_csv(
             transactions_path, "H&M transactions file", "transactions_train.csv", TRANSACTION_COLUMNS
         )
-        transactions["article_id"] = normalise_article_id(transactions["article_id"], "transactions_train.csv")
-        transactions["t_dat"] = pd.to_datetime(transactions["t_dat"], format="%Y-%m-%d")
-        transactions["price"] = transactions["price"].astype("float64")
-        transactions["sales_channel_id"] = transactions["sales_channel_id"].astype("int64")
+        transactions["article_id"] = normalise_article_id(transactions["article_id"], where)
+        transactions["t_dat"] = _column(
+            where, "t_dat", "dates YYYY-MM-DD", lambda: pd.to_datetime(transactions["t_dat"], format="%Y-%m-%d")
+        )
+        transactions["price"] = _column(where, "price", "numbers", lambda: transactions["price"].astype("float64"))
+        channel = transactions["sales_channel_id"]
+        transactions["sales_channel_id"] = to_int64(channel, f"{where}: column sales_channel_id")
     return HMData(articles, customers, transactions)
 
 
@@ -188,12 +200,22 @@ def customer_histories(transactions: pd.DataFrame, min_history: int = 1) -> pd.D
     return out.reset_index(drop=True)
 
 
-def _read_csv(path, what: str, name: str, required) -> pd.DataFrame:
+def _read_csv(path, what: str, name: str, required) -> tuple[pd.DataFrame, str]:
+    """The frame of one H&M CSV file, and the file's name for later errors (``what`` and its path)."""
     p = require_file(path, what, f"Get {name} from {HM_URL} (Kaggle competition data).")
-    columns = read_columns(p)
+    columns = read_columns(p, what)
     # A re-saved frame starts with an unnamed index column ("" in the header, "Unnamed: 0" once read).
     extra = [c for c in columns if c == "" or c.startswith("Unnamed:")]
     require_columns(columns, required, f"{what} {p}")
     ids = {c: str for c in ("article_id", "customer_id", "postal_code", "t_dat") if c in columns}
-    frame = pd.read_csv(p, dtype=ids)
-    return frame.drop(columns=[c for c in frame.columns if c in extra or str(c).startswith("Unnamed:")])
+    frame = read_table(p, what, lambda: pd.read_csv(p, dtype=ids))
+    frame = frame.drop(columns=[c for c in frame.columns if c in extra or str(c).startswith("Unnamed:")])
+    return frame, f"{what} {p}"
+
+
+def _column(where: str, col: str, expected: str, convert):
+    """``convert()`` of one column, with a value it cannot take reported by file and column."""
+    try:
+        return convert()
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: column {col}: expected {expected} ({exc})") from exc
