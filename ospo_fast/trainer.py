@@ -423,11 +423,11 @@ class OSPOTrainer:
     def train(self, resume: bool = False) -> list[dict]:
         """Runs until ``config.max_steps``; returns the metrics of the steps run now."""
         cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self.load_checkpoint()
+            self.load_checkpoint()  # before the folder is made: resuming nothing leaves no empty folder
         else:
             _seed_everything(cfg.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         history = []
         bar = None
         if cfg.progress:
@@ -474,11 +474,7 @@ class OSPOTrainer:
         (:data:`RESUME_MAY_DIFFER` lists the fields that may change, such as ``max_steps`` to extend a run)."""
         path = self.output_dir / CHECKPOINT
         state = read_checkpoint(path, map_location=self.device)
-        conflicts = resume_conflicts(state["config"], asdict(self.config))
-        if conflicts:
-            name, saved, given = conflicts[0]
-            raise ValueError(f"config.{name}: the run at {path} was saved with {name}={saved!r}, this trainer has "
-                             f"{given!r}; resume with the saved value (only {', '.join(RESUME_MAY_DIFFER)} may differ)")
+        check_resume_config(path, state["config"], self.config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -526,6 +522,15 @@ def resume_conflicts(saved: dict, given: dict) -> list[tuple[str, object, object
     """(field, saved value, given value) for every config field that shapes the run and differs."""
     return [(name, saved.get(name), value) for name, value in given.items()
             if name not in RESUME_MAY_DIFFER and saved.get(name) != value]
+
+
+def check_resume_config(path, saved: dict, config: OSPOConfig) -> None:
+    """Raises naming the first field where ``config`` would change the run saved at ``path``."""
+    conflicts = resume_conflicts(saved, asdict(config))
+    if conflicts:
+        name, old, new = conflicts[0]
+        raise ValueError(f"config.{name}: the run at {path} was saved with {name}={old!r}, this trainer has "
+                         f"{new!r}; resume with the saved value (only {', '.join(RESUME_MAY_DIFFER)} may differ)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_cli_budget_of_one_fails_before_any_model_is_loaded(monkeypatch, tmp_pat
     from ospo_fast import cli, experiment
 
     monkeypatch.setattr(experiment, "make_policy", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(ValueError, match="attribution_budget: expected an int >= 2"):
+    with pytest.raises(SystemExit, match="train: attribution_budget: expected an int >= 2"):
         cli.main(["train", "--model", "tiny", "--output", str(tmp_path / "run"), "--budget", "1"])
     assert not (tmp_path / "run").exists()
 
@@ -304,3 +304,154 @@ def test_report_readers_tolerate_a_torn_last_metrics_line(tmp_path):
     assert any("reward 0.150 → 0.150" in line for line in format_lines(tmp_path, {}))
     plot_curves(tmp_path)
     assert (tmp_path / "reward.png").is_file() and (tmp_path / "ndcg.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: run folders, resume with the saved config, eval of damaged runs
+
+
+from dataclasses import asdict
+
+from ospo_fast import cli, experiment
+from ospo_fast.experiment import RunSettings
+
+
+def fake_run_folder(path, settings=None, **config):
+    """A run folder with a complete (weightless) checkpoint and run.json, as ``ospo-fast train`` leaves it."""
+    path.mkdir(parents=True, exist_ok=True)
+    saved = asdict(OSPOConfig(output_dir=str(path), **config))
+    state = dict(step=1, config=saved, model={}, optimizer={}, scheduler={}, data_rng={}, order=[], rng={},
+                 attributor=None)
+    torch.save(state, path / CHECKPOINT)
+    settings = asdict(settings or RunSettings(model="tiny"))
+    (path / "run.json").write_text(__import__("json").dumps(dict(settings=settings, config=saved)))
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a model would be built or loaded."""
+    monkeypatch.setattr(experiment, "make_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(experiment, "load_task", lambda *a, **k: pytest.fail("the task was loaded"))
+
+
+@pytest.fixture
+def captured_run(monkeypatch):
+    seen = {}
+
+    def fake_run(settings, config, resume=False, overwrite=False):
+        seen.update(settings=settings, config=config, resume=resume)
+        raise SystemExit("stopped before training")
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    return seen
+
+
+def test_train_refuses_any_non_empty_folder(tmp_path, no_model):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"already holds a run or other files \(notes.txt\).*--resume.*--overwrite"):
+        cli.main(["train", "--model", "tiny", "--output", str(out)])
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_removes_the_previous_run_but_not_other_files(tmp_path, monkeypatch):
+    out = fake_run_folder(tmp_path / "run", mode="grpo")
+    (out / "notes.txt").write_text("mine")
+    (out / "policy").mkdir()
+    monkeypatch.setattr(experiment, "load_task", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        experiment.run(RunSettings(model="tiny"), OSPOConfig(output_dir=str(out)), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.json"]  # run.json: the new run's
+
+
+def test_resume_without_a_checkpoint_fails_at_once_and_leaves_no_folder(tmp_path, no_model):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*checkpoint.pt"):
+        cli.main(["train", "--model", "tiny", "--output", str(out), "--resume"])
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        experiment.run(RunSettings(model="tiny"), OSPOConfig(output_dir=str(out)), resume=True)
+    assert not out.exists()
+
+
+def test_resume_with_a_truncated_checkpoint_names_the_file(tmp_path, no_model):
+    out = fake_run_folder(tmp_path / "run")
+    data = (out / CHECKPOINT).read_bytes()
+    (out / CHECKPOINT).write_bytes(data[: len(data) // 3])
+    with pytest.raises(SystemExit, match=r"checkpoint.pt: cannot be read .*expected a checkpoint written by"):
+        cli.main(["train", "--output", str(out), "--resume"])
+
+
+def test_cli_resume_uses_the_saved_config_and_settings(tmp_path, captured_run):
+    out = fake_run_folder(tmp_path / "run", mode="ospo", group_size=4, seed=0, max_steps=5, learning_rate=3e-5)
+    with pytest.raises(SystemExit, match="stopped before training"):
+        cli.main(["train", "--output", str(out), "--resume", "--steps", "9", "--eval-every", "3"])
+    config, settings = captured_run["config"], captured_run["settings"]
+    assert (config.mode, config.group_size, config.seed, config.learning_rate) == ("ospo", 4, 0, 3e-5)
+    assert config.max_steps == 9 and settings.eval_every == 3 and settings.model == "tiny"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mode", "grpo"], r"--mode 'grpo' conflicts with the saved run's mode='ospo'"),
+    (["--group-size", "2"], r"--group-size 2 conflicts with the saved run's group_size=4"),
+    (["--seed", "7"], r"--seed 7 conflicts with the saved run's seed=0"),
+    (["--model", "other"], r"--model 'other' conflicts with the saved run's model='tiny'"),
+])
+def test_cli_resume_refuses_a_flag_that_conflicts_with_the_saved_run(tmp_path, captured_run, flags, message):
+    out = fake_run_folder(tmp_path / "run", mode="ospo", group_size=4, seed=0)
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["train", "--output", str(out), "--resume", *flags])
+    assert not captured_run
+
+
+def test_cli_resume_accepts_a_flag_equal_to_the_saved_value(tmp_path, captured_run):
+    out = fake_run_folder(tmp_path / "run", mode="ospo", group_size=4, seed=0)
+    with pytest.raises(SystemExit, match="stopped before training"):
+        cli.main(["train", "--output", str(out), "--resume", "--mode", "ospo", "--group-size", "4"])
+    assert captured_run["config"].group_size == 4
+
+
+def test_api_resume_with_a_conflicting_config_fails_before_loading_a_model(tmp_path, no_model):
+    out = fake_run_folder(tmp_path / "run", mode="ospo", group_size=4)
+    with pytest.raises(ValueError, match=r"config.group_size: the run at .* was saved with group_size=4, this "
+                                         r"trainer has 2"):
+        experiment.run(RunSettings(model="tiny"), OSPOConfig(output_dir=str(out), group_size=2), resume=True)
+
+
+def finished_run_folder(path, eval_json='{"settings": {"model": "tiny"}, "config": {"seed": 0}}', policy=True):
+    path.mkdir(parents=True)
+    if eval_json is not None:
+        (path / "eval.json").write_text(eval_json)
+    if policy:
+        (path / "policy").mkdir()
+        (path / "policy" / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing folder", r"eval: --run .*nothing-here: no such folder; expected a run folder"),
+    ("half-written", r"eval.json: missing, so the run has not finished; finish it with `ospo-fast train --output"),
+    ("no policy", r"policy: no saved model \(config.json\); expected the trained policy"),
+    ("malformed json", r"eval.json: not valid JSON .*expected the file written by `ospo-fast train`"),
+    ("no settings", r"eval.json: no 'settings'; expected the file written by `ospo-fast train`"),
+    ("no seed", r"eval.json: no 'config.seed'"),
+    ("unknown settings", r"eval.json: unknown settings \['colour'\]"),
+])
+def test_eval_of_a_damaged_run_names_the_file_and_what_was_expected(tmp_path, monkeypatch, case, message):
+    import ospo_fast.policy as policy_module
+
+    monkeypatch.setattr(policy_module, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    run = {
+        "missing folder": lambda: tmp_path / "nothing-here",
+        "half-written": lambda: finished_run_folder(tmp_path / "r", eval_json=None, policy=False),
+        "no policy": lambda: finished_run_folder(tmp_path / "r", policy=False),
+        "malformed json": lambda: finished_run_folder(tmp_path / "r", eval_json='{"settings": {'),
+        "no settings": lambda: finished_run_folder(tmp_path / "r", eval_json='{"config": {"seed": 0}}'),
+        "no seed": lambda: finished_run_folder(tmp_path / "r", eval_json='{"settings": {}, "config": {}}'),
+        "unknown settings": lambda: finished_run_folder(
+            tmp_path / "r", eval_json='{"settings": {"colour": 1}, "config": {"seed": 0}}'),
+    }[case]()
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["eval", "--run", str(run)])
