@@ -302,8 +302,9 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
     """Evaluate the baselines (saved, so a resumed run keeps them), train, evaluate the trained policy on the
     test split, and write the run folder. Returns the contents of ``eval.json``.
 
-    A folder that already holds a run is continued with ``resume``, started afresh with ``overwrite``, and
-    otherwise left alone (an error says so).
+    A folder that is not empty is continued with ``resume`` (its checkpoint, checked before any model is
+    loaded, must exist and agree with ``config``), started afresh with ``overwrite`` (the previous run's files
+    are removed, anything else is kept), and otherwise left alone (an error says so).
     """
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():

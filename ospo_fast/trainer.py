@@ -16,6 +16,12 @@ Between the rewards and the optimizer step nothing reads device memory on the ho
 redistribution, loss, gradient clipping and the step stay on the device. Checkpoints (model, optimizer,
 scheduler, RNG states, data order, step) are written to a temporary file and renamed over the previous one,
 so a crash mid-write leaves the previous checkpoint whole; ``resume=True`` continues exactly where it stopped.
+
+Nothing non-finite reaches the weights: a NaN or infinite reward stops the step with an error naming the
+responses, before any update; a NaN or infinite loss or gradient skips that update (the fused AdamW leaves
+weights and moments as they were, decided on the device), with a ``RuntimeWarning`` and the
+``skipped_updates`` metric. Checkpoints hold only tensors and plain data and load with ``weights_only=True``;
+a resume must keep the saved config's run-shaping fields (see :data:`RESUME_MAY_DIFFER`).
 """
 
 from __future__ import annotations
@@ -510,8 +516,8 @@ def read_checkpoint(path, map_location=None, mmap: bool = False) -> dict:
                          f"({reason}); {expected}") from None
     except (EOFError, RuntimeError, OSError) as e:
         size = path.stat().st_size
-        raise ValueError(f"{path}: cannot be read ({size} bytes: empty or truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                         f"{expected}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: cannot be read ({size} bytes: empty or truncated?): {reason}; {expected}") from None
     if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= set(state):
         missing = sorted(set(CHECKPOINT_KEYS) - set(state)) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: incomplete checkpoint (missing {missing}); {expected}")

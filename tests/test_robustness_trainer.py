@@ -3,11 +3,18 @@ conflicting resumes and untrusted checkpoints fail clearly, and nothing on disk 
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 
 import pytest
+import torch
 
-from ospo_fast.trainer import OSPOConfig
+from ospo_fast import cli, experiment
+from ospo_fast.advantages import group_advantages
+from ospo_fast.experiment import RunSettings
+from ospo_fast.policy import build_tokenizer, tiny_causal_lm
+from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer
 
 
 @pytest.mark.parametrize(
@@ -60,8 +67,6 @@ def test_config_changed_after_construction_is_checked_again():
 
 
 def test_cli_budget_of_one_fails_before_any_model_is_loaded(monkeypatch, tmp_path):
-    from ospo_fast import cli, experiment
-
     monkeypatch.setattr(experiment, "make_policy", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match="train: attribution_budget: expected an int >= 2"):
         cli.main(["train", "--model", "tiny", "--output", str(tmp_path / "run"), "--budget", "1"])
@@ -71,12 +76,6 @@ def test_cli_budget_of_one_fails_before_any_model_is_loaded(monkeypatch, tmp_pat
 # ----------------------------------------------------------------------------------------------------
 # Non-finite rewards, losses and gradients
 
-
-import torch
-
-from ospo_fast.advantages import group_advantages
-from ospo_fast.policy import build_tokenizer, tiny_causal_lm
-from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOTrainer
 
 KEYWORDS = [["red", "running", "shoes"], ["usb", "charger", "cable"]]
 PROMPTS = [[{"role": "user", "content": "shoes for a run"}], [{"role": "user", "content": "charge my phone"}]]
@@ -245,8 +244,6 @@ def test_resume_may_extend_the_run_and_change_how_it_saves_and_shows_progress(to
 
 
 def test_resume_drops_a_torn_last_metrics_line(tokenizer, tmp_path):
-    import json
-
     make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1).train()
     with open(tmp_path / METRICS, "a") as f:  # a crash in the middle of appending step 2's line
         f.write('{"step": 2, "reward": 0.5, "lo')
@@ -292,8 +289,6 @@ def test_metrics_lines_are_written_in_one_flushed_write(tmp_path, monkeypatch):
 
 
 def test_report_readers_tolerate_a_torn_last_metrics_line(tmp_path):
-    import json
-
     from ospo_fast.experiment import _step_seconds, format_lines, plot_curves
 
     steps = [dict(step=s, reward=0.1 * s, format_rate=1.0, completion_length=5.0, step_seconds=2.0,
@@ -310,11 +305,6 @@ def test_report_readers_tolerate_a_torn_last_metrics_line(tmp_path):
 # The command line: run folders, resume with the saved config, eval of damaged runs
 
 
-from dataclasses import asdict
-
-from ospo_fast import cli, experiment
-from ospo_fast.experiment import RunSettings
-
 
 def fake_run_folder(path, settings=None, **config):
     """A run folder with a complete (weightless) checkpoint and run.json, as ``ospo-fast train`` leaves it."""
@@ -324,7 +314,7 @@ def fake_run_folder(path, settings=None, **config):
                  attributor=None)
     torch.save(state, path / CHECKPOINT)
     settings = asdict(settings or RunSettings(model="tiny"))
-    (path / "run.json").write_text(__import__("json").dumps(dict(settings=settings, config=saved)))
+    (path / "run.json").write_text(json.dumps(dict(settings=settings, config=saved)))
     return path
 
 

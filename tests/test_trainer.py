@@ -146,7 +146,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(make_trainer, tmp_path
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(make_trainer, tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.train()
-    saved = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
 
     def crash(obj, f):
         f.write(b"partial bytes")
@@ -156,7 +156,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(make_trainer,
     with pytest.raises(RuntimeError, match="disk full"):
         trainer.save_checkpoint()
     monkeypatch.undo()
-    kept = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    kept = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert kept["step"] == saved["step"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
