@@ -152,8 +152,17 @@ def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Te
     if backend == "torch":
         return owen_aggregate_reference(*args)
     if backend in ("cpp", "cuda"):
-        return torch.ops.ospo_fast.owen_aggregate(*args)
+        return _call_operator(torch.ops.ospo_fast.owen_aggregate.default, values, args[1:])
     return _TritonAggregate.apply(*args, batch.max_terms_per_row)
+
+
+def _call_operator(op, values: torch.Tensor, rest: tuple) -> torch.Tensor:
+    """``op(values, *rest)``. The operator's autograd formula is a Python kernel that costs several
+    microseconds a call, more than a small aggregation itself: values that need no gradient skip it."""
+    if values.requires_grad and torch.is_grad_enabled():
+        return op(values, *rest)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(values, *rest)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -181,7 +190,8 @@ def owen_from_values(
     Returns:
         ``[n]``, ``[B, n]`` or ``[batch.num_rows]``; float64 for float64 values, float32 otherwise.
         Only shapes and dtypes are checked here, nothing that needs the values on the host, so the call
-        never synchronises a GPU stream.
+        never synchronises a GPU stream. Differentiable in ``values`` on every backend (the gradient is the
+        transposed aggregation).
     """
     values = _as_float_values(values)
     if isinstance(plan, PlanBatch):
@@ -217,7 +227,7 @@ def _plan_runner(plan: CoalitionPlan, shape: torch.Size, device: torch.device, d
         op, args, rows = torch.ops.ospo_fast.owen_aggregate.default, batch.kernel_args(device, dtype), batch.num_rows
 
         def run(values: torch.Tensor) -> torch.Tensor:
-            return op(values.view(-1), *args, rows).view(out_shape)
+            return _call_operator(op, values.view(-1), (*args, rows)).view(out_shape)
     else:
 
         def run(values: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,8 @@ def test_gradcheck_owen_from_values(backend, device):
     of.owen_from_values(plan, shared, backend=backend).sum().backward()
     expected = plan.weight_matrix().sum(1).to(device).expand(3, -1)
     torch.testing.assert_close(shared.grad, expected)
+    with torch.no_grad():
+        assert not of.owen_from_values(plan, shared, backend=backend).requires_grad
 
 
 @needs_cpp
