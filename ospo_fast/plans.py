@@ -182,8 +182,9 @@ def _validate_plan(plan: CoalitionPlan) -> None:
         fail("term_weight", "finite weights", "NaN or infinite entries")
     if plan.method not in ("exact", "sampled"):
         fail("method", "'exact' or 'sampled'", repr(plan.method))
-    if isinstance(plan.num_permutations, bool) or not isinstance(plan.num_permutations, int) or plan.num_permutations < 0:
-        fail("num_permutations", "a non-negative int", repr(plan.num_permutations))
+    K = plan.num_permutations
+    if isinstance(K, bool) or not isinstance(K, int) or K < 0:
+        fail("num_permutations", "a non-negative int", repr(K))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -624,7 +625,9 @@ def make_plans(
         return [make_plan(s, method, seed=seed, antithetic=antithetic, **options) for s in structures]
     Ks = [_sampled_orders(s, method, budget, num_permutations, max_exact_coalitions) for s in structures]
     sampled = [r for r, K in enumerate(Ks) if K is not None]
-    out = [exact_plan(s, max_exact_coalitions=max_exact_coalitions) if K is None else None for s, K in zip(structures, Ks)]
+    out = [
+        exact_plan(s, max_exact_coalitions=max_exact_coalitions) if K is None else None for s, K in zip(structures, Ks)
+    ]
     drawn = _sampled_plans([structures[r] for r in sampled], [Ks[r] for r in sampled], rng, bool(antithetic))
     for r, plan in zip(sampled, drawn):
         out[r] = plan
