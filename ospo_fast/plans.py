@@ -592,6 +592,7 @@ def make_plan(
     :func:`exact_plan`). Integer arguments accept Python and numpy integers, not bools.
     """
     seed = _check_seed(seed)
+    _check_max_exact_coalitions(max_exact_coalitions)
     _check_rng(rng)
     K = _sampled_orders(structure, method, budget, num_permutations, max_exact_coalitions)
     if K is None:
@@ -618,6 +619,7 @@ def make_plans(
     independent draws. Without ``rng``, each plan comes from ``seed`` (cached).
     """
     seed = _check_seed(seed)
+    _check_max_exact_coalitions(max_exact_coalitions)
     _check_rng(rng)
     structures = list(structures)
     options = dict(budget=budget, num_permutations=num_permutations, max_exact_coalitions=max_exact_coalitions)

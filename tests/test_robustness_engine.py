@@ -54,8 +54,17 @@ def test_exact_above_the_cap_runs_when_forced():
 
 @pytest.mark.parametrize("cap", [0, -1, 2.0, True, plans_module.EXACT_COALITIONS_HARD_LIMIT + 1])
 def test_max_exact_coalitions_is_checked(cap):
-    with pytest.raises(ValueError, match=r"^max_exact_coalitions: expected an int in \[1, "):
-        of.make_plan(of.CoalitionStructure([[0, 1]]), "exact", max_exact_coalitions=cap)
+    s = of.CoalitionStructure([[0, 1]])
+    for call in (
+        lambda: of.make_plan(s, "exact", max_exact_coalitions=cap),
+        lambda: of.make_plan(s, "sampled", max_exact_coalitions=cap),  # checked whatever the method
+        lambda: of.make_plans([s], "auto", max_exact_coalitions=cap, rng=np.random.default_rng(0)),
+        lambda: of.exact_plan(s, max_exact_coalitions=cap),
+        lambda: of.owen_values(_zeros, s, "exact", max_exact_coalitions=cap),
+    ):
+        with pytest.raises(ValueError, match=r"^max_exact_coalitions: expected an int in \[1, "):
+            call()
+    assert of.make_plan(s, "exact", max_exact_coalitions=np.int64(4)).num_coalitions == 4
 
 
 def test_auto_never_picks_exact_above_the_budget_or_the_cap():
