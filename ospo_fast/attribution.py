@@ -24,7 +24,7 @@ import torch
 from .advantages import spread_credit
 from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, check_packed_options, evaluate_text_reward
 from .owen import BACKENDS, owen_from_values
-from .plans import CoalitionPlan, make_plan, make_plans
+from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, make_plan, make_plans
 from .rewards.dense import DenseRetrievalReward
 from .rewards.metrics import check_queries
 from .segment import Segmentation, Segmenter, token_player_maps
@@ -201,6 +201,8 @@ class OwenAttributor:
         synchronize: on CUDA, wait for the device before returning, so that ``timings`` include its work.
             Off by default: a call then never synchronises the host with the GPU (results stay on the device
             until read), and the "evaluate" and "aggregate" timings measure the host's share only.
+        max_exact_coalitions: the most coalitions an exact plan may have (:data:`~ospo_fast.plans.MAX_EXACT_COALITIONS`
+            by default); ``method="exact"`` on a bigger game raises, ``"auto"`` samples instead.
         pipeline: attribute a batch in this many groups of consecutive responses, one after the other
             (default 1: the whole batch at once). On a GPU nothing waits for the device, so the host
             segments and lays out one group while the GPU embeds the one before: more groups hide more of
@@ -227,6 +229,7 @@ class OwenAttributor:
         encoder_dtype: torch.dtype | None = None,
         synchronize: bool = False,
         pipeline: int = 1,
+        max_exact_coalitions: int = MAX_EXACT_COALITIONS,
     ):
         if not callable(reward):
             raise ValueError(f"reward: expected a callable reward(texts, owners), got {type(reward).__name__}")
@@ -240,7 +243,8 @@ class OwenAttributor:
         self.segmenter = segmenter if segmenter is not None else Segmenter()
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-        self.plan_options = dict(method=method, budget=budget, num_permutations=num_permutations, antithetic=antithetic)
+        self.plan_options = dict(method=method, budget=budget, num_permutations=num_permutations, antithetic=antithetic,
+                                 max_exact_coalitions=max_exact_coalitions)
         make_plan(CoalitionStructure([[0, 1]]), **self.plan_options)  # validates the options once, here
         self.seed = int(seed)
         #: Draws the orders of every sampled plan (see ``seed``); its state is :meth:`state_dict`.

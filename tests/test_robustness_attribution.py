@@ -200,3 +200,16 @@ def test_lone_surrogates_are_segmented_and_scored_like_the_replacement_character
     assert torch.isfinite(reward([text, "\ud800"], [0, 1])).all()
     bm25 = of.rewards.BM25Reward(["usb c cable", "fast charger", "wall plug"], [[0, 1, 2]], [[1.0, 0.0, 0.1]])
     assert torch.isfinite(of.OwenAttributor(bm25)([text], [0])[0].phi).all()
+
+
+def test_attributor_passes_the_exact_cap_to_its_plans():
+    from ospo_fast import OwenAttributor
+
+    def reward(texts, owners):
+        return [float(len(t)) for t in texts]
+
+    text = ", ".join(f"w{i}" for i in range(6))  # one sentence of 6 phrases: 64 coalitions
+    with pytest.raises(ValueError, match="max_exact_coalitions"):
+        OwenAttributor(reward, method="exact", max_exact_coalitions=32)([text], [0])
+    out = OwenAttributor(reward, method="exact", max_exact_coalitions=64)([text], [0])
+    assert out[0].plan.num_coalitions == 64
