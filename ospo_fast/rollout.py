@@ -15,6 +15,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .advantages import spread_credit
@@ -58,6 +59,7 @@ def attribute_completions(
     keep: torch.Tensor | None = None,
     reserve_last: torch.Tensor | None = None,
     reward_scope: Callable[[list[str], list[Segmentation]], contextlib.AbstractContextManager] | None = None,
+    permute: np.random.Generator | None = None,
 ) -> CompletionCredit:
     """Owen-value credit of every completion token of a batch.
 
@@ -73,6 +75,8 @@ def attribute_completions(
             outcome reward on the last response token; see :mod:`ospo_fast.integrations.verl`.
         reward_scope: None, or ``reward_scope(texts, segmentations)``: a context manager entered around the
             attribution (:meth:`CompletionReward.bind` binds a batch's frames to a row reward).
+        permute: None, or a generator that permutes each response's segment credits among its segments (the
+            shuffled-credit control of an experiment: the same values, in the wrong places).
     Returns:
         :class:`CompletionCredit`.
     """
@@ -93,5 +97,8 @@ def attribute_completions(
     token_player = token_player_maps(segmentations, offsets).to(ids.device)  # one span per id: [N, T]
     if reserve_last is not None:
         token_player = token_player.masked_fill(reserve_last.bool().to(ids.device), -1)
-    credit = spread_credit([excess_credit(a.plan, a.values, a.phi).float() for a in out.items], token_player)
+    excess = [excess_credit(a.plan, a.values, a.phi).float() for a in out.items]
+    if permute is not None:
+        excess = [e[torch.from_numpy(permute.permutation(e.numel())).to(e.device)] for e in excess]
+    credit = spread_credit(excess, token_player)
     return CompletionCredit(texts, offsets, out, token_player, credit)

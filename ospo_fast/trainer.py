@@ -52,6 +52,8 @@ from .segment import Segmenter, coalition_text
 from .structure import MAX_PLAYERS
 
 CHECKPOINT = "checkpoint.pt"
+#: Where the credit comes from: the Owen values, or the same values permuted among each response's segments.
+CREDITS = ("owen", "shuffled")
 METRICS = "metrics.jsonl"
 
 
@@ -85,6 +87,7 @@ class OSPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     attribution_method: str = "auto"
+    credit: str = "owen"  # "owen", or "shuffled": each response's credit permuted among its segments (a control)
     attribution_budget: int = 64
     attribution_dtype: str | None = None  # encoder precision: None (float32 on CPU, bfloat16 on CUDA) or a dtype name
     max_players: int = 16
@@ -109,6 +112,7 @@ class OSPOConfig:
         _choice(self, "loss_type", LOSS_TYPES)
         _choice(self, "loss_backend", LOSS_BACKENDS)
         _choice(self, "attribution_method", ("auto", "exact", "sampled"))
+        _choice(self, "credit", CREDITS)
         for name in ("group_size", "prompts_per_step", "max_steps", "micro_batch_size", "num_iterations",
                      "max_new_tokens", "save_steps", "max_players"):
             _int_at_least(self, name, 1)
@@ -271,7 +275,10 @@ class OSPOTrainer:
         mask = rollout["completion_mask"]
         start = time.perf_counter()
         if self.attributor is not None:
-            credit = attribute_completions(self.tokenizer, rollout["completion_ids"], self.attributor, owners, keep=mask)
+            # The shuffled control draws its permutations from (seed, step): a resumed run repeats them.
+            permute = np.random.default_rng([cfg.seed, self.step]) if cfg.credit == "shuffled" else None
+            credit = attribute_completions(self.tokenizer, rollout["completion_ids"], self.attributor, owners,
+                                           keep=mask, permute=permute)
             texts = credit.texts
             rewards = credit.full_values  # v(N) of each response's game (v(empty) when it has no segment)
             evaluations = credit.attributions.num_evaluations
@@ -294,6 +301,7 @@ class OSPOTrainer:
                 advantages, credit.credit.to(self.device), mask, mode=cfg.redistribution, alpha=cfg.alpha,
                 floor=cfg.floor, clip=cfg.clip, max_share=cfg.max_share, segment_mask=segment_mask,
             )
+            rollout.update(credit=credit.credit, token_player=credit.token_player)
         rollout.update(
             texts=texts, owners=owners, rewards=rewards, advantages=advantages, token_advantages=token_advantages,
             segment_mask=segment_mask,

@@ -88,6 +88,40 @@ def test_ospo_gives_tokens_outside_the_segments_their_response_advantage(make_tr
     assert torch.equal(rollout["token_advantages"][outside], expected[outside])
 
 
+def test_shuffled_credit_is_a_permutation_of_each_responses_credit(tokenizer):
+    # The control of an experiment: the same credit values, moved among a response's segments.
+    import numpy as np
+
+    from ospo_fast import OwenAttributor
+    from ospo_fast.rollout import attribute_completions
+
+    texts = ["red shoes, running, for women, size 8", "usb cable, charger, blue", "red running shoes"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+    attributor = OwenAttributor(keyword_reward, method="exact")
+    owen = attribute_completions(tokenizer, ids, attributor, [0, 1, 0])
+    shuffled = attribute_completions(tokenizer, ids, attributor, [0, 1, 0], permute=np.random.default_rng(3))
+    assert torch.equal(owen.token_player, shuffled.token_player)
+    moved = 0
+    for r in range(len(texts)):
+        player = owen.token_player[r]
+        a = [float(owen.credit[r][player == i].sum()) for i in range(int(player.max()) + 1)]
+        b = [float(shuffled.credit[r][player == i].sum()) for i in range(int(player.max()) + 1)]
+        assert sorted(a) == pytest.approx(sorted(b), abs=1e-6) and sum(a) == pytest.approx(sum(b), abs=1e-6)
+        moved += a != pytest.approx(b, abs=1e-6)
+    assert moved > 0
+
+
+def test_trainer_with_shuffled_credit_runs_and_checks_the_option(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path, credit="shuffled")
+    rollout = _rollout(trainer)
+    assert rollout["credit"].shape == rollout["token_advantages"].shape
+    with pytest.raises(ValueError, match="credit: expected one of"):
+        make_trainer(tmp_path, credit="random")
+
+
 def test_metrics_log_the_format_rate_and_completion_length(make_trainer, tmp_path):
     trainer = make_trainer(tmp_path)
     metrics = trainer.train()
