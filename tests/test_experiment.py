@@ -9,7 +9,7 @@ import torch
 
 import ospo_fast as of
 from ospo_fast import cli
-from ospo_fast.experiment import evaluate_queries, retrievers, summarise, warm_start_pairs
+from ospo_fast.experiment import evaluate_queries, retrievers, warm_start_pairs
 
 TINY = ["--model", "tiny", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--warm-start-steps", "3",
         "--eval-every", "1", "--eval-samples", "4", "--save-steps", "1"]
@@ -131,12 +131,57 @@ def test_attribute_with_an_unknown_request_says_which_exist():
         cli.main(["attribute", "text", "--request", "no such request"])
 
 
-def test_compare_reports_mean_and_std_over_seeds(tmp_path, capsys):
+def test_compare_pairs_variants_within_a_seed_and_resumes(tmp_path, capsys, monkeypatch):
+    import ospo_fast.comparison as comparison
+
+    starts = []  # (seed, variant, initial weights, prompts) of every training run
+    original = comparison.OSPOTrainer
+
+    def recording_trainer(model, tokenizer, reward, prompts, owners, config, **kwargs):
+        starts.append((config.seed, config.output_dir, {k: v.clone() for k, v in model.state_dict().items()},
+                       list(map(str, prompts)), config.mode, config.credit))
+        return original(model, tokenizer, reward, prompts, owners, config, **kwargs)
+
+    monkeypatch.setattr(comparison, "OSPOTrainer", recording_trainer)
     out = tmp_path / "cmp"
-    assert cli.main(["compare", "--output", str(out), "--seeds", "0", "1", "--variants", "grpo", "rank", *TINY]) == 0
-    summary = json.loads((out / "compare.json").read_text())["summary"]
-    assert list(summary) == ["untrained", "grpo", "rank"]
-    assert (out / "compare.png").is_file() and "±" in (out / "compare.md").read_text()
+    args = ["compare", "--output", str(out), "--seeds", "0", "1", "--variants", "grpo", "ospo", "shuffled", *TINY]
+    assert cli.main(args) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["seeds"] == [0, 1] and result["variants"] == ["grpo", "ospo", "shuffled"]
+    assert set(result["per_seed"]["0"]) == {"copy request", "untrained", "grpo", "ospo", "shuffled"}
+    # Within a seed: the same initial weights and prompts; only the advantages differ.
+    for seed in (0, 1):
+        runs = [s for s in starts if s[0] == seed]
+        assert [(r[4], r[5]) for r in runs] == [("grpo", "owen"), ("ospo", "owen"), ("ospo", "shuffled")]
+        for r in runs[1:]:
+            assert r[3] == runs[0][3] and all(torch.equal(r[2][k], runs[0][2][k]) for k in r[2])
+    # The paired differences are the per-seed differences, with a t interval over seeds.
+    d = result["paired"]["ospo-grpo"]["dense ndcg@10"]
+    per_seed = [result["per_seed"][k]["ospo"]["metrics"]["dense ndcg@10"]
+                - result["per_seed"][k]["grpo"]["metrics"]["dense ndcg@10"] for k in ("0", "1")]
+    assert d["per_seed"] == pytest.approx(per_seed) and d["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert set(result["paired"]) == {"ospo-grpo", "ospo-shuffled"}
+    assert (out / "compare.png").is_file() and "ospo-shuffled" in (out / "compare.md").read_text()
+    # Run again: everything is done, nothing is trained again.
+    count = len(starts)
+    assert cli.main(args) == 0 and len(starts) == count
+    # Another seed continues the same comparison; other settings are refused.
+    assert cli.main([*args[:5], "0", "1", "2", *args[6:]]) == 0 and len(starts) == count + 3
+    with pytest.raises(ValueError, match="other settings"):
+        cli.main([*args, "--lr", "0.5"])
+
+
+def test_credit_task_compare_has_the_oracle_baseline(tmp_path):
+    out = tmp_path / "credit"
+    assert cli.main(["compare", "--task", "credit", "--output", str(out), "--seeds", "0", "--variants", "ospo",
+                     *TINY]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    seed = result["per_seed"]["0"]
+    assert {"copy request", "request + true hints", "untrained", "ospo"} <= set(seed)
+    # Keeping the true hints beats the request alone, on average over the test prompts.
+    assert seed["request + true hints"]["metrics"]["dense ndcg@10"] > seed["copy request"]["metrics"]["dense ndcg@10"]
+    assert result["paired"] == {} and result["power"] == {}
 
 
 def test_warm_start_pairs_keep_the_prompt_format(task):
@@ -159,7 +204,7 @@ def test_perfect_queries_score_higher_than_empty_ones(task):
         assert 0.0 <= good[name]["recall@100"] <= 1.0
 
 
-def test_summarise_gives_mean_and_std():
-    rows = [dict(variant="a", table={"dense": {"ndcg@10": x, "ndcg@100": x, "recall@10": x, "mrr@10": x}}) for x in (0.2, 0.4)]
-    mean, std = summarise(rows)["a"]["dense"]["ndcg@10"]
-    assert mean == pytest.approx(0.3) and std == pytest.approx(torch.tensor([0.2, 0.4]).std().item())
+def test_unknown_variant_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="variants: expected names from"):
+        cli.main(["compare", "--output", str(tmp_path / "x"), "--variants", "grpo", "ppo", *TINY])
+    assert not (tmp_path / "x").exists()

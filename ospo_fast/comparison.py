@@ -1,0 +1,232 @@
+"""``ospo-fast compare``: training variants compared seed by seed, with paired intervals and a power estimate.
+
+Within a seed every variant starts from the same policy (after the same warm start, for the tiny model),
+the same split, the same pools and the same sampling seed stream; only the advantages differ:
+
+- ``grpo``: every token of a response gets its advantage;
+- ``ospo``: Owen-value credit, redistributed in the configured mode;
+- ``shuffled``: the same credit values permuted among each response's segments (the control that separates
+  "the right tokens get the credit" from "advantages are reweighted at all");
+- ``proportional``, ``rank``, ``hybrid``: OSPO in that redistribution mode.
+
+Each (seed, variant) result is written to ``compare.json`` as soon as it exists, so an interrupted
+comparison continues where it stopped when run again with the same settings. Paired differences
+(``ospo - grpo``, ``ospo - shuffled``) get a Student-t interval over seeds; the power line says how many
+seeds a +0.05 difference of the primary metric would need at the measured spread, and what difference the
+seeds used can detect.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .advantages import REDISTRIBUTION_MODES
+from .experiment import (
+    RunSettings, _write_json, evaluate_copy_request, evaluate_policy, load_task, make_policy, retrievers,
+    score_answers, training_items, warm_start,
+)
+from .stats import detectable_difference, seeds_needed, t_interval
+from .trainer import OSPOConfig, OSPOTrainer
+
+VARIANTS = ("grpo", "ospo", "shuffled")
+#: The paired differences reported, when both variants ran.
+PAIRS = (("ospo", "grpo"), ("ospo", "shuffled"))
+#: Metrics of every variant: the final test NDCG@10 with each retriever, and the area under the training
+#: reward curve (its mean over steps). The first is the primary one.
+METRICS = ("dense ndcg@10", "reward auc", "bm25 ndcg@10", "lsa ndcg@10")
+#: The difference the power line is sized for.
+TARGET_DIFFERENCE = 0.05
+
+
+def variant_config(config: OSPOConfig, variant: str, seed: int, output_dir: Path) -> OSPOConfig:
+    """The config of one variant of one seed (everything else equal across variants)."""
+    common = dict(seed=seed, output_dir=str(output_dir / f"seed{seed}-{variant}"))
+    if variant == "grpo":
+        return replace(config, mode="grpo", credit="owen", **common)
+    if variant == "ospo":
+        return replace(config, mode="ospo", credit="owen", **common)
+    if variant == "shuffled":
+        return replace(config, mode="ospo", credit="shuffled", **common)
+    if variant in REDISTRIBUTION_MODES:
+        return replace(config, mode="ospo", credit="owen", redistribution=variant, **common)
+    raise ValueError(f"variants: expected names from {VARIANTS + REDISTRIBUTION_MODES}, got {variant!r}")
+
+
+def _result(evaluation: dict, rewards: list[float] | None = None, seconds: float | None = None) -> dict:
+    table = evaluation["table"]
+    metrics = {f"{r} ndcg@10": table[r]["ndcg@10"] for r in table}
+    if rewards is not None:
+        metrics["reward auc"] = statistics.fmean(rewards)
+    return dict(metrics=metrics, table=table, ndcg10=evaluation["ndcg10"]["dense"], format=evaluation["format"],
+                rewards=rewards, train_seconds=seconds)
+
+
+def _oracle_answers(task) -> list[str]:
+    """The credit task's best answers: the request and its true hints."""
+    from .credit import credit_answer
+
+    return [credit_answer(s.query, s.info["true_hints"]) for s in task.samples]
+
+
+def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Sequence[str], out: Path,
+             done: dict, save) -> dict:
+    """The baselines and every variant not yet in ``done`` for one seed; ``save(results)`` after each."""
+    results = dict(done)
+    torch.manual_seed(seed)
+    train_task, val_task, test_task = load_task(settings, seed=seed)
+    items = training_items(train_task, val_task, test_task)
+    model, tokenizer = make_policy(settings, train_task, items, seed=seed)
+    scorers = retrievers(train_task, fit_items=items)
+    if settings.warm_start_steps_or_default() > 0:
+        warm_start(model, tokenizer, settings, train_task, seed, config.progress, items)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    evaluate = dict(max_new_tokens=config.max_new_tokens, bf16=bool(config.bf16))
+    if "untrained" not in results:
+        results["copy request"] = _result(evaluate_copy_request(test_task, scorers))
+        if settings.task == "credit":
+            oracle = _oracle_answers(test_task)
+            results["request + true hints"] = _result(score_answers(test_task.samples, oracle, oracle, scorers, (10,)))
+        results["untrained"] = _result(evaluate_policy(model, tokenizer, test_task, scorers, ks=(10,), **evaluate))
+        save(results)
+    for variant in variants:
+        if variant in results:
+            continue
+        model.load_state_dict(initial)
+        rewards: list[float] = []
+        trainer = OSPOTrainer(model, tokenizer, scorers["dense"], train_task.prompts, train_task.owners,
+                              variant_config(config, variant, seed, out),
+                              callbacks=[lambda trainer, step, metrics: rewards.append(metrics["reward"])])
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        evaluation = evaluate_policy(trainer.model, tokenizer, test_task, scorers, ks=(10,), **evaluate)
+        results[variant] = _result(evaluation, rewards, seconds)
+        save(results)
+    return results
+
+
+def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
+            output_dir: str = "runs/compare") -> dict:
+    """Runs (or continues) the comparison and writes ``compare.json``, ``compare.md`` and ``compare.png``.
+    Returns the contents of ``compare.json`` (see :func:`summarise`)."""
+    for variant in variants:
+        variant_config(config, variant, 0, Path(output_dir))  # unknown names fail before any work
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "compare.json"
+    setup = dict(settings=asdict(settings), config=asdict(config), variants=list(variants))
+    per_seed: dict[str, dict] = {}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in setup} != json.loads(json.dumps(setup)):
+            raise ValueError(f"output_dir: {path} holds a comparison with other settings; choose another --output")
+        per_seed = saved.get("per_seed", {})
+
+    def save_seed(seed):
+        def save(results):
+            per_seed[str(seed)] = results
+            _write_json(path, dict(setup, seeds=list(seeds), per_seed=per_seed))
+        return save
+
+    for seed in seeds:
+        done = per_seed.get(str(seed), {})
+        if all(v in done for v in variants) and "untrained" in done:
+            continue
+        per_seed[str(seed)] = run_seed(settings, config, seed, variants, out, done, save_seed(seed))
+    summary = summarise(per_seed, seeds, variants)
+    result = dict(setup, **summary)
+    _write_json(path, result)
+    (out / "compare.md").write_text(format_comparison(result))
+    plot_paired(result, out / "compare.png")
+    return result
+
+
+def summarise(per_seed: dict, seeds: Sequence[int], variants: Sequence[str]) -> dict:
+    """``{"seeds", "variants", "per_seed", "means", "paired", "power"}``:
+
+    - ``means[policy][metric]``: mean and std over seeds of every policy (baselines included);
+    - ``paired["ospo-grpo"][metric]``: ``{"mean", "ci95", "sd", "n", "per_seed"}``, the t interval over seeds
+      of the per-seed differences (likewise ``"ospo-shuffled"``);
+    - ``power``: for the primary metric of each pair, the seeds a +0.05 difference needs at the measured
+      spread and the difference the seeds used can detect (80% power, two-sided 5%).
+    """
+    keys = [str(s) for s in seeds]
+    policies = list(dict.fromkeys(p for k in keys for p in per_seed[k]))
+    means = {}
+    for policy in policies:
+        rows = [per_seed[k][policy]["metrics"] for k in keys if policy in per_seed[k]]
+        means[policy] = {m: dict(mean=statistics.fmean(r[m] for r in rows),
+                                 std=statistics.stdev([r[m] for r in rows]) if len(rows) > 1 else 0.0)
+                         for m in METRICS if all(m in r for r in rows)}
+    paired, power = {}, {}
+    for a, b in PAIRS:
+        if a not in variants or b not in variants:
+            continue
+        name = f"{a}-{b}"
+        paired[name] = {}
+        for metric in METRICS:
+            diffs = [per_seed[k][a]["metrics"][metric] - per_seed[k][b]["metrics"][metric] for k in keys]
+            paired[name][metric] = dict(t_interval(diffs), per_seed=diffs)
+        sd = paired[name][METRICS[0]]["sd"]
+        if len(keys) >= 2 and sd > 0:
+            power[name] = dict(metric=METRICS[0], sd=sd, target=TARGET_DIFFERENCE,
+                               seeds_needed=seeds_needed(sd, TARGET_DIFFERENCE),
+                               detectable=detectable_difference(sd, len(keys)))
+    return dict(seeds=list(seeds), variants=list(variants), per_seed=per_seed, means=means, paired=paired, power=power)
+
+
+def format_comparison(result: dict) -> str:
+    """compare.md: means per policy, paired differences with t intervals, and the power line."""
+    n = len(result["seeds"])
+    lines = [f"Test split, greedy answers; {n} seed(s). Every variant of a seed starts from the same policy, "
+             "split, pools and sampling seed.", "",
+             "| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for policy, metrics in result["means"].items():
+        cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" if m in metrics else "-" for m in METRICS]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences over seeds (mean, 95% t interval):", "",
+              "| difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, metrics in result["paired"].items():
+        cells = [f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" for d in (metrics[m] for m in METRICS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, p in result["power"].items():
+        lines.append(f"\nPower ({name}, {p['metric']}): the per-seed differences have sd {p['sd']:.4f}; "
+                     f"detecting {p['target']:+.2f} (80% power, two-sided 5%) needs {p['seeds_needed']} seeds; "
+                     f"{n} seeds detect {p['detectable']:.4f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_paired(result: dict, path: Path) -> None:
+    """compare.png: each paired difference with its 95% t interval and the per-seed points, per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["paired"])
+    if not names:  # fewer than two of the paired variants ran: nothing to draw
+        path.unlink(missing_ok=True)
+        return
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], METRICS):
+        for i, name in enumerate(names):
+            d = result["paired"][name][metric]
+            ax.errorbar([i], [d["mean"]], yerr=[[d["mean"] - d["ci95"][0]], [d["ci95"][1] - d["mean"]]], fmt="o",
+                        capsize=4, color="tab:blue")
+            ax.scatter(np.full(len(d["per_seed"]), i + 0.15), d["per_seed"], s=10, color="tab:gray")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(metric, fontsize=9)
+    axes[0][0].set_ylabel("paired difference (95% t interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
