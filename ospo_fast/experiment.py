@@ -41,6 +41,7 @@ from .data.prompts import extract_answer, follows_format
 from .policy import DEFAULT_MODEL, TINY_MODEL, build_tokenizer, load_policy, prompt_text, tiny_causal_lm
 from .rewards import BM25Reward, DenseRetrievalReward, LSAEncoder, ranking_metrics
 from .segment import Segmenter
+from .stats import bootstrap_interval
 from .trainer import (CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, append_json_line, check_resume_config,
                       read_checkpoint, read_metrics, supervised_warm_start)
 
@@ -288,12 +289,7 @@ def evaluate_copy_request(task, scorers: dict, ks=KS, limit: int | None = None) 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 10000, seed: int = 0) -> dict:
     """Mean of ``a - b`` over paired prompts with a 95% bootstrap interval, and the wins/ties/losses of a."""
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return dict(mean=float(diff.mean()), ci95=[float(lo), float(hi)], wins=int((diff > 1e-12).sum()),
-                ties=int((np.abs(diff) <= 1e-12).sum()), losses=int((diff < -1e-12).sum()), n=int(len(diff)))
+    return bootstrap_interval(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), resamples, seed)
 
 
 def format_table(results: dict[str, dict], ks=KS) -> str:
