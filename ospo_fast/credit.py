@@ -81,8 +81,8 @@ def credit_task(base: SearchTask, num_true: int = 2, num_decoys: int = 2, seed: 
     """The benchmark's task over ``base``'s catalogue and pools (e.g. :func:`~ospo_fast.data.default_task`).
 
     For each sample with a judged product, the request is the sample's query (ESCI), else the judged item's
-    category (H&M: its product type, so the hints must say which one of that type). The decoy item is the negative of its pool that shares the most
-    words with the judged product; ``num_true`` hints come from the judged product and ``num_decoys`` from
+    category (H&M: its product type, so the hints must say which one of that type). The decoy item is the
+    negative of its pool that shares the most words with the judged product; ``num_true`` hints come from the judged product and ``num_decoys`` from
     the decoy (:func:`hint_phrases`), shuffled together with a generator seeded by ``seed``. Samples with
     too few hints of either kind are dropped. ``sample.info`` holds ``true_hints``, ``decoy_hints`` and
     ``decoy_item``; the prompt is a system message (:data:`CREDIT_SYSTEM`) and the request with its marked
@@ -123,6 +123,11 @@ def credit_task(base: SearchTask, num_true: int = 2, num_decoys: int = 2, seed: 
     return replace(base, name=f"{base.name}-credit", samples=samples)
 
 
+def prompt_hints(sample: Sample) -> list[str]:
+    """The hints of a credit-task prompt, in prompt order (true and decoy alike)."""
+    return re.findall(r"\] ([^;\n]+)", sample.text)
+
+
 def warm_start_pairs(task: SearchTask, copies: int = 8, seed: int = 0) -> tuple[list, list[str]]:
     """(prompts, targets) that teach a small policy the answer format, not the choice: each prompt ``copies``
     times, each time with the request and a random subset of its hints (true and decoy alike, in prompt
@@ -130,7 +135,7 @@ def warm_start_pairs(task: SearchTask, copies: int = 8, seed: int = 0) -> tuple[
     rng = np.random.Generator(np.random.PCG64(seed))
     prompts, targets = [], []
     for s in task.samples:
-        hints = re.findall(r"\] ([^;\n]+)", s.text)
+        hints = prompt_hints(s)
         for _ in range(copies):
             keep = rng.random(len(hints)) < 0.5
             prompts.append(s.prompt)
@@ -161,8 +166,7 @@ def attribution_check(task: SearchTask, reward, budget: int = 64, seed: int = 0,
     samples = task.samples[:limit] if limit else task.samples
     texts, kinds = [], []
     for s in samples:
-        hints = re.findall(r"\] ([^;\n]+)", s.text)
-        texts.append(credit_answer(s.query, hints))
+        texts.append(credit_answer(s.query, prompt_hints(s)))
         kinds.append({h: "true" for h in s.info["true_hints"]} | {h: "decoy" for h in s.info["decoy_hints"]})
     owners = [s.owner for s in samples]
     exact = OwenAttributor(reward, method="exact", seed=seed)(texts, owners)
