@@ -128,18 +128,36 @@ def prompt_hints(sample: Sample) -> list[str]:
     return re.findall(r"\] ([^;\n]+)", sample.text)
 
 
-def warm_start_pairs(task: SearchTask, copies: int = 8, seed: int = 0) -> tuple[list, list[str]]:
+def warm_start_pairs(task: SearchTask, copies: int = 8, seed: int = 0, extra: int = 0,
+                     items: Sequence[str] | None = None) -> tuple[list, list[str]]:
     """(prompts, targets) that teach a small policy the answer format, not the choice: each prompt ``copies``
     times, each time with the request and a random subset of its hints (true and decoy alike, in prompt
-    order), so which hints to keep is left to RL."""
+    order), so which hints to keep is left to RL. ``extra`` more pairs use pseudo-requests and pseudo-hints
+    cut from ``items`` (default: the catalogue), so that the policy learns to copy any text, not to
+    memorise the training requests."""
     rng = np.random.Generator(np.random.PCG64(seed))
     prompts, targets = [], []
+
+    def add(request: str, hints: list[str], prompt) -> None:
+        keep = rng.random(len(hints)) < 0.5
+        prompts.append(prompt)
+        targets.append(credit_answer(request, [h for h, k in zip(hints, keep) if k]))
+
     for s in task.samples:
-        hints = prompt_hints(s)
         for _ in range(copies):
-            keep = rng.random(len(hints)) < 0.5
-            prompts.append(s.prompt)
-            targets.append(credit_answer(s.query, [h for h, k in zip(hints, keep) if k]))
+            add(s.query, prompt_hints(s), s.prompt)
+    words = [w for w in (_WORDS.findall(t.lower())[:24] for t in (task.items if items is None else items)) if len(w) >= 4]
+    for _ in range(extra if words else 0):
+        def phrase(low: int, high: int) -> str:
+            w = words[int(rng.integers(len(words)))]
+            n = int(rng.integers(low, min(high, len(w)) + 1))
+            start = int(rng.integers(len(w) - n + 1))
+            return " ".join(w[start : start + n])
+
+        request, hints = phrase(2, 5), [phrase(1, 3) for _ in range(4)]
+        marks = rng.permutation(["+", "+", "-", "-"])
+        text = f"Request: {request}\nHints: " + "; ".join(f"[{m}] {h}" for m, h in zip(marks, hints))
+        add(request, hints, chat(text, CREDIT_SYSTEM))
     return prompts, targets
 
 

@@ -168,7 +168,7 @@ def warm_start(model, tokenizer, settings: RunSettings, task, seed: int, progres
     if settings.task == "credit":  # the format: the request and a random subset of the hints
         from . import credit
 
-        prompts, targets = credit.warm_start_pairs(task, seed=seed)
+        prompts, targets = credit.warm_start_pairs(task, seed=seed, extra=settings.warm_start_extra, items=items)
     else:
         prompts, targets = warm_start_pairs(task, settings.warm_start_extra, seed, items)
     return supervised_warm_start(model, tokenizer, prompts, targets, steps=settings.warm_start_steps_or_default(),

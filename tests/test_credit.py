@@ -104,3 +104,17 @@ def test_warm_start_teaches_the_format_not_the_choice(task):
             kept[kind] += len(set(phrases) & set(s.info[kind]))
     # True hints and decoys are kept about equally often: the warm start does not teach the choice.
     assert abs(kept["true_hints"] - kept["decoy_hints"]) < 0.1 * sum(kept.values())
+
+
+def test_warm_start_pseudo_requests_teach_copying_any_text(task):
+    from ospo_fast.credit import CREDIT_SYSTEM, warm_start_pairs
+
+    prompts, targets = warm_start_pairs(task, copies=1, seed=0, extra=50, items=task.items[:20])
+    assert len(prompts) == len(task) + 50
+    for prompt, target in zip(prompts[len(task):], targets[len(task):]):
+        assert prompt[0] == {"role": "system", "content": CREDIT_SYSTEM}
+        text = prompt[-1]["content"]
+        request = text.split("\n")[0].removeprefix("Request: ")
+        assert target.startswith(request) and text.count("[+]") == 2 and text.count("[-]") == 2
+        words = set(request.split())
+        assert any(words <= set(WORDS.findall(item.lower())) for item in task.items[:20])
