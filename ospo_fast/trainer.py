@@ -17,8 +17,9 @@ redistribution, loss, gradient clipping and the step stay on the device. Checkpo
 scheduler, RNG states, data order, step) are written to a temporary file and renamed over the previous one,
 so a crash mid-write leaves the previous checkpoint whole; ``resume=True`` continues exactly where it stopped.
 
-Nothing non-finite reaches the weights: a NaN or infinite reward stops the step with an error naming the
-responses, before any update; a NaN or infinite loss or gradient skips that update (the fused AdamW leaves
+Nothing non-finite reaches the weights: a NaN or infinite reward computed on the host stops the step with an
+error naming the responses, before any update (rewards left on a GPU are not read back; a non-finite one
+makes the loss non-finite); a NaN or infinite loss or gradient skips that update (the fused AdamW leaves
 weights and moments as they were, decided on the device), with a ``RuntimeWarning`` and the
 ``skipped_updates`` metric. Checkpoints hold only tensors and plain data and load with ``weights_only=True``;
 a resume must keep the saved config's run-shaping fields (see :data:`RESUME_MAY_DIFFER`).
@@ -552,7 +553,13 @@ def check_resume_config(path, saved: dict, config: OSPOConfig) -> None:
 
 
 def _check_rewards(rewards: torch.Tensor, prompt_ids: list[int], group_size: int) -> None:
-    """Rewards must be finite: one NaN would turn every advantage of its group, then the weights, into NaN."""
+    """Rewards must be finite: one NaN would turn every advantage of its group, then the weights, into NaN.
+
+    Checked on CPU tensors only, where it costs nothing: on a GPU the check would stall the stream between the
+    rewards and the optimizer step, and there the non-finite loss skips the update instead (see optimise).
+    """
+    if rewards.device.type != "cpu":
+        return
     finite = torch.isfinite(rewards)
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten().tolist()
