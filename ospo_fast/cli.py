@@ -82,8 +82,8 @@ def demo(args) -> int:
 #: ``ospo-fast train/compare`` flags (argparse dests) -> the RunSettings or OSPOConfig field each sets.
 SETTINGS_FLAGS = dict(model="model", task="task", esci_examples="esci_examples", esci_products="esci_products",
                       hm_articles="hm_articles", hm_customers="hm_customers", hm_transactions="hm_transactions",
-                      max_samples="max_samples", warm_start_steps="warm_start_steps", eval_every="eval_every",
-                      eval_samples="eval_samples")
+                      max_samples="max_samples", warm_start_steps="warm_start_steps", warm_start_lr="warm_start_lr",
+                      eval_every="eval_every", eval_samples="eval_samples")
 CONFIG_FLAGS = dict(mode="mode", redistribution="redistribution", max_share="max_share", steps="max_steps",
                     prompts_per_step="prompts_per_step", group_size="group_size", lr="learning_rate",
                     max_new_tokens="max_new_tokens", temperature="temperature", bf16="bf16",
@@ -240,7 +240,8 @@ def compare(args) -> int:
     settings, config = _settings_and_config(args)
     result = run_compare(settings, config, seeds=args.seeds, variants=args.variants, output_dir=config.output_dir)
     print(format_comparison(result))
-    written = [name for name in ("compare.json", "compare.md", "compare.png") if (Path(config.output_dir) / name).is_file()]
+    names = ("compare.json", "compare.md", "compare.png", "compare_curves.png")
+    written = [name for name in names if (Path(config.output_dir) / name).is_file()]
     print(f"wrote {', '.join(written)} in {config.output_dir} (the same command continues an interrupted comparison)")
     return 0
 
@@ -303,7 +304,7 @@ def _run_defaults() -> dict:
     config = {f.name: f.default for f in fields(OSPOConfig)}
     return dict(
         model=DEFAULT_MODEL, task="default", esci_examples=None, esci_products=None, hm_articles=None,
-        hm_customers=None, hm_transactions=None, max_samples=None, warm_start_steps=None,
+        hm_customers=None, hm_transactions=None, max_samples=None, warm_start_steps=None, warm_start_lr=None,
         eval_every=MAIN_JOB["eval_every"], eval_samples=None,
         mode="ospo", redistribution="proportional", max_share=config["max_share"], steps=MAIN_JOB["steps"],
         prompts_per_step=MAIN_JOB["prompts_per_step"], group_size=MAIN_JOB["group_size"], lr=MAIN_JOB["lr"],
@@ -356,7 +357,9 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--loss-type", choices=["grpo", "dr_grpo", "dapo"], help=f"default {d['loss_type']}")
     p.add_argument("--attribution-dtype", help="encoder precision, e.g. bfloat16")
     p.add_argument("--warm-start-steps", type=int,
-                   help="supervised steps teaching the tiny model the format (default 400 for 'tiny', else 0)")
+                   help="supervised steps teaching the policy the answer format (default 400 for 'tiny'; 12 for a "
+                        "pretrained model on --task credit, else 0)")
+    p.add_argument("--warm-start-lr", type=float, help="its learning rate (default 1e-3 for 'tiny', else 5e-5)")
     p.add_argument("--eval-every", type=int, help=f"validation every this many steps (default {d['eval_every']})")
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--save-steps", type=int, help=f"default {d['save_steps']}")

@@ -34,7 +34,7 @@ from .experiment import (
     score_answers, training_items, warm_start,
 )
 from .stats import detectable_difference, seeds_needed, t_interval
-from .trainer import OSPOConfig, OSPOTrainer
+from .trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
 
 VARIANTS = ("grpo", "ospo", "shuffled")
 #: The paired differences reported, when both variants ran.
@@ -44,6 +44,8 @@ PAIRS = (("ospo", "grpo"), ("ospo", "shuffled"))
 METRICS = ("dense ndcg@10", "reward auc", "bm25 ndcg@10", "lsa ndcg@10")
 #: The difference the power line is sized for.
 TARGET_DIFFERENCE = 0.05
+#: Steps of the moving average of the training reward that "steps to reach a reward" reads.
+REWARD_WINDOW = 5
 
 
 def variant_config(config: OSPOConfig, variant: str, seed: int, output_dir: Path) -> OSPOConfig:
@@ -60,13 +62,16 @@ def variant_config(config: OSPOConfig, variant: str, seed: int, output_dir: Path
     raise ValueError(f"variants: expected names from {VARIANTS + REDISTRIBUTION_MODES}, got {variant!r}")
 
 
-def _result(evaluation: dict, rewards: list[float] | None = None, seconds: float | None = None) -> dict:
+def _result(evaluation: dict, rewards: list[float] | None = None, seconds: float | None = None,
+            validation: list[list[float]] | None = None) -> dict:
+    """One policy's record: test metrics, per-prompt dense NDCG@10, answer statistics and, for a trained
+    variant, its reward per step and its validation curve (``[step, dense NDCG@10]`` pairs, step 0 first)."""
     table = evaluation["table"]
     metrics = {f"{r} ndcg@10": table[r]["ndcg@10"] for r in table}
     if rewards is not None:
         metrics["reward auc"] = statistics.fmean(rewards)
     return dict(metrics=metrics, table=table, ndcg10=evaluation["ndcg10"]["dense"], format=evaluation["format"],
-                rewards=rewards, train_seconds=seconds)
+                rewards=rewards, validation=validation, train_seconds=seconds)
 
 
 def _oracle_answers(task) -> list[str]:
@@ -86,9 +91,16 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
     model, tokenizer = make_policy(settings, train_task, items, seed=seed)
     scorers = retrievers(train_task, fit_items=items)
     if settings.warm_start_steps_or_default() > 0:
-        warm_start(model, tokenizer, settings, train_task, seed, config.progress, items)
+        warm_start(model, tokenizer, settings, train_task, seed, config.progress, items, bool(config.bf16))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     evaluate = dict(max_new_tokens=config.max_new_tokens, bf16=bool(config.bf16))
+
+    def validation_ndcg(policy) -> float:  # greedy answers to the validation prompts, training retriever
+        result = evaluate_policy(policy, tokenizer, val_task, {"dense": scorers["dense"]}, ks=(10,),
+                                 limit=settings.eval_samples, **evaluate)
+        return result["table"]["dense"]["ndcg@10"]
+
+    start_ndcg = None  # the shared start of every variant's validation curve, computed once
     if "untrained" not in results:
         results["copy request"] = _result(evaluate_copy_request(test_task, scorers))
         if settings.task == "credit":
@@ -100,22 +112,34 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
         if variant in results:
             continue
         model.load_state_dict(initial)
+        if start_ndcg is None:
+            start_ndcg = validation_ndcg(model)
         rewards: list[float] = []
+        curve = [[0, start_ndcg]]
+
+        def record(trainer, step, metrics, rewards=rewards, curve=curve):
+            rewards.append(metrics["reward"])
+            if step % settings.eval_every == 0 or step == config.max_steps:
+                curve.append([step, validation_ndcg(trainer.model)])
+
         trainer = OSPOTrainer(model, tokenizer, scorers["dense"], train_task.prompts, train_task.owners,
-                              variant_config(config, variant, seed, out),
-                              callbacks=[lambda trainer, step, metrics: rewards.append(metrics["reward"])])
+                              variant_config(config, variant, seed, out), callbacks=[record])
         start = time.perf_counter()
         trainer.train()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start  # validation included
         evaluation = evaluate_policy(trainer.model, tokenizer, test_task, scorers, ks=(10,), **evaluate)
-        results[variant] = _result(evaluation, rewards, seconds)
+        results[variant] = _result(evaluation, rewards, seconds, curve)
         save(results)
+        # A comparison resumes per variant, not per step: the variant's checkpoint (the policy and its optimizer
+        # state, 1.6 GB for a 135M model) is not needed once its result is saved. Its metrics.jsonl stays.
+        (Path(trainer.config.output_dir) / CHECKPOINT).unlink(missing_ok=True)
     return results
 
 
 def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
             output_dir: str = "runs/compare") -> dict:
-    """Runs (or continues) the comparison and writes ``compare.json``, ``compare.md`` and ``compare.png``.
+    """Runs (or continues) the comparison and writes ``compare.json``, ``compare.md``, ``compare.png`` (paired
+    differences) and ``compare_curves.png`` (reward and validation NDCG@10 against steps).
     Returns the contents of ``compare.json`` (see :func:`summarise`)."""
     for variant in variants:
         variant_config(config, variant, 0, Path(output_dir))  # unknown names fail before any work
@@ -146,17 +170,44 @@ def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], var
     _write_json(path, result)
     (out / "compare.md").write_text(format_comparison(result))
     plot_paired(result, out / "compare.png")
+    plot_curves(result, out / "compare_curves.png")
     return result
 
 
+def moving_average(values: Sequence[float], window: int = REWARD_WINDOW) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def steps_to_reward(per_seed: dict, seeds: Sequence[int], variants: Sequence[str]) -> dict:
+    """How many steps each variant needs to reach a fixed training reward.
+
+    The target of a seed is the highest moving-average reward that every variant of that seed reaches (the
+    smallest of their peaks), so each variant has a step count: the first step whose moving average reaches it.
+    Returns ``{"window", "per_seed": {seed: {"target", VARIANT: steps}}, "mean": {VARIANT: steps}, "paired":
+    {"ospo-grpo": t interval, ...}}``.
+    """
+    rows = {}
+    for seed in (str(s) for s in seeds):
+        smooth = {v: moving_average(per_seed[seed][v]["rewards"]) for v in variants}
+        target = min(max(curve) for curve in smooth.values())
+        rows[seed] = dict(target=target, **{v: 1 + next(i for i, r in enumerate(smooth[v]) if r >= target)
+                                             for v in variants})
+    paired = {f"{a}-{b}": t_interval([rows[k][a] - rows[k][b] for k in rows])
+              for a, b in PAIRS if a in variants and b in variants}
+    return dict(window=REWARD_WINDOW, per_seed=rows, mean={v: statistics.fmean(r[v] for r in rows.values())
+                                                           for v in variants}, paired=paired)
+
+
 def summarise(per_seed: dict, seeds: Sequence[int], variants: Sequence[str]) -> dict:
-    """``{"seeds", "variants", "per_seed", "means", "paired", "power"}``:
+    """``{"seeds", "variants", "per_seed", "means", "paired", "power", "steps_to_reward"}``:
 
     - ``means[policy][metric]``: mean and std over seeds of every policy (baselines included);
     - ``paired["ospo-grpo"][metric]``: ``{"mean", "ci95", "sd", "n", "per_seed"}``, the t interval over seeds
       of the per-seed differences (likewise ``"ospo-shuffled"``);
     - ``power``: for the primary metric of each pair, the seeds a +0.05 difference needs at the measured
-      spread and the difference the seeds used can detect (80% power, two-sided 5%).
+      spread and the difference the seeds used can detect (80% power, two-sided 5%);
+    - ``steps_to_reward``: see :func:`steps_to_reward`.
     """
     keys = [str(s) for s in seeds]
     policies = list(dict.fromkeys(p for k in keys for p in per_seed[k]))
@@ -180,7 +231,8 @@ def summarise(per_seed: dict, seeds: Sequence[int], variants: Sequence[str]) -> 
             power[name] = dict(metric=METRICS[0], sd=sd, target=TARGET_DIFFERENCE,
                                seeds_needed=seeds_needed(sd, TARGET_DIFFERENCE),
                                detectable=detectable_difference(sd, len(keys)))
-    return dict(seeds=list(seeds), variants=list(variants), per_seed=per_seed, means=means, paired=paired, power=power)
+    return dict(seeds=list(seeds), variants=list(variants), per_seed=per_seed, means=means, paired=paired, power=power,
+                steps_to_reward=steps_to_reward(per_seed, seeds, variants))
 
 
 def format_comparison(result: dict) -> str:
@@ -201,6 +253,15 @@ def format_comparison(result: dict) -> str:
         lines.append(f"\nPower ({name}, {p['metric']}): the per-seed differences have sd {p['sd']:.4f}; "
                      f"detecting {p['target']:+.2f} (80% power, two-sided 5%) needs {p['seeds_needed']} seeds; "
                      f"{n} seeds detect {p['detectable']:.4f}.")
+    reach = result["steps_to_reward"]
+    lines += ["", f"Steps to reach the highest training reward (moving average over {reach['window']} steps) that "
+              "every variant of a seed reaches:", "",
+              "| seed | target | " + " | ".join(result["variants"]) + " |", "|---|---|" + "---|" * len(result["variants"])]
+    for seed, row in reach["per_seed"].items():
+        lines.append(f"| {seed} | {row['target']:.4f} | " + " | ".join(str(row[v]) for v in result["variants"]) + " |")
+    lines.append("| mean | | " + " | ".join(f"{reach['mean'][v]:.1f}" for v in result["variants"]) + " |")
+    for name, d in reach["paired"].items():
+        lines.append(f"\n{name}: {d['mean']:+.1f} steps [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +288,37 @@ def plot_paired(result: dict, path: Path) -> None:
         ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_title(metric, fontsize=9)
     axes[0][0].set_ylabel("paired difference (95% t interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(result: dict, path: Path) -> None:
+    """compare_curves.png: per variant, the mean over seeds of the training reward (moving average) and of
+    the validation NDCG@10 against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for seed in result["per_seed"].values() for r in seed.values() if r.get("rewards")]
+    if not runs:
+        return
+    fig, (reward_ax, ndcg_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for variant in result["variants"]:
+        records = [result["per_seed"][str(s)][variant] for s in result["seeds"]]
+        length = min(len(r["rewards"]) for r in records)
+        rewards = np.mean([moving_average(r["rewards"][:length]) for r in records], axis=0)
+        reward_ax.plot(np.arange(1, length + 1), rewards, label=variant)
+        points = min(len(r["validation"]) for r in records)
+        steps = [p[0] for p in records[0]["validation"][:points]]
+        ndcg = np.mean([[p[1] for p in r["validation"][:points]] for r in records], axis=0)
+        ndcg_ax.plot(steps, ndcg, marker="o", label=variant)
+    n = len(result["seeds"])
+    reward_ax.set(xlabel="step", ylabel=f"training reward (moving average of {REWARD_WINDOW})",
+                  title=f"training reward, mean of {n} seeds")
+    ndcg_ax.set(xlabel="step", ylabel="validation NDCG@10 (dense, greedy)", title=f"validation NDCG@10, mean of {n} seeds")
+    reward_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

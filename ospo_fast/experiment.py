@@ -66,9 +66,11 @@ class RunSettings:
     max_samples: int | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.25
-    warm_start_steps: int | None = None  # None: 400 for the tiny model, 0 for a pretrained one
-    warm_start_lr: float = 1e-3
-    warm_start_extra: int = 4000  # pseudo-requests from the training items (see warm_start_pairs)
+    # The supervised warm start to the answer format; None: the default of the model and task (see below).
+    warm_start_steps: int | None = None  # 400 for the tiny model; 12 for a pretrained one on the credit task, else 0
+    warm_start_lr: float | None = None  # 1e-3 for the tiny model, 5e-5 for a pretrained one
+    warm_start_extra: int | None = None  # pseudo-requests from the training items (see warm_start_pairs): 4000 for
+    # the tiny model, which must learn to copy text; 0 for a pretrained one, which can
     hidden_size: int = 256
     num_layers: int = 4
     vocab_size: int = 2048
@@ -79,7 +81,19 @@ class RunSettings:
     def warm_start_steps_or_default(self) -> int:
         if self.warm_start_steps is not None:
             return self.warm_start_steps
-        return 400 if self.model == TINY_MODEL else 0
+        if self.model == TINY_MODEL:
+            return 400
+        return 12 if self.task == "credit" else 0  # a pretrained model copies text but must learn the hint format
+
+    def warm_start_lr_or_default(self) -> float:
+        if self.warm_start_lr is not None:
+            return self.warm_start_lr
+        return 1e-3 if self.model == TINY_MODEL else 5e-5
+
+    def warm_start_extra_or_default(self) -> int:
+        if self.warm_start_extra is not None:
+            return self.warm_start_extra
+        return 4000 if self.model == TINY_MODEL else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,15 +178,18 @@ def make_policy(settings: RunSettings, train_task, items: Sequence[str] | None =
     return model, tokenizer
 
 
-def warm_start(model, tokenizer, settings: RunSettings, task, seed: int, progress: bool, items=None) -> list[float]:
+def warm_start(model, tokenizer, settings: RunSettings, task, seed: int, progress: bool, items=None,
+               bf16: bool = False) -> list[float]:
     if settings.task == "credit":  # the format: the request and a random subset of the hints
         from . import credit
 
-        prompts, targets = credit.warm_start_pairs(task, seed=seed, extra=settings.warm_start_extra, items=items)
+        prompts, targets = credit.warm_start_pairs(task, seed=seed, extra=settings.warm_start_extra_or_default(),
+                                                   items=items)
     else:
-        prompts, targets = warm_start_pairs(task, settings.warm_start_extra, seed, items)
+        prompts, targets = warm_start_pairs(task, settings.warm_start_extra_or_default(), seed, items)
     return supervised_warm_start(model, tokenizer, prompts, targets, steps=settings.warm_start_steps_or_default(),
-                                 learning_rate=settings.warm_start_lr, seed=seed, progress=progress)
+                                 learning_rate=settings.warm_start_lr_or_default(), seed=seed, progress=progress,
+                                 bf16=bf16)
 
 
 def retrievers(task, fit_items: Sequence[str] | None = None, device=None) -> dict:
@@ -344,7 +361,8 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
         results = json.loads(baselines_file.read_text())
     else:
         if settings.warm_start_steps_or_default() > 0:
-            warm_start(model, tokenizer, settings, train_task, config.seed, config.progress, items)
+            warm_start(model, tokenizer, settings, train_task, config.seed, config.progress, items,
+                       bool(config.bf16))
         results = {"copy request": evaluate_copy_request(test_task, scorers),
                    "untrained": evaluate_policy(model, tokenizer, test_task, scorers, **evaluate)}
         _write_json(baselines_file, results)

@@ -677,11 +677,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def supervised_warm_start(
     model, tokenizer, prompts: Sequence, targets: Sequence[str], steps: int = 100, batch_size: int = 16,
-    learning_rate: float = 1e-3, seed: int = 0, progress: bool = True,
+    learning_rate: float = 1e-3, seed: int = 0, progress: bool = True, bf16: bool = False,
 ) -> list[float]:
     """A short supervised fine-tune on (prompt, target completion) pairs, so a fresh policy writes the
     answer format before RL starts. Only the completion tokens (and the end-of-sequence token) are trained.
-    Returns the loss of each step."""
+    ``bf16`` runs the forward under bf16 autocast (the weights and the optimizer stay fp32). Returns the loss of
+    each step."""
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"targets: expected one target per prompt ({len(prompts)}), got {len(targets)}")
     device = next(model.parameters()).device
@@ -710,7 +711,8 @@ def supervised_warm_start(
             ids[row, : len(seq)] = torch.tensor(seq)
             labels[row, len(p) : len(seq)] = torch.tensor(t)
             attention[row, : len(seq)] = 1
-        out = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

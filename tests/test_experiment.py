@@ -9,7 +9,7 @@ import torch
 
 import ospo_fast as of
 from ospo_fast import cli
-from ospo_fast.experiment import evaluate_queries, retrievers, warm_start_pairs
+from ospo_fast.experiment import RunSettings, evaluate_queries, retrievers, warm_start_pairs
 
 TINY = ["--model", "tiny", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--warm-start-steps", "3",
         "--eval-every", "1", "--eval-samples", "4", "--save-steps", "1"]
@@ -163,6 +163,11 @@ def test_compare_pairs_variants_within_a_seed_and_resumes(tmp_path, capsys, monk
     assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     assert set(result["paired"]) == {"ospo-grpo", "ospo-shuffled"}
     assert (out / "compare.png").is_file() and "ospo-shuffled" in (out / "compare.md").read_text()
+    # Every variant's validation curve starts at the same untrained policy and has a point per step (--eval-every 1).
+    curves = [result["per_seed"]["0"][v]["validation"] for v in ("grpo", "ospo", "shuffled")]
+    assert [[p[0] for p in c] for c in curves] == [[0, 1, 2]] * 3 and len({c[0][1] for c in curves}) == 1
+    assert set(result["steps_to_reward"]["per_seed"]["0"]) == {"target", "grpo", "ospo", "shuffled"}
+    assert (out / "compare_curves.png").is_file() and "Steps to reach" in (out / "compare.md").read_text()
     # Run again: everything is done, nothing is trained again.
     count = len(starts)
     assert cli.main(args) == 0 and len(starts) == count
@@ -170,6 +175,20 @@ def test_compare_pairs_variants_within_a_seed_and_resumes(tmp_path, capsys, monk
     assert cli.main([*args[:5], "0", "1", "2", *args[6:]]) == 0 and len(starts) == count + 3
     with pytest.raises(ValueError, match="other settings"):
         cli.main([*args, "--lr", "0.5"])
+
+
+def test_steps_to_reward_reads_the_moving_average_against_the_lowest_peak():
+    from ospo_fast.comparison import moving_average, steps_to_reward
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    flat, rising = [0.5] * 6, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    per_seed = {"0": {"grpo": {"rewards": flat}, "ospo": {"rewards": rising}}}
+    reach = steps_to_reward(per_seed, [0], ["grpo", "ospo"])
+    # Peaks of the 5-step moving averages: 0.5 (flat) and 0.6 (rising, at step 6); the target is 0.5. The flat
+    # run is there at step 1, the rising one when its average first reaches 0.5: (0.2+0.4+0.6+0.8+1.0)/5 = 0.6
+    # at step 6, (0+0.2+0.4+0.6+0.8)/5 = 0.4 at step 5.
+    assert reach["per_seed"]["0"] == {"target": 0.5, "grpo": 1, "ospo": 6}
+    assert reach["paired"]["ospo-grpo"]["mean"] == 5
 
 
 def test_credit_task_compare_has_the_oracle_baseline(tmp_path):
@@ -208,3 +227,12 @@ def test_unknown_variant_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="variants: expected names from"):
         cli.main(["compare", "--output", str(tmp_path / "x"), "--variants", "grpo", "ppo", *TINY])
     assert not (tmp_path / "x").exists()
+
+
+def test_warm_start_defaults_follow_the_model_and_task():
+    tiny, pretrained = RunSettings(model="tiny"), RunSettings(model="some/pretrained")
+    assert (tiny.warm_start_steps_or_default(), tiny.warm_start_lr_or_default(), tiny.warm_start_extra_or_default()) \
+        == (400, 1e-3, 4000)
+    assert (pretrained.warm_start_steps_or_default(), pretrained.warm_start_extra_or_default()) == (0, 0)
+    assert RunSettings(model="some/pretrained", task="credit").warm_start_steps_or_default() == 12
+    assert RunSettings(model="tiny", warm_start_steps=3, warm_start_lr=0.5).warm_start_lr_or_default() == 0.5
