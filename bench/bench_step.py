@@ -25,7 +25,7 @@ import tempfile
 import torch
 
 import ospo_fast as of
-from ospo_fast.policy import build_tokenizer, tiny_causal_lm
+from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
 from ospo_fast.trainer import OSPOConfig, OSPOTrainer, supervised_warm_start
 
 

@@ -28,11 +28,28 @@ from .segment import (
     token_player_maps,
 )
 from .structure import MAX_PLAYERS, CoalitionStructure
-from . import data, rewards  # noqa: E402  (subpackages: of.rewards.DenseRetrievalReward, of.data.default_task)
 from .loss import grpo_loss, token_logprobs
 from .trainer import OSPOConfig, OSPOTrainer
 
+from . import _extension
+
+# Load the compiled operators now, as extension-cpp does: torch.ops.ospo_fast.* and their fake (meta) kernels
+# exist as soon as ``import ospo_fast`` returns. Without a build the package runs on its torch reference.
+_extension._load()
+
 __version__ = "0.1.0"
+
+#: Subpackages loaded on first use (``of.data.default_task``, ``of.rewards.DenseRetrievalReward``), so that
+#: ``import ospo_fast`` does not import pandas (the data loaders) or the application layer.
+_LAZY_SUBPACKAGES = ("app", "data", "integrations", "rewards")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Attribution",

@@ -1,7 +1,8 @@
 """Loads the compiled extension ``ospo_fast._C`` and says which backends this install has.
 
-The package works without the extension (pure torch reference); a missing build is reported once, as a
-warning, only when a backend that needs it is asked for.
+``import ospo_fast`` calls :func:`_load`, which registers the operators and their fake (meta) kernels. The
+package works without the extension (pure torch reference); a missing build is reported once, as a warning,
+only when a backend that needs it is asked for.
 """
 
 from __future__ import annotations

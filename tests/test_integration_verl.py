@@ -25,7 +25,7 @@ from ospo_fast.integrations.verl import (
     score_responses,
     split_token_rewards,
 )
-from ospo_fast.policy import build_tokenizer
+from ospo_fast.app.tiny import build_tokenizer
 from ospo_fast.segment import Segmenter
 
 RESPONSES = [

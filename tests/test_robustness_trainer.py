@@ -10,10 +10,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from ospo_fast import cli, experiment
+from ospo_fast.app import cli, experiment
 from ospo_fast.advantages import group_advantages
-from ospo_fast.experiment import RunSettings
-from ospo_fast.policy import build_tokenizer, tiny_causal_lm
+from ospo_fast.app.experiment import RunSettings
+from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
 from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer
 
 
@@ -289,7 +289,8 @@ def test_metrics_lines_are_written_in_one_flushed_write(tmp_path, monkeypatch):
 
 
 def test_report_readers_tolerate_a_torn_last_metrics_line(tmp_path):
-    from ospo_fast.experiment import _step_seconds, format_lines, plot_curves
+    from ospo_fast.app.experiment import _step_seconds
+    from ospo_fast.app.report import format_lines, plot_curves
 
     steps = [dict(step=s, reward=0.1 * s, format_rate=1.0, completion_length=5.0, step_seconds=2.0,
                   generation_seconds=1.0, attribution_seconds=0.5, optimise_seconds=0.5) for s in (1, 2)]

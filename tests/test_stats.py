@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ospo_fast.stats import bootstrap_interval, detectable_difference, seeds_needed, t_interval
+from ospo_fast.app.stats import bootstrap_interval, detectable_difference, seeds_needed, t_interval
 
 
 def test_t_interval_matches_scipy_on_random_inputs():

@@ -9,7 +9,8 @@ import torch
 
 import ospo_fast as of
 from ospo_fast.data import follows_format
-from ospo_fast.policy import build_tokenizer, completion_offsets, tiny_causal_lm
+from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
+from ospo_fast.policy import completion_offsets
 from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
 
 KEYWORDS = [["red", "running", "shoes"], ["usb", "charger", "cable"]]

@@ -13,43 +13,7 @@ Kaggle competition (:func:`load_hm`). The shipped default dataset (``default/``)
 (Apache-2.0, attribution in ``default/NOTICE``).
 """
 
-from .esci import (
-    ESCI_COLUMNS,
-    EXAMPLE_COLUMNS,
-    PRODUCT_COLUMNS,
-    default_esci_path,
-    load_default_esci,
-    load_esci,
-    load_esci_csv,
-    product_text,
-    product_text_parts,
-    title_category,
-)
-from .hm import (
-    ARTICLE_COLUMNS,
-    CUSTOMER_COLUMNS,
-    TRANSACTION_COLUMNS,
-    HMData,
-    article_text,
-    customer_histories,
-    load_hm,
-    normalise_article_id,
-)
-from .ngrams import char_ngram_vectors, ngram_neighbours
-from .pools import (
-    DEFAULT_MIX,
-    KINDS,
-    NEGATIVES,
-    Pools,
-    bm25_ranked,
-    build_pools,
-    category_codes,
-    esci_pools,
-    hm_pools,
-    owner_rng,
-    pool_mix,
-)
-from .prompts import (
+from .prompts import (  # loaded at once: the trainer reads the answer format, and it needs no pandas
     ESCI_WORKED_EXAMPLES,
     ESCI_SYSTEM,
     ESCI_TEMPLATE,
@@ -62,16 +26,45 @@ from .prompts import (
     follows_format,
     render,
 )
-from .tasks import (
-    Sample,
-    SearchTask,
-    default_task,
-    esci_task,
-    held_out_items,
-    hm_task,
-    three_way_split,
-    train_eval_split,
-)
+
+#: The names of the modules that read files (they import pandas), loaded on first use.
+_LAZY_NAMES = {
+    "esci": (
+        "ESCI_COLUMNS", "EXAMPLE_COLUMNS", "PRODUCT_COLUMNS", "default_esci_path", "load_default_esci",
+        "load_esci", "load_esci_csv", "product_text", "product_text_parts", "title_category",
+    ),
+    "hm": (
+        "ARTICLE_COLUMNS", "CUSTOMER_COLUMNS", "TRANSACTION_COLUMNS", "HMData", "article_text",
+        "customer_histories", "load_hm", "normalise_article_id",
+    ),
+    "ngrams": (
+        "char_ngram_vectors", "ngram_neighbours",
+    ),
+    "pools": (
+        "DEFAULT_MIX", "KINDS", "NEGATIVES", "Pools", "bm25_ranked", "build_pools", "category_codes",
+        "esci_pools", "hm_pools", "owner_rng", "pool_mix",
+    ),
+    "tasks": (
+        "Sample", "SearchTask", "default_task", "esci_task", "held_out_items", "hm_task", "three_way_split",
+        "train_eval_split",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _LAZY_NAMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "ARTICLE_COLUMNS",

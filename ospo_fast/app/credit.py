@@ -27,11 +27,10 @@ from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from .data.prompts import chat
-from .data.tasks import Sample, SearchTask
-from .segment import CONJUNCTIONS, PREPOSITIONS, Segmenter
+from ..data.prompts import chat
+from ..data.tasks import Sample, SearchTask
+from ..segment import CONJUNCTIONS, PREPOSITIONS, Segmenter
 
 __all__ = ["CREDIT_SYSTEM", "credit_task", "hint_phrases", "credit_answer", "warm_start_pairs", "attribution_check"]
 
@@ -179,7 +178,7 @@ def attribution_check(task: SearchTask, reward, budget: int = 64, seed: int = 0,
     the share of hint segments with the right sign (all, true hints, decoys), the share valued exactly 0,
     and the mean exact Owen value of each kind.
     """
-    from .attribution import OwenAttributor
+    from ..attribution import OwenAttributor
 
     samples = task.samples[:limit] if limit else task.samples
     texts, kinds = [], []

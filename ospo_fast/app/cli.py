@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .owen import owen_from_values
-from .policy import DEFAULT_MODEL
-from .plans import exact_plan, sampled_plan
-from .segment import Segmenter, coalition_texts
+from ..owen import owen_from_values
+from ..policy import DEFAULT_MODEL
+from ..plans import exact_plan, sampled_plan
+from ..segment import Segmenter, coalition_texts
 
 DEMO_TEXT = (
     "<think>the user wants a charger for an iphone</think><answer>fast iphone charger with usb c cable for car. "
@@ -100,7 +100,7 @@ def _given(args) -> dict:
 
 def _settings_and_config(args):
     from .experiment import RunSettings
-    from .trainer import OSPOConfig
+    from ..trainer import OSPOConfig
 
     values = {**RUN_DEFAULTS, **_given(args)}
     settings = RunSettings(**{field: values[flag] for flag, field in SETTINGS_FLAGS.items()})
@@ -115,7 +115,7 @@ def _resumed_settings_and_config(args):
     from dataclasses import asdict
 
     from .experiment import RUN_FILE, RunSettings
-    from .trainer import CHECKPOINT, RESUME_MAY_DIFFER, OSPOConfig, read_checkpoint
+    from ..trainer import CHECKPOINT, RESUME_MAY_DIFFER, OSPOConfig, read_checkpoint
 
     out = Path(args.output)
     saved_config = read_checkpoint(out / CHECKPOINT, mmap=True)["config"]  # fails at once when missing or damaged
@@ -206,7 +206,7 @@ def _run_to_evaluate(run: Path) -> tuple[dict, dict, Path]:
 
 def evaluate(args) -> int:
     from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers, training_items
-    from .policy import load_policy
+    from ..policy import load_policy
 
     if bool(args.run) == bool(args.model):
         raise SystemExit("eval: give exactly one of --run DIR or --model NAME")
@@ -251,8 +251,8 @@ def compare(args) -> int:
 
 
 def attribute(args) -> int:
-    from .attribution import OwenAttributor
-    from .data import default_task
+    from ..attribution import OwenAttributor
+    from ..data import default_task
     from .experiment import request_of
 
     task = default_task(seed=args.seed)
@@ -299,7 +299,7 @@ MAIN_JOB = dict(steps=24, prompts_per_step=4, group_size=6, lr=2e-5, max_new_tok
 
 
 def _run_defaults() -> dict:
-    from .trainer import OSPOConfig
+    from ..trainer import OSPOConfig
 
     config = {f.name: f.default for f in fields(OSPOConfig)}
     return dict(

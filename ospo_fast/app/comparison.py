@@ -28,13 +28,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .advantages import REDISTRIBUTION_MODES
+from ..advantages import REDISTRIBUTION_MODES
 from .experiment import (
     RunSettings, _write_json, evaluate_copy_request, evaluate_policy, load_task, make_policy, retrievers,
     score_answers, training_items, warm_start,
 )
 from .stats import detectable_difference, seeds_needed, t_interval
-from .trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
+from ..trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
 
 VARIANTS = ("grpo", "ospo", "shuffled")
 #: The paired differences reported, when both variants ran.
