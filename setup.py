@@ -8,9 +8,9 @@ them. Install after torch: ``pip install --no-build-isolation -e .``.
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 
 def want_cuda() -> bool:
@@ -25,7 +25,8 @@ def extension():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     sources = ["csrc/owen_aggregate.cpp", "csrc/varlen_attention.cpp", "csrc/encoder_rows.cpp"]
     if not want_cuda():
-        return CppExtension("ospo_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        return CppExtension("ospo_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=["-fopenmp"])
     sources += ["csrc/owen_aggregate_cuda.cpp"] + sorted(glob.glob("csrc/*.cu"))
     return CUDAExtension(
         "ospo_fast._C",

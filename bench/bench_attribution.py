@@ -102,7 +102,8 @@ def main(argv=None):
 
     texts, labels = iphone_charger_pool()
     reward = of.rewards.DenseRetrievalReward(
-        items=[t[:400] for t in texts], pools=[list(range(len(texts)))], gains=[[of.rewards.esci_gain(x) for x in labels]],
+        items=[t[:400] for t in texts], pools=[list(range(len(texts)))],
+        gains=[[of.rewards.esci_gain(x) for x in labels]],
         device=args.device,
     )
     batch_texts = responses(args.responses)
@@ -122,7 +123,8 @@ def main(argv=None):
         name = "fp32" if dtype == torch.float32 else "bf16"
         label = f"ospo_fast packed {name}" + (" (default)" if dtype == dtypes[0] else " (opt-in)")
         rows.append(dict(provider=label, responses=len(batch_texts), coalitions=result.num_coalitions,
-                         evaluations=result.num_evaluations, seconds=seconds, coalitions_per_s=result.num_coalitions / seconds))
+                         evaluations=result.num_evaluations, seconds=seconds,
+                         coalitions_per_s=result.num_coalitions / seconds))
         if dtype == dtypes[0]:
             out, fast_seconds = result, seconds
     other_row = rows.pop()
@@ -161,18 +163,21 @@ def main(argv=None):
     fast_rate = rows[0]["coalitions_per_s"]
     for r in rows:
         r["ospo_fast_speedup"] = fast_rate / r["coalitions_per_s"]
-    print(f"{'provider':<42} {'responses':>9} {'coalitions':>10} {'evals':>6} {'seconds':>9} {'coal/s':>8} {'ospo_fast x':>11}")
+    print(f"{'provider':<42} {'responses':>9} {'coalitions':>10} {'evals':>6} {'seconds':>9} {'coal/s':>8} "
+          f"{'ospo_fast x':>11}")
     for r in rows:
-        print(f"{r['provider']:<42} {r['responses']:>9} {r['coalitions']:>10} {r['evaluations']:>6} {r['seconds']:>9.3f} "
-              f"{r['coalitions_per_s']:>8.1f} {r['ospo_fast_speedup']:>10.1f}x")
+        print(f"{r['provider']:<42} {r['responses']:>9} {r['coalitions']:>10} {r['evaluations']:>6} "
+              f"{r['seconds']:>9.3f} {r['coalitions_per_s']:>8.1f} {r['ospo_fast_speedup']:>10.1f}x")
     share = floor / fast_seconds
-    print(f"\nGEMM floor: {encoder_flops(reward.encoder.model, lengths) / 1e9:.2f} GFLOP on {int(lengths.sum())} kept tokens "
-          f"in {len(lengths)} sequences at {rate / 1e9:.1f} GFLOP/s ({'8192^2 bf16' if on_cuda else '2048^2 fp32'} matmul here) = {floor:.4f} s; "
+    print(f"\nGEMM floor: {encoder_flops(reward.encoder.model, lengths) / 1e9:.2f} GFLOP on "
+          f"{int(lengths.sum())} kept tokens in {len(lengths)} sequences at {rate / 1e9:.1f} GFLOP/s "
+          f"({'8192^2 bf16' if on_cuda else '2048^2 fp32'} matmul here) = {floor:.4f} s; "
           f"ospo_fast {fast_seconds:.3f} s = {100 * share:.0f}% of the floor")
     print("ospo_fast x: speed-up of the default packed path (fp32 on the CPU, bf16 on CUDA) over each row")
     print("timings of one attribution (s): " + ", ".join(f"{k} {v:.4f}" for k, v in out.timings.items()))
 
-    meta = dict(machine=platform.machine(), cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
+    meta = dict(machine=platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
+                threads=torch.get_num_threads())
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
@@ -189,11 +194,13 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
     seg = [segmenter(t) for t in texts]
     plans = [of.make_plan(sg.structure, "auto", budget=budget, seed=0) for sg in seg]
     coalitions = CoalitionBatch.build(seg, plans, owners)
-    print(f"\nGPU device half ({torch.cuda.get_device_name()}), {len(seg)} responses, {coalitions.batch.num_values} coalitions:")
+    print(f"\nGPU device half ({torch.cuda.get_device_name()}), {len(seg)} responses, "
+          f"{coalitions.batch.num_values} coalitions:")
     print(f"{'encoder path':<52} {'evals':>6} {'tokens':>7} {'median ms':>10} {'min ms':>8} {'host sync':>9}")
     first = None  # the default path's evaluator and layout, profiled below
     for label, kwargs, fused in (
-        (f"bf16, varlen attention ({getattr(_flash_varlen(), '__module__', 'none')})", dict(dtype=torch.bfloat16), True),
+        (f"bf16, varlen attention ({getattr(_flash_varlen(), '__module__', 'none')})",
+         dict(dtype=torch.bfloat16), True),
         ("the same, LayerNorm steps in torch ops (A/B)", dict(dtype=torch.bfloat16), False),
         ("bf16, SDPA per length", dict(dtype=torch.bfloat16, attention="sdpa"), True),
         ("fp32, SDPA per length", dict(dtype=torch.float32, attention="sdpa"), True),
@@ -219,7 +226,8 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             tokens = int(layout.lengths.sum())
-            print(f"{label:<52} {layout.num_sequences:>6} {tokens:>7} {np.median(times):>10.2f} {min(times):>8.2f} {synced:>9}")
+            print(f"{label:<52} {layout.num_sequences:>6} {tokens:>7} {np.median(times):>10.2f} "
+                  f"{min(times):>8.2f} {synced:>9}")
             if first is None:
                 first = (evaluator, layout)
         except Exception as exc:  # one failing path must not hide the others' numbers

@@ -9,9 +9,10 @@ Workloads (a batch of games sharing one structure, as in a GRPO batch of short r
 Rows: plan building (cold: caches cleared; warm: cached), PlanBatch building for mixed structures, an
 attribution call's plans for 64 responses (fresh draws, batched and one by one; a seed's cached plans), and
 aggregation with each backend available and with ``values @ W`` (the dense Owen weight matrix) — the
-obvious alternative; for mixed structures, one dense matmul per distinct plan. Ratios are measured side by side in this one process. Where the bundled MiniLM
-reward is installed, the aggregation time is also set beside the encoder time of the same coalitions
-(one short coalition text per value), to show its share of an attribution step.
+obvious alternative; for mixed structures, one dense matmul per distinct plan. Ratios are measured side by
+side in this one process. Where the bundled MiniLM reward is installed, the aggregation time is also set
+beside the encoder time of the same coalitions (one short coalition text per value), to show its share of
+an attribution step.
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ def main(argv=None):
         agg = min(r["seconds"] for r in rows if r["workload"] == "exact 3x4" and r["provider"].startswith("ospo_fast")
                   and r.get("device") == "cpu" and r.get("dtype") == "float32")
         encode = per_coalition * plan.num_coalitions * args.games
-        summary = dict(encoder_seconds_per_coalition=per_coalition, aggregation_share_of_attribution=agg / (agg + encode))
+        summary = dict(encoder_seconds_per_coalition=per_coalition,
+                       aggregation_share_of_attribution=agg / (agg + encode))
         print(f"\nMiniLM: {per_coalition * 1e3:.3f} ms per coalition text here; evaluating {args.games} games x "
               f"{plan.num_coalitions} coalitions would take {encode:.1f} s, aggregation {agg * 1e3:.2f} ms "
               f"= {100 * summary['aggregation_share_of_attribution']:.1e}% of the step.")

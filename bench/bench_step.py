@@ -63,7 +63,8 @@ def main(argv=None):
                                 max_steps=args.steps + 1, max_new_tokens=args.max_new_tokens,
                                 attribution_budget=args.budget, attribution_dtype=args.attribution_dtype,
                                 save_steps=10**6, progress=False)
-            trainer = OSPOTrainer(model, tokenizer, reward, [s.prompt for s in samples], [s.owner for s in samples], config)
+            trainer = OSPOTrainer(model, tokenizer, reward, [s.prompt for s in samples], [s.owner for s in samples],
+                                  config)
             history = trainer.train()[1:]  # the first step warms caches up
         results.setdefault(mode, []).extend(history)
 
@@ -88,8 +89,9 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(dict(meta=dict(machine=platform.machine(), torch=torch.__version__, threads=torch.get_num_threads(),
-                                     cuda=torch.cuda.is_available()), args=vars(args), rows=rows, ratio=ratio), f, indent=2)
+            json.dump(dict(meta=dict(machine=platform.machine(), torch=torch.__version__,
+                                     threads=torch.get_num_threads(), cuda=torch.cuda.is_available()),
+                           args=vars(args), rows=rows, ratio=ratio), f, indent=2)
         print(f"wrote {args.json}")
 
 

@@ -4,8 +4,10 @@ The data flows one way: text -> structure -> plan -> batched evaluation -> value
 token advantages -> loss. This package exposes each stage; see README.md for a tour.
 """
 
+from . import _extension
 from .advantages import group_advantages, redistribute, spread_credit
 from .attribution import Attribution, Attributions, OwenAttributor, TokenCredit
+from .loss import grpo_loss, token_logprobs
 from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
 from .plans import (
     MAX_EXACT_COALITIONS,
@@ -28,10 +30,7 @@ from .segment import (
     token_player_maps,
 )
 from .structure import MAX_PLAYERS, CoalitionStructure
-from .loss import grpo_loss, token_logprobs
 from .trainer import OSPOConfig, OSPOTrainer
-
-from . import _extension
 
 # Load the compiled operators now, as extension-cpp does: torch.ops.ospo_fast.* and their fake (meta) kernels
 # exist as soon as ``import ospo_fast`` returns. Without a build the package runs on its torch reference.

@@ -266,7 +266,8 @@ def _check_redistribution_inputs(advantages, token_credit, completion_mask, segm
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name}: expected a bool or float tensor [N, T], got {type(x).__name__}")
         if x.shape != token_credit.shape:
-            raise ValueError(f"{name}: expected the shape of token_credit {list(token_credit.shape)}, got {list(x.shape)}")
+            raise ValueError(f"{name}: expected the shape of token_credit {list(token_credit.shape)}, "
+                             f"got {list(x.shape)}")
     for name, x in (("token_credit", token_credit), *masks.items()):
         if x.device != advantages.device:
             raise ValueError(f"{name}: on {x.device}, advantages on {advantages.device}; put them on one device")
@@ -315,7 +316,8 @@ def _bound_shares(shares: torch.Tensor, segment: torch.Tensor, max_share: float)
     """Each row pulled towards uniform just enough that no segment token's share exceeds ``max_share``."""
     highest = torch.where(segment, shares, torch.zeros_like(shares)).amax(dim=1, keepdim=True)
     excess = highest - 1
-    lam = torch.where(highest > max_share, (max_share - 1) / torch.where(excess > 0, excess, torch.ones_like(excess)), 1.0)
+    lam = torch.where(highest > max_share,
+                      (max_share - 1) / torch.where(excess > 0, excess, torch.ones_like(excess)), 1.0)
     return torch.where(lam < 1, 1 + lam * (shares - 1), shares)
 
 
@@ -361,7 +363,8 @@ def redistribute(
     if max_share is not None:
         max_share = _real_number(max_share, "max_share", 1.0, float("inf"))
     bounds = _clip_bounds(clip)
-    A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask, check_finite)
+    A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask,
+                                                       check_finite)
     length = segment.sum(dim=1, keepdim=True).to(A.dtype)
     u = torch.where(A[:, None] >= 0, c, -c)  # credit in the advantage's direction (sign(0) = +1)
     score = torch.clamp(u, min=0) if mode != "rank" else _average_ranks(u, segment, length)

@@ -12,7 +12,6 @@ forward) or any text reward ``reward(texts, owners) -> float [N]`` (evaluated wi
 from __future__ import annotations
 
 import html
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,7 +57,8 @@ class Attribution:
         for i, segment in enumerate(self.segmentation.segments):
             rows.append(f"{self.segmentation.structure.union_of[i]:>5}  {float(self.phi[i]):>9.4f}  {segment}")
         if self.plan.num_players:
-            rows.append(f"v(N) = {self.reward:.4f}, v(empty) = {self.baseline:.4f}, sum of Owen values = {float(self.phi.sum()):.4f}")
+            rows.append(f"v(N) = {self.reward:.4f}, v(empty) = {self.baseline:.4f}, "
+                        f"sum of Owen values = {float(self.phi.sum()):.4f}")
         return "\n".join(rows)
 
     def to_html(self) -> str:
@@ -265,7 +265,8 @@ class OwenAttributor:
                     (("attention", attention, "auto"), ("encoder_dtype", encoder_dtype, None)) if value != default]
         if evaluator == "text":
             if explicit:
-                raise ValueError(f"{explicit[0].split('=')[0]}: only the packed evaluator uses it, and evaluator='text'")
+                raise ValueError(f"{explicit[0].split('=')[0]}: only the packed evaluator uses it, "
+                                 "and evaluator='text'")
             return None
         try:
             return EncoderCoalitionEvaluator(reward, attention=attention, dtype=encoder_dtype)
@@ -291,7 +292,8 @@ class OwenAttributor:
         the saving attributor's next call would have drawn. ``state`` is checked before anything changes."""
         if not isinstance(state, dict) or set(state) != {"rng"}:
             got = f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"state: expected OwenAttributor.state_dict()'s output, a dict with the key 'rng', got {got}")
+            raise ValueError("state: expected OwenAttributor.state_dict()'s output, a dict with the key 'rng', "
+                             f"got {got}")
         rng_state = state["rng"]
         if not isinstance(rng_state, dict) or rng_state.get("bit_generator") != "PCG64":
             raise ValueError(
@@ -314,7 +316,8 @@ class OwenAttributor:
                 distinct[t] = self.segmenter(t)
         return [distinct[t] for t in texts]
 
-    def __call__(self, texts: Sequence[str], owners, segmentations: Sequence[Segmentation] | None = None) -> Attributions:
+    def __call__(self, texts: Sequence[str], owners,
+                 segmentations: Sequence[Segmentation] | None = None) -> Attributions:
         """Attribute ``texts[j]``'s reward against owner ``owners[j]`` to its segments.
 
         ``segmentations`` may be passed when the caller already segmented the texts.
@@ -357,7 +360,8 @@ class OwenAttributor:
         items = [
             Attribution(text=t, owner=int(o), segmentation=sg, plan=p, values=v, phi=f)
             for t, o, sg, p, v, f in zip(
-                texts, owners.tolist(), segmentations, plans, coalitions.batch.split_values(values), coalitions.batch.split(phi)
+                texts, owners.tolist(), segmentations, plans, coalitions.batch.split_values(values),
+                coalitions.batch.split(phi),
             )
         ]
         t4 = time.perf_counter()

@@ -17,7 +17,6 @@ coalition (``[CLS] [SEP]`` for an encoder) is embedded once for the whole batch.
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from dataclasses import dataclass, field
 from itertools import chain
@@ -393,7 +392,8 @@ class PackedBertForward:
                     w_qkv=w_qkv,
                     b_qkv=b_qkv - w_qkv @ pending[i],
                     w_out_t=out.dense.weight.detach().t(),
-                    ln_attention=(out.LayerNorm.weight.detach(), out.LayerNorm.bias.detach() + b_down, out.LayerNorm.eps),
+                    ln_attention=(out.LayerNorm.weight.detach(), out.LayerNorm.bias.detach() + b_down,
+                                  out.LayerNorm.eps),
                     w_up_t=up.weight.detach().t(),
                     b_up=up.bias.detach() - up.weight.detach() @ b_down,
                     w_down_t=ffn.dense.weight.detach().t(),
@@ -562,7 +562,8 @@ _POOLING_METHODS = ("runs", "segments", "triton")
 
 
 def pool_packed(
-    hidden: torch.Tensor, packed: PackedSequences, pooling: str, method: str | None = None, out: torch.Tensor | None = None
+    hidden: torch.Tensor, packed: PackedSequences, pooling: str, method: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sentence embeddings float ``[S, hidden]`` (L2-normalised) from packed hidden states, written to ``out``
     (float32 ``[S, hidden]``, contiguous) when given.
@@ -654,7 +655,8 @@ class EncoderCoalitionEvaluator:
         self.encoder = reward.encoder
         tok = self.encoder.tokenizer
         if getattr(self.encoder, "pooling", "mean") not in ("mean", "cls"):
-            raise ValueError(f"reward.encoder.pooling: the packed path supports 'mean' and 'cls', got {self.encoder.pooling!r}")
+            raise ValueError("reward.encoder.pooling: the packed path supports 'mean' and 'cls', "
+                             f"got {self.encoder.pooling!r}")
         attention, dtype = check_packed_options(attention, dtype)
         if dtype is None:
             dtype = torch.bfloat16 if reward.device.type == "cuda" else torch.float32
@@ -829,7 +831,8 @@ class EncoderCoalitionEvaluator:
                 cls_id=self.cls_id, sep_id=self.sep_id, total_tokens=positions.shape[0],
                 max_text_tokens=layout.max_text_tokens, backend=self.pack_backend,
             )
-            packed = PackedSequences(input_ids=input_ids, position_ids=positions, cu_seqlens=cu32, lengths=lengths[lo:hi])
+            packed = PackedSequences(input_ids=input_ids, position_ids=positions, cu_seqlens=cu32,
+                                     lengths=lengths[lo:hi])
             hidden = self.forward.hidden_states(packed)
             pool_packed(hidden, packed, self.encoder.pooling, out=embeddings[lo:hi])
         return embeddings, extra_on_device

@@ -404,7 +404,8 @@ def sampled_plan(
     _check_rng(rng)
     if rng is None:
         return _sampled_plan_cached(structure, num_permutations, seed, bool(antithetic))
-    return _sampled_plan_from_orders(structure, owen_orders(structure, num_permutations, antithetic=antithetic, rng=rng))
+    return _sampled_plan_from_orders(structure,
+                                     owen_orders(structure, num_permutations, antithetic=antithetic, rng=rng))
 
 
 @functools.lru_cache(maxsize=4096)

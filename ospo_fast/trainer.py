@@ -36,7 +36,7 @@ import pickle
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -166,7 +166,8 @@ def _number_in(cfg, name: str, low: float, high: float, low_open: bool = False, 
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        interval = ("(" if low_open else "[") + f"{low}, " + (f"{high})" if high_open or high == math.inf else f"{high}]")
+        interval = (("(" if low_open else "[") + f"{low}, "
+                    + (f"{high})" if high_open or high == math.inf else f"{high}]"))
         raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r}")
 
 
@@ -516,7 +517,8 @@ def read_checkpoint(path, map_location=None, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {path}; run without --resume first")
-    expected = f"expected a checkpoint written by OSPOTrainer.save_checkpoint (a dict with keys {list(CHECKPOINT_KEYS)})"
+    expected = ("expected a checkpoint written by OSPOTrainer.save_checkpoint "
+                f"(a dict with keys {list(CHECKPOINT_KEYS)})")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -573,7 +575,8 @@ def _dtype(name: str | None) -> torch.dtype | None:
         return None
     dtype = getattr(torch, str(name).replace("torch.", ""), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"attribution_dtype: expected None or a floating torch dtype name like 'bfloat16', got {name!r}")
+        raise ValueError("attribution_dtype: expected None or a floating torch dtype name like 'bfloat16', "
+                         f"got {name!r}")
     return dtype
 
 

@@ -80,7 +80,8 @@ def random_game(n: int, generator: torch.Generator) -> TableGame:
 def random_structure(n: int, generator: torch.Generator) -> CoalitionStructure:
     """A random partition of 0..n-1 into unions (players shuffled, so unions need not be contiguous)."""
     players = torch.randperm(n, generator=generator).tolist()
-    cuts = sorted(torch.randperm(n - 1, generator=generator)[: int(torch.randint(0, n, (1,), generator=generator))].add(1).tolist())
+    cuts = sorted(torch.randperm(n - 1, generator=generator)[: int(torch.randint(0, n, (1,), generator=generator))]
+                  .add(1).tolist())
     bounds = [0] + cuts + [n]
     return CoalitionStructure([players[a:b] for a, b in zip(bounds, bounds[1:])])
 

@@ -34,7 +34,9 @@ def test_hints_come_from_their_items_and_are_marked(base, task):
     assert len(task) > len(base) // 2
     for s in task.samples:
         true, decoys = s.info["true_hints"], s.info["decoy_hints"]
-        target = base.items[base.pools[s.owner][max(range(len(base.gains[s.owner])), key=base.gains[s.owner].__getitem__)]]
+        target = base.items[
+            base.pools[s.owner][max(range(len(base.gains[s.owner])), key=base.gains[s.owner].__getitem__)]
+        ]
         decoy = base.items[s.info["decoy_item"]]
         assert s.info["decoy_item"] in base.pools[s.owner] and decoy != target
         for hint in true:

@@ -33,7 +33,8 @@ def random_response(rng: random.Random) -> str:
     """A random answer: 1-3 sentences of random shopping words, sometimes after a think block."""
     sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 3))]
     answer = ". ".join(sentences)
-    return f"<think>{rng.choice(WORDS)} {rng.choice(WORDS)}</think><answer>{answer}</answer>" if rng.random() < 0.5 else answer
+    return (f"<think>{rng.choice(WORDS)} {rng.choice(WORDS)}</think><answer>{answer}</answer>" if rng.random() < 0.5
+            else answer)
 
 
 def punctuated_response(rng: random.Random) -> str:
@@ -95,7 +96,8 @@ def test_packed_forward_matches_per_coalition_loop_through_unmodified_model(rewa
     embeddings, seq_index = EncoderCoalitionEvaluator(reward).embed(coalitions)
     got = embeddings[torch.from_numpy(seq_index)]
     unique, coalition = coalitions.value_rows()
-    coalition_texts = [of.coalition_texts(coalitions.segmentations[u], coalitions.plans[u].masks) for u in range(len(coalitions.plans))]
+    coalition_texts = [of.coalition_texts(coalitions.segmentations[u], coalitions.plans[u].masks)
+                       for u in range(len(coalitions.plans))]
     expected = torch.stack([reward.encoder.encode([coalition_texts[u][c]])[0] for u, c in zip(unique, coalition)])
     assert_close(got, expected, rtol=1e-5, atol=2e-5, what="packed embeddings")
 
@@ -139,7 +141,8 @@ def test_players_and_gaps_tokenised_alone_get_their_tokens_in_the_whole_response
     rng = random.Random(13)
     extra = ["t-shirt", "men's", "3.5", "1,000", "$20", "(2 pack)", "e.g.", "usb-c/lightning", "naïve", "café;", "x2!",
              "中文字", "a—b", "wait…", "•item", "ＡＢＣ", "😀ok", "Ünïcödé", "50%", "#1", "a_b", "q&a"]
-    texts = [random_response(rng) + " " + " ".join(rng.sample(extra, 3)) + rng.choice([".", ", and", "?"]) for _ in range(40)]
+    texts = [random_response(rng) + " " + " ".join(rng.sample(extra, 3)) + rng.choice([".", ", and", "?"])
+             for _ in range(40)]
     texts += [punctuated_response(rng) for _ in range(20)] + [t[:300] for t in iphone_charger_pool()[0][:40]]
     segmentations = [of.Segmenter(max_players=rng.choice([5, 9, MAX_PLAYERS]))(t) for t in texts]
     segmentations += [words_between_players(rng) for _ in range(25)]
@@ -152,7 +155,8 @@ def test_players_and_gaps_tokenised_alone_get_their_tokens_in_the_whole_response
         needs = _needs_in_context(sg, whole["offset_mapping"])
         expected = [(t, need) for t, need in zip(whole["input_ids"], needs) if need]
         lo, hi = layout.text_offsets[u], layout.text_offsets[u + 1]
-        got = [(t, need % (1 << 64)) for t, need in zip(layout.token_ids[lo:hi].tolist(), layout.token_need[lo:hi].tolist())]
+        got = [(t, need % (1 << 64))
+               for t, need in zip(layout.token_ids[lo:hi].tolist(), layout.token_need[lo:hi].tolist())]
         assert got == expected, sg.text
 
 
@@ -183,7 +187,8 @@ def test_a_player_at_bit_63_and_the_gap_before_it_are_kept_by_their_coalitions(r
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     args = [torch.from_numpy(a).to(device) for a in (layout.token_ids, layout.token_need, layout.text_offsets)]
     out = pack_coalitions(
-        *args, torch.zeros(len(texts), dtype=torch.long, device=device), torch.from_numpy(keys.view(np.int64)).to(device),
+        *args, torch.zeros(len(texts), dtype=torch.long, device=device),
+        torch.from_numpy(keys.view(np.int64)).to(device),
         torch.from_numpy(cu).to(device), evaluator.cls_id, evaluator.sep_id, int(cu[-1]), layout.max_text_tokens,
         backend=backend,
     ).cpu()
@@ -200,7 +205,8 @@ def test_coalitions_with_the_same_text_share_one_sequence(reward, monkeypatch, c
         monkeypatch.setattr(evaluate, "_ROW_KEY_MULTIPLIERS", np.zeros_like(evaluate._ROW_KEY_MULTIPLIERS))
     texts = ["usb c cable for car. black", "usb c cable with magsafe. black", "usb c cable for car. black, 2 pack"]
     coalitions = _batch(texts, [0, 1, 0], method="exact")
-    contents = {text for sg, plan in zip(coalitions.segmentations, coalitions.plans) for text in of.coalition_texts(sg, plan.masks)}
+    contents = {text for sg, plan in zip(coalitions.segmentations, coalitions.plans)
+                for text in of.coalition_texts(sg, plan.masks)}
     evaluator = EncoderCoalitionEvaluator(reward)
     layout = evaluator.layout(coalitions)
     assert layout.num_sequences == len(contents) < coalitions.batch.num_values
@@ -252,7 +258,8 @@ def test_packed_values_equal_the_reward_of_each_coalition_text(reward):
 def test_same_phrases_with_other_text_between_them_are_other_sequences(reward):
     """Coalitions share a sequence only when their texts agree: the same phrases with other punctuation
     between them are embedded apart, and their values are the rewards of their own texts."""
-    texts = ["usb c cable, black & white. for car", "usb c cable. black & white, for car", "usb c cable: black + white (for car"]
+    texts = ["usb c cable, black & white. for car", "usb c cable. black & white, for car",
+             "usb c cable: black + white (for car"]
     coalitions = _batch(texts, [0, 0, 0], method="exact")
     assert len({sg.segments for sg in coalitions.segmentations}) == 1
     evaluator = EncoderCoalitionEvaluator(reward)
@@ -300,7 +307,8 @@ def _random_packing_inputs(seed: int):
     player = rng.choice(_LOW_AND_HIGH_PLAYERS, size=total)
     kind = rng.integers(0, 3, size=total)  # 0: never kept, 1: a player's token, 2: a gap's token
     kind[(player == MAX_PLAYERS - 1) & (kind == 2)] = 1  # the last player has no gap after it
-    needs = [0 if k == 0 else (1 << p) | ((1 << (p + 1)) if k == 2 else 0) for p, k in zip(player.tolist(), kind.tolist())]
+    needs = [0 if k == 0 else (1 << p) | ((1 << (p + 1)) if k == 2 else 0)
+             for p, k in zip(player.tolist(), kind.tolist())]
     seq_text = torch.from_numpy(rng.integers(-1, num_texts, size=num_sequences))
     keeps = [sum(1 << b for b in range(MAX_PLAYERS) if rng.random() < 0.8) for _ in range(num_sequences)]
     keeps[:3] = [(1 << 64) - 1, 1 << 63, 0]  # every bit (-1 as int64); the sign bit alone; none
@@ -312,7 +320,8 @@ def _random_packing_inputs(seed: int):
     room = rng.integers(0, 12, size=num_sequences)  # truncation of some sequences
     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(2 + np.minimum(kept, room))]))
     return dict(token_ids=token_ids, token_need=_as_int64(needs), text_offsets=offsets, seq_text=seq_text,
-                seq_keep=_as_int64(keeps), cu_seqlens=cu, cls_id=101, sep_id=102, total_tokens=int(cu[-1])), int(lengths.max())
+                seq_keep=_as_int64(keeps), cu_seqlens=cu, cls_id=101, sep_id=102,
+                total_tokens=int(cu[-1])), int(lengths.max())
 
 
 @pytest.mark.skipif(not _extension.has_triton(), reason="triton is not installed")
@@ -387,7 +396,8 @@ def test_empty_coalition_is_embedded_once_for_the_batch(reward):
 @pytest.mark.parametrize("evaluator", ["packed", "text"])
 def test_attributor_exact_plan_is_efficient(reward, evaluator):
     rng = random.Random(6)
-    out = of.OwenAttributor(reward, method="exact", evaluator=evaluator)([random_response(rng) for _ in range(4)], [1, 0, 1, 0])
+    out = of.OwenAttributor(reward, method="exact", evaluator=evaluator)([random_response(rng) for _ in range(4)],
+                                                                         [1, 0, 1, 0])
     for a in out:
         assert float(a.phi.sum()) == pytest.approx(a.reward - a.baseline, abs=1e-5)
 
@@ -482,7 +492,8 @@ def test_token_credit_with_a_policy_tokenizer_that_has_no_padding_token():
     texts = [random_response(rng) for _ in range(4)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(texts * 3,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
     assert tokenizer.pad_token is None
     out = of.OwenAttributor(CountingReward(), budget=20)(texts, [0] * 4)
@@ -582,7 +593,8 @@ def test_varlen_attention_kernel_matches_softmax_attention(seed, with_bias):
     g = torch.Generator().manual_seed(seed)
     heads = [1, 3, 12, 2][seed]
     head_dim = [8, 24, 32, 48][seed]  # 8, 24 and 48 take the kernel's tail path (not a multiple of 16)
-    lengths = [1, 15, 16, 17, 33] + torch.randint(1, 70, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+    lengths = [1, 15, 16, 17, 33] + torch.randint(1, 70, (int(torch.randint(1, 9, (1,), generator=g)),),
+                                                  generator=g).tolist()
     total = sum(lengths)
     # q, k and v as strided views into one fused activation, as the packed forward passes them.
     qkv = 3 * torch.randn(total, 3, heads, head_dim, generator=g)
@@ -613,9 +625,11 @@ def test_opcheck_varlen_attention():
     qkv = torch.randn(20, 3, 2, 16)
     q, k, v = qkv.unbind(1)
     cu_seqlens = torch.tensor([0, 3, 4, 20], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.ospo_fast.varlen_attention.default, (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16)))
+    torch.library.opcheck(torch.ops.ospo_fast.varlen_attention.default,
+                          (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16)))
     torch.library.opcheck(
-        torch.ops.ospo_fast.varlen_attention.default, (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16), torch.randn(96))
+        torch.ops.ospo_fast.varlen_attention.default,
+        (q, k, v, cu_seqlens, 16, 0.25, torch.empty(20, 2, 16), torch.randn(96)),
     )
 
 
@@ -683,7 +697,8 @@ def test_triton_embedding_layer_norm_matches_gathers_add_layer_norm(cols):
     g = torch.Generator().manual_seed(cols)
     word, position = torch.randn(50, cols, generator=g).to(device), torch.randn(20, cols, generator=g).to(device)
     token_type, weight, bias = (torch.randn(cols, generator=g).to(device) for _ in range(3))
-    ids, positions = torch.randint(0, 50, (71,), generator=g).to(device), torch.randint(0, 20, (71,), generator=g).to(device)
+    ids, positions = (torch.randint(0, 50, (71,), generator=g).to(device),
+                      torch.randint(0, 20, (71,), generator=g).to(device))
     summed = word[ids] + position[positions] + token_type
     reference = torch.nn.functional.layer_norm(summed.double(), (cols,), weight.double(), bias.double(), 1e-12)
     aten = torch.nn.functional.layer_norm(summed, (cols,), weight, bias, 1e-12)
@@ -701,7 +716,8 @@ def test_fused_residual_steps_give_the_unfused_reduced_precision_forward(reward,
     if torch.cuda.is_available():
         reward = _reward("cuda")
     rng = random.Random(13)
-    coalitions = _batch([random_response(rng) for _ in range(2)], [0] * 2, budget=12)  # the interpreter: a program per token
+    coalitions = _batch([random_response(rng) for _ in range(2)], [0] * 2,
+                        budget=12)  # the interpreter: a program per token
     embeddings, calls = {}, []
     for fused in (False, True):
         evaluator = EncoderCoalitionEvaluator(reward, dtype=torch.bfloat16)
@@ -721,7 +737,8 @@ def test_opcheck_bias_gelu():
 @pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
 def test_opcheck_layer_norm_rows():
     x = torch.randn(7, 24)
-    torch.library.opcheck(torch.ops.ospo_fast.layer_norm_rows.default, (x, torch.randn(24), torch.randn(24), 1e-5, torch.empty(7, 24)))
+    torch.library.opcheck(torch.ops.ospo_fast.layer_norm_rows.default,
+                          (x, torch.randn(24), torch.randn(24), 1e-5, torch.empty(7, 24)))
 
 
 def test_packed_forward_kernel_path_equals_the_sdpa_path_and_its_buffers_do_not_leak(reward):
@@ -762,7 +779,8 @@ def test_chunked_forwards_give_the_values_of_one_forward(reward):
     assert _chunks(layout.lengths, int(layout.lengths.sum())) == [(0, layout.num_sequences)]
     assert _chunks(layout.lengths[:0], 10) == []
     chunked = EncoderCoalitionEvaluator(reward, chunk_tokens=40)
-    assert_close(chunked.values(chunked.layout(coalitions)), whole.values(layout), rtol=1e-5, atol=1e-6, what="chunked values")
+    assert_close(chunked.values(chunked.layout(coalitions)), whole.values(layout), rtol=1e-5, atol=1e-6,
+                 what="chunked values")
 
 
 def test_runs_are_the_maximal_runs_of_equal_lengths():
@@ -817,7 +835,8 @@ def test_gpu_poolings_equal_pooling_by_runs(pooling, method, cols, dtype):
 
 
 def test_pooling_method_is_checked():
-    packed = PackedSequences(torch.zeros(2, dtype=torch.long), torch.arange(2), torch.tensor([0, 2], dtype=torch.int32), np.array([2]))
+    packed = PackedSequences(torch.zeros(2, dtype=torch.long), torch.arange(2), torch.tensor([0, 2], dtype=torch.int32),
+                             np.array([2]))
     with pytest.raises(ValueError, match="method: expected one of"):
         pool_packed(torch.zeros(2, 4), packed, "mean", method="atomic")
 
@@ -852,7 +871,8 @@ def test_host_arrays_go_to_cuda_in_one_transfer_without_sync():
     from ospo_fast._device import to_device_all
 
     rng = np.random.default_rng(6)
-    arrays = [rng.integers(0, 1000, size=n) for n in (0, 1, 17, 1000)] + [rng.standard_normal((4, 3)).astype(np.float32)]
+    arrays = ([rng.integers(0, 1000, size=n) for n in (0, 1, 17, 1000)]
+              + [rng.standard_normal((4, 3)).astype(np.float32)])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

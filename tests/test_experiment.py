@@ -11,8 +11,8 @@ import ospo_fast as of
 from ospo_fast.app import cli
 from ospo_fast.app.experiment import RunSettings, evaluate_queries, retrievers, warm_start_pairs
 
-TINY = ["--model", "tiny", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--warm-start-steps", "3",
-        "--eval-every", "1", "--eval-samples", "4", "--save-steps", "1"]
+TINY = ["--model", "tiny", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
+        "--warm-start-steps", "3", "--eval-every", "1", "--eval-samples", "4", "--save-steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,8 @@ def test_train_resume_continues_the_run(tmp_path):
     cli.main(["train", "--output", str(out), *TINY])
     args = [a if a != "2" or TINY[i - 1] != "--steps" else "3" for i, a in enumerate(TINY)]  # --steps 3
     assert cli.main(["train", "--output", str(out), "--resume", *args]) == 0
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "reward" in json.loads(x)]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "reward" in json.loads(x)]
     assert steps == [1, 2, 3]
 
 
@@ -112,7 +113,8 @@ def test_eval_of_a_run_prints_the_table(tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["train", "--output", str(out), *TINY, "--mode", "grpo"])
     capsys.readouterr()
-    assert cli.main(["eval", "--run", str(out), "--eval-samples", "3", "--max-new-tokens", "6", "--json", str(tmp_path / "e.json")]) == 0
+    assert cli.main(["eval", "--run", str(out), "--eval-samples", "3", "--max-new-tokens", "6",
+                     "--json", str(tmp_path / "e.json")]) == 0
     printed = capsys.readouterr().out
     assert "| policy | dense |" in printed and "| policy | bm25 |" in printed and "| policy | lsa |" in printed
     assert "ndcg@100" in json.loads((tmp_path / "e.json").read_text())["table"]["dense"]
@@ -120,7 +122,8 @@ def test_eval_of_a_run_prints_the_table(tmp_path, capsys):
 
 def test_attribute_prints_segment_values_and_writes_html(tmp_path, capsys):
     page = tmp_path / "a.html"
-    assert cli.main(["attribute", "<answer>mama koala plush toy. grey</answer>", "--request", "mama koala", "--html", str(page)]) == 0
+    assert cli.main(["attribute", "<answer>mama koala plush toy. grey</answer>", "--request", "mama koala",
+                     "--html", str(page)]) == 0
     printed = capsys.readouterr().out
     assert "koala" in printed and "sum of Owen values" in printed
     assert "Owen value" in page.read_text()
@@ -215,7 +218,10 @@ def test_perfect_queries_score_higher_than_empty_ones(task):
     samples = task.samples[:6]
     scorers = retrievers(task)
     owners = [s.owner for s in samples]
-    relevant = [task.items[task.pools[s.owner][max(range(len(task.gains[s.owner])), key=task.gains[s.owner].__getitem__)]] for s in samples]
+    relevant = [
+        task.items[task.pools[s.owner][max(range(len(task.gains[s.owner])), key=task.gains[s.owner].__getitem__)]]
+        for s in samples
+    ]
     good = evaluate_queries(relevant, owners, scorers)
     empty = evaluate_queries([""] * len(samples), owners, scorers)
     for name in scorers:

@@ -12,9 +12,9 @@ datasets = pytest.importorskip("datasets")
 
 from trl import GRPOConfig  # noqa: E402
 
+from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm  # noqa: E402
 from ospo_fast.attribution import OwenAttributor  # noqa: E402
 from ospo_fast.integrations.trl import OSPOGRPOTrainer  # noqa: E402
-from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm  # noqa: E402
 
 WORDS = (
     "soft cotton tee for summer navy blue slim fit wireless charger for iphone fast charging cable usb "
@@ -302,7 +302,7 @@ def test_reward_model_recipe_in_the_docs_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(blocks[0], "integrations.md", "exec"), namespace)
-    trainer, prompts = namespace["trainer"], namespace["prompts"]
+    trainer = namespace["trainer"]
     assert trainer.state.global_step == 1
     logged = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
     assert logged["ospo/reward_evaluations"] > 0

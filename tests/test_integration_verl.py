@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
-
-import asyncio
 import random
 import re
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ospo_fast.app.tiny import build_tokenizer
 from ospo_fast.integrations.common import CompletionReward, attribute_completions
 from ospo_fast.integrations.verl import (
     build_attributor,
@@ -25,7 +25,6 @@ from ospo_fast.integrations.verl import (
     score_responses,
     split_token_rewards,
 )
-from ospo_fast.app.tiny import build_tokenizer
 from ospo_fast.segment import Segmenter
 
 RESPONSES = [

@@ -4,8 +4,8 @@ import math
 import random
 
 import pytest
-from conftest import iphone_charger_pool
 import torch
+from conftest import iphone_charger_pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,9 +19,6 @@ from ospo_fast.rewards import (
     ranking_metrics,
     recall_at_k,
 )
-
-
-
 
 # ---------------------------------------------------------------------------------------------------------
 # plain-Python references: one row at a time, explicit sort
@@ -377,7 +374,8 @@ def test_metrics_on_cuda_match_cpu_without_host_sync():
 @pytest.mark.parametrize(
     "gains, message",
     [
-        ([[3e38, 3e38, 0.0]], r"gains\[0\]: the pool's gains sum to 6e\+38, beyond what the metrics can sum in torch.float32"),
+        ([[3e38, 3e38, 0.0]],
+         r"gains\[0\]: the pool's gains sum to 6e\+38, beyond what the metrics can sum in torch.float32"),
         ([[1.0, 0.0, 0.0], [2e38, 2e38, 1.0]], r"gains\[1\]: the pool's gains sum"),
         ([[1.0, 1e-50, 0.0]], r"gains\[0\]: gain 1e-50 rounds to 0 in torch.float32"),
     ],

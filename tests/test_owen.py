@@ -52,7 +52,8 @@ def test_every_backend_matches_brute_force_on_random_structures(backend, device,
     values = game(plan.masks).to(device)
     phi = of.owen_from_values(plan, values, backend=backend)
     assert phi.dtype == torch.float64 and phi.device.type == device
-    assert_close(phi, torch.tensor(brute_force_owen(game, s), dtype=torch.float64), rtol=1e-10, atol=1e-10, what=f"{backend} Owen")
+    assert_close(phi, torch.tensor(brute_force_owen(game, s), dtype=torch.float64), rtol=1e-10, atol=1e-10,
+                 what=f"{backend} Owen")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)

@@ -37,7 +37,8 @@ def test_exact_plan_coalitions_are_unions_of_unions_plus_part_of_one_union():
 
 
 def test_empty_and_grand_coalitions_are_first_and_last():
-    for plan in (of.exact_plan(of.CoalitionStructure([[0, 1], [2]])), of.sampled_plan(of.CoalitionStructure([[0, 1], [2]]), 5)):
+    for plan in (of.exact_plan(of.CoalitionStructure([[0, 1], [2]])),
+                 of.sampled_plan(of.CoalitionStructure([[0, 1], [2]]), 5)):
         assert not plan.masks[plan.empty_index].any()
         assert plan.masks[plan.full_index].all()
 
@@ -113,7 +114,8 @@ def test_sampled_estimate_is_unbiased():
     game = random_game(6, g)
     exact = of.owen_values(game, s, method="exact")
     estimates = torch.stack(
-        [of.owen_values(game, s, method="sampled", num_permutations=3, seed=seed, antithetic=False) for seed in range(600)]
+        [of.owen_values(game, s, method="sampled", num_permutations=3, seed=seed, antithetic=False)
+         for seed in range(600)]
     )
     stderr = estimates.std(0) / 600**0.5
     assert ((estimates.mean(0) - exact).abs() <= 4.5 * stderr + 1e-12).all()
@@ -258,7 +260,8 @@ def _words(text: str) -> of.Segmentation:
     """Each word a player; each sentence ('.') a union."""
     spans, sizes = [], []
     for sentence in re.finditer(r"[^.]+", text):
-        words = [(sentence.start() + m.start(), sentence.start() + m.end()) for m in re.finditer(r"\w+", sentence.group())]
+        words = [(sentence.start() + m.start(), sentence.start() + m.end())
+                 for m in re.finditer(r"\w+", sentence.group())]
         if words:
             spans += words
             sizes.append(len(words))

@@ -6,8 +6,8 @@ import os
 import random
 
 import pytest
-from conftest import iphone_charger_pool
 import torch
+from conftest import iphone_charger_pool
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,7 +24,6 @@ from ospo_fast.rewards import (  # noqa: E402
     load_minilm,
     ndcg_at_k,
 )
-
 
 MAX_CHARS = 600  # product texts are long; the encoder truncates at 128 tokens anyway
 
@@ -425,7 +424,8 @@ def test_cache_file_with_a_valid_checksum_but_bad_embeddings_is_recomputed(encod
     want = encode_cached(enc, items, cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.pt")
     blob = torch.load(path, weights_only=True)
-    for bad, problem in ((torch.full_like(want, float("nan")), "non-finite"), (want[:-1].clone(), "expected float32 embeddings of shape")):
+    for bad, problem in ((torch.full_like(want, float("nan")), "non-finite"),
+                         (want[:-1].clone(), "expected float32 embeddings of shape")):
         torch.save({**blob, "embeddings": bad, "sha256": _tensor_sha256(bad)}, path)
         with pytest.warns(RuntimeWarning, match=problem):
             assert torch.equal(encode_cached(enc, items, cache_dir=tmp_path), want)
@@ -434,7 +434,8 @@ def test_cache_file_with_a_valid_checksum_but_bad_embeddings_is_recomputed(encod
 
 @pytest.mark.parametrize("cache_dir", ["", 3, b"/tmp"])
 def test_cache_dir_must_be_a_non_empty_path_none_or_false(encoder, cache_dir):
-    with pytest.raises(ValueError, match=r"cache_dir: expected a non-empty path, None \(the default directory\) or False"):
+    with pytest.raises(ValueError,
+                       match=r"cache_dir: expected a non-empty path, None \(the default directory\) or False"):
         encode_cached(encoder, small_items(), cache_dir=cache_dir)
     with pytest.raises(ValueError, match="cache_dir: expected a non-empty path"):
         DenseRetrievalReward(small_items(), [[0, 1]], [[1.0, 0.0]], encoder=encoder, cache_dir=cache_dir)

@@ -63,7 +63,8 @@ def _text_reward(texts, owners):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(encoder_dtype=torch.float64), r"encoder_dtype: the packed forward supports None \(default\), torch.float32, torch.bfloat16, torch.float16"),
+        (dict(encoder_dtype=torch.float64),
+         r"encoder_dtype: the packed forward supports None \(default\), torch.float32, torch.bfloat16, torch.float16"),
         (dict(encoder_dtype="float64"), r"encoder_dtype: .*got 'float64'"),
         (dict(attention="flex"), r"attention: expected one of \('auto', 'flash', 'sdpa'\), got 'flex'"),
         (dict(attention="flash", encoder_dtype=torch.float32), r"attention='flash'.*needs flash-attn"),
@@ -174,8 +175,8 @@ def test_numpy_integer_owners_are_accepted_like_python_ints(reward):
     texts = ["usb c cable, fast charger", "wireless pad and wall plug", "braided cord"]
     attributor = of.OwenAttributor(reward, method="exact")
     expected = attributor(texts, [1, 0, 1]).phi
-    for owners in ([np.uint64(1), np.int64(0), 1], np.array([1, 0, 1], dtype=np.uint8), np.array([1, 0, 1], dtype=object),
-                   (np.int16(1), np.intc(0), np.int64(1))):
+    for owners in ([np.uint64(1), np.int64(0), 1], np.array([1, 0, 1], dtype=np.uint8),
+                   np.array([1, 0, 1], dtype=object), (np.int16(1), np.intc(0), np.int64(1))):
         got = attributor(texts, owners)
         assert [a.owner for a in got] == [1, 0, 1] and all(type(a.owner) is int for a in got)
         for a, b in zip(got.phi, expected):
@@ -195,7 +196,9 @@ def test_lone_surrogates_are_segmented_and_scored_like_the_replacement_character
     packed = of.OwenAttributor(reward, method="exact")([text], [0])[0]
     loop = of.OwenAttributor(reward, method="exact", evaluator="text")([text], [0])[0]
     torch.testing.assert_close(packed.values.double(), loop.values.double(), rtol=1e-4, atol=1e-4)
-    replaced = of.OwenAttributor(reward, method="exact")([text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd")], [0])[0]
+    replaced = of.OwenAttributor(reward, method="exact")(
+        [text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd")], [0]
+    )[0]
     torch.testing.assert_close(packed.phi, replaced.phi)
     assert torch.isfinite(reward([text, "\ud800"], [0, 1])).all()
     bm25 = of.rewards.BM25Reward(["usb c cable", "fast charger", "wall plug"], [[0, 1, 2]], [[1.0, 0.0, 0.1]])

@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import BACKEND_IDS, BACKENDS
 
 import ospo_fast as of
-from ospo_fast import _extension, plans as plans_module
-
-from conftest import BACKEND_IDS, BACKENDS
+from ospo_fast import _extension
+from ospo_fast import plans as plans_module
 
 needs_cpp = pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
 SIXTEEN = of.CoalitionStructure.from_sizes([16])  # one union of 16 players: 2^16 exact coalitions

@@ -10,8 +10,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from ospo_fast.app import cli, experiment
 from ospo_fast.advantages import group_advantages
+from ospo_fast.app import cli, experiment
 from ospo_fast.app.experiment import RunSettings
 from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
 from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer
@@ -226,8 +226,8 @@ def test_resume_refuses_a_config_that_changes_the_run(tokenizer, tmp_path, field
     make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1).train()
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     other = make_trainer(tokenizer, tmp_path, **{"mode": "grpo", "max_steps": 2, field: value})
-    with pytest.raises(ValueError, match=rf"config.{field}: the run at .* was saved with {field}={saved['config'][field]!r}"
-                                         rf", this trainer has {value!r}"):
+    with pytest.raises(ValueError, match=rf"config.{field}: the run at .* was saved with "
+                                         rf"{field}={saved['config'][field]!r}, this trainer has {value!r}"):
         other.train(resume=True)
     assert other.step == 0
 

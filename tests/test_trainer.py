@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import ospo_fast as of
-from ospo_fast.data import follows_format
 from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
+from ospo_fast.data import follows_format
 from ospo_fast.policy import completion_offsets
 from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
 
 KEYWORDS = [["red", "running", "shoes"], ["usb", "charger", "cable"]]
 PROMPTS = [[{"role": "user", "content": "shoes for a run"}], [{"role": "user", "content": "charge my phone"}]]
-TARGETS = ["<think>run</think><answer>red running shoes</answer>", "<think>phone</think><answer>usb charger cable</answer>"]
+TARGETS = ["<think>run</think><answer>red running shoes</answer>",
+           "<think>phone</think><answer>usb charger cable</answer>"]
 
 
 def keyword_reward(texts, owners):
@@ -36,7 +37,8 @@ def tokenizer():
 def warm_weights(tokenizer):
     """A policy that already writes the answer format, so sampled rewards differ within a group."""
     model = tiny_causal_lm(tokenizer, hidden_size=64)
-    supervised_warm_start(model, tokenizer, PROMPTS * 4, TARGETS * 4, steps=40, batch_size=4, learning_rate=3e-3, progress=False)
+    supervised_warm_start(model, tokenizer, PROMPTS * 4, TARGETS * 4, steps=40, batch_size=4, learning_rate=3e-3,
+                          progress=False)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -143,7 +145,8 @@ def test_sequence_reward_is_the_value_of_all_segments(make_trainer, tmp_path):
     rollout = _rollout(make_trainer(tmp_path))
     segmenter = of.Segmenter()
     answers = [of.coalition_text(sg, [True] * sg.num_players) for sg in map(segmenter, rollout["texts"])]
-    torch.testing.assert_close(rollout["rewards"].double(), keyword_reward(answers, rollout["owners"]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rollout["rewards"].double(), keyword_reward(answers, rollout["owners"]), rtol=1e-6,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["auto", "sampled"])
@@ -218,7 +221,8 @@ def test_bad_config_names_the_field(make_trainer, tmp_path, overrides, message):
 
 def test_prompts_and_owners_must_match(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="owners: expected 2"):
-        OSPOTrainer(tiny_causal_lm(tokenizer), tokenizer, keyword_reward, PROMPTS, [0], OSPOConfig(output_dir=str(tmp_path)))
+        OSPOTrainer(tiny_causal_lm(tokenizer), tokenizer, keyword_reward, PROMPTS, [0],
+                    OSPOConfig(output_dir=str(tmp_path)))
 
 
 def test_kl_to_a_reference_model_is_reported(make_trainer, tmp_path):
@@ -237,7 +241,8 @@ def test_lora_trains_only_the_adapters(make_trainer, tmp_path):
 
 def test_warm_start_teaches_the_answer_format(tokenizer):
     model = tiny_causal_lm(tokenizer, hidden_size=64)
-    losses = supervised_warm_start(model, tokenizer, PROMPTS * 4, TARGETS * 4, steps=60, batch_size=4, learning_rate=3e-3, progress=False)
+    losses = supervised_warm_start(model, tokenizer, PROMPTS * 4, TARGETS * 4, steps=60, batch_size=4,
+                                   learning_rate=3e-3, progress=False)
     assert losses[-1] < 0.5 * losses[0]
 
 

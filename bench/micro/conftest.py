@@ -134,7 +134,8 @@ def pytest_terminal_summary(terminalreporter, config):
             f"{'correctness only':>19}" if impl.endswith("(interpreter)")
             else f"{median / reference:>9.4f} {reference / median:>8.3g}x"
         )
-        terminalreporter.write_line(f"{group:<{width}}  {impl:<{impl_width}} {_us(median):>14} {_us(reference):>14} {ratio}")
+        terminalreporter.write_line(f"{group:<{width}}  {impl:<{impl_width}} {_us(median):>14} "
+                                    f"{_us(reference):>14} {ratio}")
 
 
 def _us(seconds: float) -> str:

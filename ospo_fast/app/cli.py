@@ -1,6 +1,7 @@
 """The ``ospo-fast`` command.
 
-    ospo-fast train   [--model NAME|tiny] [--task default|esci|hm] [--steps N] [--mode ospo|grpo] [--output DIR] [--resume]
+    ospo-fast train   [--model NAME|tiny] [--task default|esci|hm] [--steps N] [--mode ospo|grpo] [--output DIR]
+                      [--resume]
     ospo-fast eval    --run DIR | --model NAME     NDCG/recall/MRR@10/20/50/100, training and unseen retrievers
     ospo-fast attribute "TEXT" [--request/--query Q | --owner/--pool N] [--reward dense|bm25] [--html FILE]
     ospo-fast compare [--seeds 0 1 2] [--task credit]  GRPO vs OSPO vs shuffled credit, paired over seeds
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ..owen import owen_from_values
-from ..policy import DEFAULT_MODEL
 from ..plans import exact_plan, sampled_plan
+from ..policy import DEFAULT_MODEL
 from ..segment import Segmenter, coalition_texts
 
 DEMO_TEXT = (
@@ -99,8 +100,8 @@ def _given(args) -> dict:
 
 
 def _settings_and_config(args):
-    from .experiment import RunSettings
     from ..trainer import OSPOConfig
+    from .experiment import RunSettings
 
     values = {**RUN_DEFAULTS, **_given(args)}
     settings = RunSettings(**{field: values[flag] for flag, field in SETTINGS_FLAGS.items()})
@@ -114,8 +115,8 @@ def _resumed_settings_and_config(args):
     value that differs from the saved one is an error naming the flag and both values."""
     from dataclasses import asdict
 
-    from .experiment import RUN_FILE, RunSettings
     from ..trainer import CHECKPOINT, RESUME_MAY_DIFFER, OSPOConfig, read_checkpoint
+    from .experiment import RUN_FILE, RunSettings
 
     out = Path(args.output)
     saved_config = read_checkpoint(out / CHECKPOINT, mmap=True)["config"]  # fails at once when missing or damaged
@@ -205,8 +206,8 @@ def _run_to_evaluate(run: Path) -> tuple[dict, dict, Path]:
 
 
 def evaluate(args) -> int:
-    from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers, training_items
     from ..policy import load_policy
+    from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers, training_items
 
     if bool(args.run) == bool(args.model):
         raise SystemExit("eval: give exactly one of --run DIR or --model NAME")
@@ -275,7 +276,8 @@ def attribute(args) -> int:
           f"{out.num_evaluations} evaluations in {out.timings['total'] * 1e3:.0f} ms\n")
     print(out[0].table())
     if args.html:
-        Path(args.html).write_text(f"<html><meta charset='utf-8'><body><h3>{request}</h3>{out[0].to_html()}</body></html>")
+        Path(args.html).write_text(f"<html><meta charset='utf-8'><body><h3>{request}</h3>{out[0].to_html()}"
+                                   "</body></html>")
         print(f"\nwrote {args.html}")
     return 0
 
@@ -339,7 +341,8 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--max-samples", type=int)
     p.add_argument("--output", default=output, help="the run folder")
     p.add_argument("--mode", choices=["ospo", "grpo"], help=f"default {d['mode']}")
-    p.add_argument("--redistribution", choices=["proportional", "rank", "hybrid"], help=f"default {d['redistribution']}")
+    p.add_argument("--redistribution", choices=["proportional", "rank", "hybrid"],
+                   help=f"default {d['redistribution']}")
     p.add_argument("--max-share", type=_max_share,
                    help=f"bound on a token's advantage as a multiple of its response's ('none': no bound; default "
                         f"{d['max_share']})")
@@ -400,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("attribute", help="Owen values of a response's segments against a candidate pool")
     p.add_argument("text", help="the response (with or without <think>/<answer> tags)")
-    p.add_argument("--request", "--query", dest="request", help="use the candidate pool of this request of the shipped data")
+    p.add_argument("--request", "--query", dest="request",
+                   help="use the candidate pool of this request of the shipped data")
     p.add_argument("--owner", "--pool", dest="owner", type=int, default=0, help="or the candidate pool's index")
     p.add_argument("--reward", default="dense", choices=["dense", "bm25"])
     p.add_argument("--method", default="auto", choices=["auto", "exact", "sampled"])

@@ -29,12 +29,20 @@ import numpy as np
 import torch
 
 from ..advantages import REDISTRIBUTION_MODES
+from ..trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
 from .experiment import (
-    RunSettings, _write_json, evaluate_copy_request, evaluate_policy, load_task, make_policy, retrievers,
-    score_answers, training_items, warm_start,
+    RunSettings,
+    _write_json,
+    evaluate_copy_request,
+    evaluate_policy,
+    load_task,
+    make_policy,
+    retrievers,
+    score_answers,
+    training_items,
+    warm_start,
 )
 from .stats import detectable_difference, seeds_needed, t_interval
-from ..trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
 
 VARIANTS = ("grpo", "ospo", "shuffled")
 #: The paired differences reported, when both variants ran.
@@ -256,7 +264,8 @@ def format_comparison(result: dict) -> str:
     reach = result["steps_to_reward"]
     lines += ["", f"Steps to reach the highest training reward (moving average over {reach['window']} steps) that "
               "every variant of a seed reaches:", "",
-              "| seed | target | " + " | ".join(result["variants"]) + " |", "|---|---|" + "---|" * len(result["variants"])]
+              "| seed | target | " + " | ".join(result["variants"]) + " |",
+              "|---|---|" + "---|" * len(result["variants"])]
     for seed, row in reach["per_seed"].items():
         lines.append(f"| {seed} | {row['target']:.4f} | " + " | ".join(str(row[v]) for v in result["variants"]) + " |")
     lines.append("| mean | | " + " | ".join(f"{reach['mean'][v]:.1f}" for v in result["variants"]) + " |")
@@ -317,7 +326,8 @@ def plot_curves(result: dict, path: Path) -> None:
     n = len(result["seeds"])
     reward_ax.set(xlabel="step", ylabel=f"training reward (moving average of {REWARD_WINDOW})",
                   title=f"training reward, mean of {n} seeds")
-    ndcg_ax.set(xlabel="step", ylabel="validation NDCG@10 (dense, greedy)", title=f"validation NDCG@10, mean of {n} seeds")
+    ndcg_ax.set(xlabel="step", ylabel="validation NDCG@10 (dense, greedy)",
+                title=f"validation NDCG@10, mean of {n} seeds")
     reward_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -81,11 +81,11 @@ def credit_task(base: SearchTask, num_true: int = 2, num_decoys: int = 2, seed: 
 
     For each sample with a judged product, the request is the sample's query (ESCI), else the judged item's
     category (H&M: its product type, so the hints must say which one of that type). The decoy item is the
-    negative of its pool that shares the most words with the judged product; ``num_true`` hints come from the judged product and ``num_decoys`` from
-    the decoy (:func:`hint_phrases`), shuffled together with a generator seeded by ``seed``. Samples with
-    too few hints of either kind are dropped. ``sample.info`` holds ``true_hints``, ``decoy_hints`` and
-    ``decoy_item``; the prompt is a system message (:data:`CREDIT_SYSTEM`) and the request with its marked
-    hints.
+    negative of its pool that shares the most words with the judged product; ``num_true`` hints come from the
+    judged product and ``num_decoys`` from the decoy (:func:`hint_phrases`), shuffled together with a
+    generator seeded by ``seed``. Samples with too few hints of either kind are dropped. ``sample.info`` holds
+    ``true_hints``, ``decoy_hints`` and ``decoy_item``; the prompt is a system message
+    (:data:`CREDIT_SYSTEM`) and the request with its marked hints.
     """
     for name, value in (("num_true", num_true), ("num_decoys", num_decoys)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -145,7 +145,8 @@ def warm_start_pairs(task: SearchTask, copies: int = 8, seed: int = 0, extra: in
     for s in task.samples:
         for _ in range(copies):
             add(s.query, prompt_hints(s), s.prompt)
-    words = [w for w in (_WORDS.findall(t.lower())[:24] for t in (task.items if items is None else items)) if len(w) >= 4]
+    words = [w for w in (_WORDS.findall(t.lower())[:24] for t in (task.items if items is None else items))
+             if len(w) >= 4]
     for _ in range(extra if words else 0):
         def phrase(low: int, high: int) -> str:
             w = words[int(rng.integers(len(words)))]

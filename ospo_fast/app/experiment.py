@@ -38,12 +38,21 @@ import torch
 from .. import data as data_module
 from ..data.prompts import extract_answer, follows_format
 from ..policy import DEFAULT_MODEL, load_policy, prompt_text
-from .tiny import TINY_MODEL, build_tokenizer, tiny_causal_lm
 from ..rewards import BM25Reward, DenseRetrievalReward, LSAEncoder, ranking_metrics
 from ..segment import Segmenter
+from ..trainer import (
+    CHECKPOINT,
+    METRICS,
+    OSPOConfig,
+    OSPOTrainer,
+    append_json_line,
+    check_resume_config,
+    read_checkpoint,
+    read_metrics,
+    supervised_warm_start,
+)
 from .stats import bootstrap_interval
-from ..trainer import (CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, append_json_line, check_resume_config,
-                      read_checkpoint, read_metrics, supervised_warm_start)
+from .tiny import TINY_MODEL, build_tokenizer, tiny_causal_lm
 
 KS = (10, 20, 50, 100)
 #: The policies of every evaluation table, in order.

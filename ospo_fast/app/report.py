@@ -158,7 +158,8 @@ def _cell(text: str) -> str:
 def format_lines(out: Path, stats: dict) -> list[str]:
     """The report's answer statistics for each evaluated policy, and the format rate and length of the sampled
     completions of the first and last training steps."""
-    lines = ["| policy | format rate | segments per answer | repeats itself | completion tokens |", "|---|---|---|---|---|"]
+    lines = ["| policy | format rate | segments per answer | repeats itself | completion tokens |",
+             "|---|---|---|---|---|"]
     for policy, f in stats.items():
         tokens = f"{f['completion_tokens']:.1f}" if "completion_tokens" in f else "-"
         lines.append(f"| {policy} | {f['format_rate']:.3f} | {f['segments_per_answer']:.2f} | "

@@ -40,7 +40,8 @@ def t_interval(differences: Sequence[float], level: float = 0.95) -> dict:
     return dict(mean=mean, ci95=[mean - half, mean + half], sd=sd, n=int(x.size))
 
 
-def bootstrap_interval(differences: Sequence[float], resamples: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+def bootstrap_interval(differences: Sequence[float], resamples: int = 10000, seed: int = 0,
+                       level: float = 0.95) -> dict:
     """Mean of paired differences with a percentile bootstrap interval, and the counts of positive, zero and
     negative differences: ``{"mean", "ci95", "wins", "ties", "losses", "n"}``."""
     x = _values("differences", differences)
@@ -58,7 +59,8 @@ def seeds_needed(sd: float, delta: float, alpha: float = 0.05, power: float = 0.
     from scipy import stats
 
     if not (sd > 0 and delta > 0 and 0 < alpha < 1 and 0 < power < 1):
-        raise ValueError(f"sd, delta: expected positive numbers, alpha and power in (0, 1); got {sd}, {delta}, {alpha}, {power}")
+        raise ValueError(f"sd, delta: expected positive numbers, alpha and power in (0, 1); "
+                         f"got {sd}, {delta}, {alpha}, {power}")
     for n in range(2, max_n + 1):
         critical = stats.t.ppf(1 - alpha / 2, n - 1)
         if stats.nct.sf(critical, n - 1, delta / sd * math.sqrt(n)) >= power:

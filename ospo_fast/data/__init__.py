@@ -14,9 +14,9 @@ Kaggle competition (:func:`load_hm`). The shipped default dataset (``default/``)
 """
 
 from .prompts import (  # loaded at once: the trainer reads the answer format, and it needs no pandas
-    ESCI_WORKED_EXAMPLES,
     ESCI_SYSTEM,
     ESCI_TEMPLATE,
+    ESCI_WORKED_EXAMPLES,
     HM_TEMPLATE,
     MAX_QUERY_WORDS,
     TEMPLATE_FIELDS,

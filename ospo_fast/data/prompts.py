@@ -101,7 +101,8 @@ def render(template: str, task: str, **fields) -> str:
     return check_template(template, task).format(**fields)
 
 
-def chat(text: str, system: Optional[str] = None, worked_examples: Sequence[Tuple[str, str]] = ()) -> List[Dict[str, str]]:
+def chat(text: str, system: Optional[str] = None,
+         worked_examples: Sequence[Tuple[str, str]] = ()) -> List[Dict[str, str]]:
     """A chat-style message list: an optional system message, ``worked_examples`` as earlier (user,
     assistant) exchanges, then ``text`` as the user message."""
     messages = [{"role": "system", "content": system}] if system else []

@@ -34,7 +34,7 @@ import pandas as pd
 from .esci import load_default_esci, load_esci, load_esci_csv
 from .hm import HMData, article_text, customer_histories, load_hm
 from .pools import Pools, esci_pools, hm_pools
-from .prompts import ESCI_WORKED_EXAMPLES, ESCI_SYSTEM, ESCI_TEMPLATE, HM_TEMPLATE, chat, check_template, render
+from .prompts import ESCI_SYSTEM, ESCI_TEMPLATE, ESCI_WORKED_EXAMPLES, HM_TEMPLATE, chat, check_template, render
 
 __all__ = [
     "Sample",

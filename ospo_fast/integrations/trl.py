@@ -137,8 +137,8 @@ class OSPOGRPOTrainer(GRPOTrainer):
 
     Raises:
         ImportError: TRL older than :data:`MIN_TRL_VERSION`.
-        ValueError: ``args.use_liger_kernel=True`` where TRL uses Liger's fused GRPO loss (TRL <= 1.13); a model-based reward function without ``ospo_reward``;
-            a bad redistribution option.
+        ValueError: ``args.use_liger_kernel=True`` where TRL uses Liger's fused GRPO loss (TRL <= 1.13); a
+            model-based reward function without ``ospo_reward``; a bad redistribution option.
     """
 
     def __init__(

@@ -14,10 +14,11 @@ still works, and verl logs the same scores). The segment that owns the last toke
 over its other tokens, so no credit is lost there. The ``"ospo"`` estimator splits ``r`` back into ``R``
 (the sum) and the credit (every token but the last), computes verl's GRPO advantage of ``R`` within each
 ``uid`` group, and redistributes it over the tokens that carry credit with :func:`ospo_fast.redistribute`
-(every other token, the last one included, keeps the GRPO advantage). A reward that puts
-one scalar on the last token (any other reward manager) has no credit: the estimator would give every token
-the GRPO advantage, exactly verl's ``"grpo"``, so it refuses such a first batch (``no_credit``). With ``algorithm.use_kl_in_reward`` the per-token KL penalty
-is part of ``r``, of the sequence reward and of the credit, as it is for verl's estimators.
+(every other token, the last one included, keeps the GRPO advantage). A reward that puts one scalar on the
+last token (any other reward manager) has no credit: the estimator would give every token the GRPO
+advantage, exactly verl's ``"grpo"``, so it refuses such a first batch (``no_credit``). With
+``algorithm.use_kl_in_reward`` the per-token KL penalty is part of ``r``, of the sequence reward and of the
+credit, as it is for verl's estimators.
 
 The reward manager scores a response with verl's ``compute_score(data_source, solution_str, ground_truth,
 extra_info)`` (the custom reward function, or verl's default), and evaluates the attribution game with the

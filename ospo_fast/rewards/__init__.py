@@ -6,8 +6,8 @@ ranking metric of each text used as a query against the candidate pool of its ow
 
 from .bm25 import BM25Reward
 from .dense import DenseRetrievalReward
-from .lsa import LSAEncoder
 from .encoder import MINILM_NAME, SentenceEncoder, default_cache_dir, encode_cached, load_minilm, mean_pool, minilm_path
+from .lsa import LSAEncoder
 from .metrics import (
     ESCI_GAINS,
     METRICS,

@@ -473,7 +473,8 @@ def check_queries(texts, owners, num_owners: Optional[int]):
         # One by one: Python and numpy integers of any width mix freely (torch cannot promote uint64 with
         # int64, nor read object arrays); floats and bools are refused.
         if isinstance(owners, np.ndarray) and owners.dtype.kind in "iu":  # the vectorised common case
-            values = owners.tolist() if owners.dtype == np.uint64 and owners.size and owners.max() > 2**63 - 1 else owners
+            values = (owners.tolist() if owners.dtype == np.uint64 and owners.size and owners.max() > 2**63 - 1
+                      else owners)
         else:
             values = [_owner_index(o, j) for j, o in enumerate(owners)]
         try:
