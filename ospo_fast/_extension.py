@@ -72,3 +72,21 @@ def has_triton() -> bool:
 def triton_interpreted() -> bool:
     """Triton kernels run on CPU tensors in the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def flash_varlen():
+    """A varlen flash-attention function ``f(q, k, v, cu_q, cu_k, max_q, max_k)``: flash-attn's where
+    installed, else PyTorch's own (``torch.nn.attention.varlen``, torch >= 2.9); None when neither exists.
+    Looked up once: a failed import is not cached by Python and costs about 25 us per layer otherwise."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore
+
+        return flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn

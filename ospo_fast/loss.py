@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension
+from . import dispatch
 
-LOSS_BACKENDS = ("auto", "torch", "triton")
+LOSS_BACKENDS = dispatch.choices("loss")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
@@ -162,22 +162,12 @@ class _TritonGRPOObjective(torch.autograd.Function):
 
 
 def resolve_loss_backend(backend: str, device: torch.device) -> str:
-    """The one place that decides which implementation of the loss runs: ``"torch"`` or ``"triton"``.
+    """The loss implementation that runs for ``backend`` on ``device``: ``"torch"`` or ``"triton"`` (see
+    :func:`ospo_fast.dispatch.resolve`).
 
     ``auto``: Triton on CUDA tensors when triton is installed, else torch (the interpreter is a test tool).
     """
-    if backend not in LOSS_BACKENDS:
-        raise ValueError(f"backend: expected one of {LOSS_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _extension.has_triton() else "torch"
-    if backend == "triton":
-        if not _extension.has_triton():
-            raise ValueError("backend='triton': triton is not installed (pip install triton)")
-        if device.type != "cuda" and not _extension.triton_interpreted():
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; logits are on {device}"
-            )
-    return backend
+    return dispatch.resolve("loss", backend, device)
 
 
 def _check_logits_ids(logits, input_ids, temperature, block_v) -> tuple[torch.Tensor, torch.Tensor]:

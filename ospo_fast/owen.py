@@ -1,4 +1,4 @@
-"""Owen values from coalition values, on any device, with the backend chosen in one place.
+"""Owen values from coalition values, on any device, with the backend chosen in :mod:`ospo_fast.dispatch`.
 
 Every backend computes the same thing for each output row (player ``i`` of game ``g``)::
 
@@ -20,12 +20,12 @@ from typing import Callable
 
 import torch
 
-from . import _extension
+from . import dispatch
 from ._checks import as_real_tensor
 from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, PlanBatch, make_plan
 from .structure import CoalitionStructure
 
-BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+BACKENDS = dispatch.choices("aggregation")
 
 
 def owen_aggregate_reference(
@@ -110,40 +110,9 @@ class _TritonAggregate(torch.autograd.Function):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The one place that decides which implementation runs; explicit requests are checked here."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    on_cuda = device.type == "cuda"
-    if backend == "auto":
-        if on_cuda:
-            if _extension.has_cuda_kernels():
-                return "cuda"
-            return "triton" if _extension.has_triton() else "torch"
-        return "cpp" if device.type == "cpu" and _extension.has_cpp() else "torch"
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors; values are on {device}")
-        if not _extension.has_cpp():
-            raise ValueError(
-                "backend='cpp': the extension ospo_fast._C is not built "
-                f"({_extension.extension_error()}); reinstall with `pip install --no-build-isolation -e .`"
-            )
-    elif backend == "cuda":
-        if not on_cuda:
-            raise ValueError(f"backend='cuda' runs on CUDA tensors; values are on {device}")
-        if not _extension.has_cuda_kernels():
-            raise ValueError(
-                "backend='cuda': ospo_fast._C was built without CUDA kernels; rebuild with a CUDA torch "
-                "and nvcc (or OSPO_FAST_BUILD_CUDA=1)"
-            )
-    elif backend == "triton":
-        if not _extension.has_triton():
-            raise ValueError("backend='triton': triton is not installed (pip install triton)")
-        if not on_cuda and not _extension.triton_interpreted():
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; values are on {device}"
-            )
-    return backend
+    """The aggregation backend that runs for ``backend`` on ``device`` (see :func:`ospo_fast.dispatch.resolve`):
+    an explicit one is checked, ``"auto"`` picks the fastest available."""
+    return dispatch.resolve("aggregation", backend, device)
 
 
 def _aggregate(batch: PlanBatch, values: torch.Tensor, backend: str) -> torch.Tensor:
