@@ -111,6 +111,13 @@ def choices(op: str) -> tuple[str, ...]:
     return OPS[op].choices
 
 
+def check_choice(op: str, choice, arg: str = "backend") -> str:
+    """``choice`` when it is one of ``op``'s choices (whatever the device), else ValueError naming ``arg``."""
+    if choice not in OPS[op].choices:
+        raise ValueError(f"{arg}: expected one of {OPS[op].choices}, got {choice!r}")
+    return choice
+
+
 def refusal(arg: str, choice, needs: str, found: str) -> ValueError:
     """The error of an explicit choice that cannot be honoured: ``arg=choice needs ...; found``."""
     return ValueError(f"{arg}={choice!r} {needs}; {found}")
@@ -163,9 +170,9 @@ def resolve(op: str, choice: str, device: torch.device | str, dtype: torch.dtype
     ``arg`` (the caller's name for the choice); for ``"auto"`` the fastest available (module docstring),
     logged once. Never synchronises a GPU stream: it reads devices, dtypes and what is installed."""
     spec = OPS[op]
-    if choice not in spec.choices:
-        raise ValueError(f"{arg}: expected one of {spec.choices}, got {choice!r}")
-    device = torch.device(device)
+    check_choice(op, choice, arg)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if choice == "auto":
         name = spec.auto(device, dtype)
         _log_once(op, device, name)

@@ -199,7 +199,7 @@ def test_a_player_at_bit_63_and_the_gap_before_it_are_kept_by_their_coalitions(r
 
 @pytest.mark.parametrize("collide", [False, True])
 def test_coalitions_with_the_same_text_share_one_sequence(reward, monkeypatch, collide):
-    import ospo_fast.evaluate as evaluate
+    import ospo_fast.evaluate.evaluator as evaluate
 
     if collide:  # every row gets the same key: the exact check must catch it and compare whole rows
         monkeypatch.setattr(evaluate, "_ROW_KEY_MULTIPLIERS", np.zeros_like(evaluate._ROW_KEY_MULTIPLIERS))
@@ -215,7 +215,7 @@ def test_coalitions_with_the_same_text_share_one_sequence(reward, monkeypatch, c
 
 
 def test_phrase_token_cache_starts_over_when_full_and_changes_no_layout(reward, monkeypatch):
-    import ospo_fast.evaluate as evaluate
+    import ospo_fast.evaluate.evaluator as evaluate
 
     monkeypatch.setattr(evaluate, "_PHRASE_CACHE_SIZE", 6)
     rng = random.Random(12)
