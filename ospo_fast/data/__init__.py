@@ -13,6 +13,7 @@ Kaggle competition (:func:`load_hm`). The shipped default dataset (``default/``)
 (Apache-2.0, attribution in ``default/NOTICE``).
 """
 
+from .gains import ESCI_GAINS, esci_gain  # loaded at once, as the prompts: no pandas
 from .prompts import (  # loaded at once: the trainer reads the answer format, and it needs no pandas
     ESCI_SYSTEM,
     ESCI_TEMPLATE,
@@ -71,6 +72,7 @@ __all__ = [
     "CUSTOMER_COLUMNS",
     "DEFAULT_MIX",
     "ESCI_COLUMNS",
+    "ESCI_GAINS",
     "ESCI_TEMPLATE",
     "ESCI_SYSTEM",
     "ESCI_WORKED_EXAMPLES",
@@ -96,6 +98,7 @@ __all__ = [
     "customer_histories",
     "default_esci_path",
     "default_task",
+    "esci_gain",
     "esci_pools",
     "esci_task",
     "extract_answer",

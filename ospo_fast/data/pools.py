@@ -44,9 +44,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from ..rewards.metrics import esci_gain
 from ._common import require_columns
 from .esci import product_text, title_category
+from .gains import esci_gain
 from .hm import HMData, article_text
 from .ngrams import char_ngram_vectors, ngram_neighbours, ngram_similarity
 
@@ -150,10 +150,9 @@ def bm25_ranked(queries: Sequence[str], items: Sequence[str], depth: int) -> Lis
     Returns:
         ``len(queries)`` int64 arrays of item indices.
     """
-    from ..rewards.bm25 import BM25Reward, _bm25s
+    from ..rewards.bm25 import BM25Reward, bm25_index
 
-    retriever = _bm25s().BM25()
-    retriever.index(BM25Reward.tokenize(items), show_progress=False)
+    retriever = bm25_index(items)
     out = []
     for tokens in BM25Reward.tokenize(queries):
         scores = retriever.get_scores(tokens) if tokens else np.zeros(len(items))

@@ -9,10 +9,8 @@ from .dense import DenseRetrievalReward
 from .encoder import MINILM_NAME, SentenceEncoder, default_cache_dir, encode_cached, load_minilm, mean_pool, minilm_path
 from .lsa import LSAEncoder
 from .metrics import (
-    ESCI_GAINS,
     METRICS,
     check_queries,
-    esci_gain,
     mrr,
     ndcg_at_k,
     pad_pools,
@@ -20,6 +18,16 @@ from .metrics import (
     ranking_metrics,
     recall_at_k,
 )
+
+
+def __getattr__(name: str):
+    # Moved to ospo_fast.data.gains (see rewards.metrics); loaded on first use, so the rewards never load the data.
+    if name in ("ESCI_GAINS", "esci_gain"):
+        from ..data import gains
+
+        return getattr(gains, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DenseRetrievalReward",

@@ -1,4 +1,8 @@
-"""BM25 retrieval reward: rank an owner's candidate pool by BM25 score of a text, score the ranking."""
+"""BM25 retrieval reward: rank an owner's candidate pool by BM25 score of a text, score the ranking.
+
+:func:`bm25_index` (the catalogue index, tokenised as :meth:`BM25Reward.tokenize`) is public for the data layer,
+which ranks catalogue items by BM25 to draw related negatives (:func:`ospo_fast.data.bm25_ranked`).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .dense import _check_items, _check_metric
-from .metrics import check_queries, pad_pools, pool_metric
+from .metrics import check_metric, check_queries, check_texts, pad_pools, pool_metric
 
-__all__ = ["BM25Reward"]
+__all__ = ["BM25Reward", "BM25_METHODS", "bm25_index"]
 
-_METHODS = ("lucene", "robertson", "atire")
+#: ``bm25s`` scoring variants.
+BM25_METHODS = ("lucene", "robertson", "atire")
 
 
 def _bm25s():
@@ -21,6 +25,20 @@ def _bm25s():
     except ImportError as e:
         raise ImportError("BM25Reward needs the package bm25s: pip install bm25s") from e
     return bm25s
+
+
+def _check_method(method: str) -> None:
+    if method not in BM25_METHODS:
+        raise ValueError(f"method: expected one of {BM25_METHODS}, got {method!r}")
+
+
+def bm25_index(texts: Sequence[str], k1: float = 1.5, b: float = 0.75, method: str = "lucene"):
+    """A ``bm25s.BM25`` index of ``texts`` (tokenised by :meth:`BM25Reward.tokenize`), with BM25 parameters
+    ``k1`` and ``b`` and scoring variant ``method`` (one of :data:`BM25_METHODS`)."""
+    _check_method(method)
+    retriever = _bm25s().BM25(k1=k1, b=b, method=method)
+    retriever.index(BM25Reward.tokenize(texts), show_progress=False)
+    return retriever
 
 
 class BM25Reward:
@@ -61,18 +79,15 @@ class BM25Reward:
         b: float = 0.75,
         method: str = "lucene",
     ):
-        items = _check_items(items)
-        _check_metric(metric, k)
-        if method not in _METHODS:
-            raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
+        items = check_texts(items, "items")
+        check_metric(metric, k)
+        _check_method(method)
         self.pool_index, self.pool_gains, self.pool_valid = pad_pools(pools, gains, num_items=len(items))
         self.k = k
         self.metric = metric
         self.num_items = len(items)
 
-        bm25s = _bm25s()
-        self.retriever = bm25s.BM25(k1=k1, b=b, method=method)
-        self.retriever.index(self.tokenize(items), show_progress=False)
+        self.retriever = bm25_index(items, k1=k1, b=b, method=method)
         sc = self.retriever.scores
         self._vocab = self.retriever.vocab_dict
         self._num_terms = len(sc["indptr"]) - 1

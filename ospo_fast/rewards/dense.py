@@ -7,20 +7,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .encoder import SentenceEncoder, check_cache_dir, encode_cached
-from .metrics import METRICS, check_queries, check_texts, pad_pools, pool_metric
+from .metrics import check_metric, check_queries, check_texts, pad_pools, pool_metric
 
 __all__ = ["DenseRetrievalReward"]
-
-
-def _check_items(items) -> list:
-    return check_texts(items, "items")
-
-
-def _check_metric(metric: str, k: Optional[int]) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k: expected a positive int or None, got {k!r}")
 
 
 class DenseRetrievalReward:
@@ -33,7 +22,7 @@ class DenseRetrievalReward:
     Args:
         items: item texts (the catalogue); embedded once, cached on disk (see :func:`encode_cached`).
         pools: ``pools[o]``: indices into ``items`` of owner o's candidate pool; pools may differ in length.
-        gains: ``gains[o]``: non-negative gains aligned with ``pools[o]`` (ESCI: see ``esci_gain``).
+        gains: ``gains[o]``: non-negative gains aligned with ``pools[o]`` (ESCI: see :func:`~ospo_fast.data.esci_gain`).
         encoder: a :class:`SentenceEncoder`; None loads the bundled all-MiniLM-L6-v2.
         k: metric cutoff; None for the whole pool.
         metric: "ndcg" (linear gain, log2 discount), "recall" or "mrr".
@@ -56,8 +45,8 @@ class DenseRetrievalReward:
         cache_dir=None,
         device: Union[str, torch.device, None] = None,
     ):
-        items = _check_items(items)
-        _check_metric(metric, k)
+        items = check_texts(items, "items")
+        check_metric(metric, k)
         # Validate the pools before loading or running any model.
         index, pool_gains, valid = pad_pools(pools, gains, num_items=len(items))
         check_cache_dir(cache_dir)

@@ -34,8 +34,6 @@ import numpy as np
 import torch
 
 __all__ = [
-    "ESCI_GAINS",
-    "esci_gain",
     "ndcg_at_k",
     "recall_at_k",
     "mrr",
@@ -43,34 +41,24 @@ __all__ = [
     "pool_metric",
     "pad_pools",
     "check_queries",
+    "check_metric",
     "METRICS",
 ]
-
-#: Graded gains of the ESCI labels (Exact, Substitute, Complement, Irrelevant), as in the OSPO paper.
-ESCI_GAINS: Dict[str, float] = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
-
-_ESCI_WORDS = {"exact": "E", "substitute": "S", "complement": "C", "irrelevant": "I"}
 
 #: Metric names accepted by the retrieval rewards.
 METRICS = ("ndcg", "recall", "mrr")
 
+#: Names that moved to :mod:`ospo_fast.data.gains` (the ESCI gains are a property of the data), served here
+#: on first use so that code importing them from the rewards keeps working without the rewards loading the data.
+_MOVED_TO_DATA = ("ESCI_GAINS", "esci_gain")
 
-def esci_gain(label: str) -> float:
-    """Gain of one ESCI label.
 
-    Accepts the letters ``E/S/C/I`` and the words ``Exact/Substitute/Complement/Irrelevant``, in any case,
-    surrounding whitespace ignored. Raises ``ValueError`` for anything else.
-    """
-    if not isinstance(label, str):
-        raise ValueError(f"label: expected an ESCI label string, got {type(label).__name__}")
-    key = label.strip()
-    letter = _ESCI_WORDS.get(key.lower(), key.upper())
-    if letter not in ESCI_GAINS:
-        raise ValueError(
-            f"label: unknown ESCI label {label!r}; expected one of E/S/C/I or "
-            "Exact/Substitute/Complement/Irrelevant"
-        )
-    return ESCI_GAINS[letter]
+def __getattr__(name: str):
+    if name in _MOVED_TO_DATA:
+        from ..data import gains
+
+        return getattr(gains, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,8 +326,8 @@ def pad_pools(
     Args:
         pools: O sequences of item indices (``pools[o]`` is owner o's candidate pool; lengths may differ),
             or a 2-D integer array/tensor.
-        gains: O sequences of non-negative finite gains aligned with ``pools`` (see :func:`esci_gain` for ESCI
-            labels), or a 2-D float array/tensor.
+        gains: O sequences of non-negative finite gains aligned with ``pools`` (see
+            :func:`~ospo_fast.data.esci_gain` for ESCI labels), or a 2-D float array/tensor.
         device: where the returned tensors live.
         num_items: if given, every index must be in ``[0, num_items)``.
 
@@ -442,6 +430,15 @@ def check_texts(texts, name: str) -> list:
         if not isinstance(t, str):
             raise ValueError(f"{name}[{j}]: expected str, got {type(t).__name__}")
     return list(texts)
+
+
+def check_metric(metric: str, k: Optional[int]) -> None:
+    """A retrieval reward's ``metric`` (one of :data:`METRICS`) and cutoff ``k`` (a positive int, or None for the
+    whole pool); ValueError naming the bad argument."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k: expected a positive int or None, got {k!r}")
 
 
 def _owner_index(o, j: int) -> int:
