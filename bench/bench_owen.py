@@ -158,8 +158,7 @@ def mixed_plans(games: int, seed: int = 0) -> list:
 def bench_plans(rows, games):
     def cold(build):
         def run():
-            plans_module._exact_plan_cached.cache_clear()
-            plans_module._sampled_plan_cached.cache_clear()
+            plans_module.plan_cache.clear()
             return build()
 
         return run

@@ -14,13 +14,20 @@ Owen-consistent orders. Both are aggregated by the same kernel (``owen.py``).
 
 Coalitions are built as 64-bit masks (bit ``i`` = player ``i``), which is why structures stop at
 :data:`~ospo_fast.structure.MAX_PLAYERS` players.
+
+What is kept between calls is kept in :class:`PlanCache` objects, bounded and least-recently-used: the plans
+of each structure in :data:`plan_cache` (exact plans, and sampled plans drawn from an int seed), and what
+each plan or batch derives once (bit keys, boundary weights, device copies, prepared kernel calls) in its own
+``cache``. Inspect them with ``len()``, ``hits`` and ``misses``; empty them with ``clear()``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import InitVar, dataclass, field
+from typing import Callable, Hashable, TypeVar
 
 import numpy as np
 import torch
@@ -39,7 +46,110 @@ EXACT_COALITIONS_HARD_LIMIT = 1 << 20
 #: The most orders a sampled plan may draw (each order adds up to ``n - 1`` coalitions to evaluate).
 MAX_PERMUTATIONS = 1 << 16
 
+#: Plans kept by :data:`plan_cache` (exact and int-seeded sampled plans, least recently used evicted first).
+PLAN_CACHE_SIZE = 4096
+
+#: Entries each plan keeps in its own cache: two host arrays, then a batch and a prepared kernel call per
+#: values shape, device and dtype it is aggregated with (a training run sees a few).
+PER_PLAN_CACHE_SIZE = 32
+
+#: Device copies each :class:`PlanBatch` keeps (one per device and dtype).
+PER_BATCH_CACHE_SIZE = 8
+
 _U64 = np.uint64
+
+_V = TypeVar("_V")
+_MISSING = object()
+
+
+class PlanCache:
+    """A bounded cache that evicts the least recently used entry: the state plans keep between calls.
+
+    ``get_or_build(key, build)`` returns the value kept under ``key`` (the same object on every hit), or calls
+    ``build()``, keeps its result and, past ``maxsize`` entries, drops the entry used longest ago (never all at
+    once). ``hits`` and ``misses`` count lookups since creation or the last :meth:`clear` (exactly, from one
+    thread). Safe to share between threads: two threads that miss the same key may both build, and both get
+    the value kept first.
+
+    Args:
+        maxsize: the most entries kept, a positive int.
+    """
+
+    __slots__ = ("maxsize", "hits", "misses", "_entries", "_lock")
+
+    def __init__(self, maxsize: int):
+        if isinstance(maxsize, bool) or not isinstance(maxsize, (int, np.integer)) or maxsize < 1:
+            raise ValueError(f"maxsize: expected a positive int, got {maxsize!r}")
+        self.maxsize = int(maxsize)
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, default=None):
+        """The value kept under ``key`` (now the most recently used), or ``default``."""
+        # No lock: this is on every aggregation's path, and each OrderedDict call is atomic under the GIL.
+        try:
+            value = self._entries[key]
+            self._entries.move_to_end(key)
+        except KeyError:  # absent, or evicted by another thread in between
+            self.misses += 1
+            return default
+        self.hits += 1
+        return value
+
+    def put(self, key: Hashable, value: _V) -> _V:
+        """Keep ``value`` under ``key`` (replacing any), evicting the least recently used entry past ``maxsize``;
+        returns ``value``."""
+        with self._lock:
+            self._entries[key] = value
+            self._mark_used(key)
+        return value
+
+    def get_or_build(self, key: Hashable, build: Callable[[], _V]) -> _V:
+        """The value kept under ``key``; on a miss, ``build()``'s result, kept."""
+        value = self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        value = build()  # outside the lock: building a plan can take long, and may use other caches
+        with self._lock:
+            kept = self._entries.setdefault(key, value)
+            self._mark_used(key)
+        return kept
+
+    def _mark_used(self, key: Hashable) -> None:
+        # The lock is held. Most recently used last; past maxsize the first (used longest ago) goes.
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every entry and reset ``hits`` and ``misses``."""
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __repr__(self) -> str:
+        return f"PlanCache(maxsize={self.maxsize}, size={len(self)}, hits={self.hits}, misses={self.misses})"
+
+    def __reduce__(self):
+        # Copied or pickled (with its plan) empty: entries are derived, and hold device tensors and closures.
+        return PlanCache, (self.maxsize,)
+
+
+def _per_plan_cache() -> PlanCache:
+    return PlanCache(PER_PLAN_CACHE_SIZE)
+
+
+#: The plans of each structure: :func:`exact_plan` keys them by structure, :func:`sampled_plan` (int seed, no
+#: ``rng``) by (structure, orders, seed, antithetic). ``plan_cache.clear()`` frees them all.
+plan_cache = PlanCache(PLAN_CACHE_SIZE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +165,10 @@ class CoalitionPlan:
         term_weight: float64 ``[T]``.
         method: ``"exact"`` or ``"sampled"``.
         num_permutations: orders drawn (sampled plans), else 0.
+        cache: a :class:`PlanCache` (at most :data:`PER_PLAN_CACHE_SIZE` entries) of what the plan derives
+            once: its bit keys, boundary weights, and per values shape, device and dtype the batch and the
+            prepared kernel call of :func:`~ospo_fast.owen.owen_from_values`. Not part of the plan's identity:
+            ``dataclasses.replace`` gives the new plan an empty one.
 
     A plan built by hand is checked once, here (the kernels index the values with its terms unchecked);
     the plans of :func:`exact_plan`, :func:`sampled_plan` and :func:`make_plans` are right by construction
@@ -70,7 +184,7 @@ class CoalitionPlan:
     method: str
     num_permutations: int = 0
     # Not an init argument: dataclasses.replace() gives the new plan its own cache.
-    _device_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    cache: PlanCache = field(default_factory=_per_plan_cache, init=False, repr=False, compare=False)
     # Set only by this module's factories; an InitVar, so dataclasses.replace() does not carry it over.
     _trusted: InitVar[bool] = False
 
@@ -99,13 +213,12 @@ class CoalitionPlan:
         return self.num_coalitions - 1  # ... and the grand coalition last
 
     def coalition_keys(self) -> np.ndarray:
-        """int64 ``[C]``: each coalition as a bit mask (bit i: player i is in it); computed once per plan."""
-        keys = self._device_cache.get("keys")
-        if keys is None:
-            bits = np.left_shift(np.uint64(1), np.arange(self.num_players, dtype=np.uint64))
-            keys = (self.masks.numpy() * bits).sum(axis=1, dtype=np.uint64).view(np.int64)
-            self._device_cache["keys"] = keys
-        return keys
+        """int64 ``[C]``: each coalition as a bit mask (bit i: player i is in it); kept in :attr:`cache`."""
+        return self.cache.get_or_build("keys", self._coalition_keys)
+
+    def _coalition_keys(self) -> np.ndarray:
+        bits = np.left_shift(np.uint64(1), np.arange(self.num_players, dtype=np.uint64))
+        return (self.masks.numpy() * bits).sum(axis=1, dtype=np.uint64).view(np.int64)
 
     @property
     def term_player(self) -> torch.Tensor:
@@ -115,19 +228,19 @@ class CoalitionPlan:
 
     def boundary_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float64 ``([n], [n])``: the weight of v(N) and of v(empty) in each player's value (rows
-        ``full_index`` and ``empty_index`` of :meth:`weight_matrix`); computed once per plan. Each sums to
+        ``full_index`` and ``empty_index`` of :meth:`weight_matrix`); kept in :attr:`cache`. Each sums to
         +1 and -1 over the players (efficiency). Exact plans: ``1 / (m |U_i|)`` and its negative; sampled
         plans: the share of orders in which the player comes last, and first (negated)."""
-        weights = self._device_cache.get("boundary")
-        if weights is None:
-            player = self.term_player
-            full = torch.zeros(self.num_players, dtype=torch.float64)
-            empty = torch.zeros(self.num_players, dtype=torch.float64)
-            on_full, on_empty = self.term_plus == self.full_index, self.term_minus == self.empty_index
-            full.index_add_(0, player[on_full], self.term_weight[on_full])
-            empty.index_add_(0, player[on_empty], -self.term_weight[on_empty])
-            weights = self._device_cache["boundary"] = (full, empty)
-        return weights
+        return self.cache.get_or_build("boundary", self._boundary_weights)
+
+    def _boundary_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        player = self.term_player
+        full = torch.zeros(self.num_players, dtype=torch.float64)
+        empty = torch.zeros(self.num_players, dtype=torch.float64)
+        on_full, on_empty = self.term_plus == self.full_index, self.term_minus == self.empty_index
+        full.index_add_(0, player[on_full], self.term_weight[on_full])
+        empty.index_add_(0, player[on_empty], -self.term_weight[on_empty])
+        return full, empty
 
     def weight_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense Owen weight matrix ``W`` (``[C, n]``) with ``phi = values @ W``."""
@@ -277,7 +390,7 @@ def exact_plan(
     ``T ⊆ P_k \\ {i}``: weight ``r!(m-r-1)!/m! * t!(p-t-1)!/p!`` on ``v(Q_R ∪ T ∪ {i}) - v(Q_R ∪ T)``.
     Structures that need more than ``max_exact_coalitions`` coalitions (default
     :data:`MAX_EXACT_COALITIONS`, 4096) are refused; a caller who means it may raise the cap up to
-    :data:`EXACT_COALITIONS_HARD_LIMIT`. Plans are cached per structure.
+    :data:`EXACT_COALITIONS_HARD_LIMIT`. Plans are kept per structure in :data:`plan_cache`.
     """
     _check_structure(structure)
     cap = _check_max_exact_coalitions(max_exact_coalitions)
@@ -288,11 +401,10 @@ def exact_plan(
             f"structure: the exact Owen value of {structure} needs {count} coalitions, above "
             f"max_exact_coalitions={cap}; use method='sampled' (or 'auto' with a budget){hint}"
         )
-    return _exact_plan_cached(structure)
+    return plan_cache.get_or_build(("exact", structure), lambda: _build_exact_plan(structure))
 
 
-@functools.lru_cache(maxsize=4096)
-def _exact_plan_cached(structure: CoalitionStructure) -> CoalitionPlan:
+def _build_exact_plan(structure: CoalitionStructure) -> CoalitionPlan:
     m = structure.num_unions
     union_masks = _union_masks(structure)
     players, plus, minus, weight = [], [], [], []
@@ -391,11 +503,11 @@ def sampled_plan(
     ``n - 1`` inner prefixes are coalitions to evaluate, the empty and grand coalitions are shared, and a
     coalition met in several orders is evaluated once.
 
-    With an int ``seed`` (and no ``rng``) the plan is deterministic and cached per (structure, K, seed,
-    antithetic): every call returns the same orders, so averaging its estimates over calls does not remove
-    their error. With ``rng`` (a :class:`numpy.random.Generator`) the orders are drawn fresh from it (see
-    :func:`owen_orders`) and the plan is not cached: estimates of successive calls are independent, and
-    their mean converges to the Owen value. Training should draw with an ``rng`` (as
+    With an int ``seed`` (and no ``rng``) the plan is deterministic and kept in :data:`plan_cache` per
+    (structure, K, seed, antithetic): every call returns the same orders, so averaging its estimates over
+    calls does not remove their error. With ``rng`` (a :class:`numpy.random.Generator`) the orders are drawn
+    fresh from it (see :func:`owen_orders`) and the plan is not cached: estimates of successive calls are
+    independent, and their mean converges to the Owen value. Training should draw with an ``rng`` (as
     :class:`~ospo_fast.OwenAttributor` does).
     """
     _check_structure(structure)
@@ -403,13 +515,13 @@ def sampled_plan(
     seed = _check_seed(seed)
     _check_rng(rng)
     if rng is None:
-        return _sampled_plan_cached(structure, num_permutations, seed, bool(antithetic))
+        key = ("sampled", structure, num_permutations, seed, bool(antithetic))
+        return plan_cache.get_or_build(key, lambda: _seeded_sampled_plan(*key[1:]))
     return _sampled_plan_from_orders(structure,
                                      owen_orders(structure, num_permutations, antithetic=antithetic, rng=rng))
 
 
-@functools.lru_cache(maxsize=4096)
-def _sampled_plan_cached(structure: CoalitionStructure, K: int, seed: int, antithetic: bool) -> CoalitionPlan:
+def _seeded_sampled_plan(structure: CoalitionStructure, K: int, seed: int, antithetic: bool) -> CoalitionPlan:
     return _sampled_plan_from_orders(structure, owen_orders(structure, K, seed, antithetic))
 
 
@@ -753,7 +865,8 @@ class PlanBatch:
         # Most terms of one row: consecutive pointers of one plan differ by its rows' term counts, and across
         # two plans by 0 (a plan's last pointer is the next one's first), so one diff covers every plan.
         self.max_terms_per_row = int(np.diff(self.player_ptr).max()) if len(self.player_ptr) > 1 else 0
-        self._device_cache: dict = {}
+        #: The device copies of :meth:`kernel_args`, one per device and dtype.
+        self.cache = PlanCache(PER_BATCH_CACHE_SIZE)
 
     @classmethod
     def repeat(cls, plan: CoalitionPlan, num_games: int) -> "PlanBatch":
@@ -783,20 +896,20 @@ class PlanBatch:
     def kernel_args(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, term_weight)``
         on ``device``, weights in ``dtype``: the arguments every aggregation backend takes after the values.
-        Copied once per device and dtype."""
-        key = (str(device), dtype)
-        if key not in self._device_cache:
-            host = (
-                torch.from_numpy(self.value_offsets),
-                torch.from_numpy(self.row_offsets),
-                torch.from_numpy(self.game_ptr_base),
-                torch.from_numpy(self.player_ptr),
-                self.term_plus,
-                self.term_minus,
-                self.term_weight.to(dtype),
-            )
-            self._device_cache[key] = tuple(to_device_all(host, device))
-        return self._device_cache[key]
+        Copied once per device and dtype (kept in :attr:`cache`)."""
+        return self.cache.get_or_build((str(device), dtype), lambda: self._kernel_args(device, dtype))
+
+    def _kernel_args(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        host = (
+            torch.from_numpy(self.value_offsets),
+            torch.from_numpy(self.row_offsets),
+            torch.from_numpy(self.game_ptr_base),
+            torch.from_numpy(self.player_ptr),
+            self.term_plus,
+            self.term_minus,
+            self.term_weight.to(dtype),
+        )
+        return tuple(to_device_all(host, device))
 
 
 def _offsets(sizes) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 
@@ -11,6 +12,8 @@ import torch
 from conftest import random_game, random_structure
 
 import ospo_fast as of
+import ospo_fast.plans as plans_module
+from ospo_fast.plans import PlanCache
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -158,6 +161,93 @@ def test_plan_batch_offsets_and_split():
     assert batch.num_values == sum(p.num_coalitions for p in plans)
     assert batch.num_rows == 8
     assert [t.numel() for t in batch.split(torch.zeros(batch.num_rows))] == [2, 3, 3]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The caches: bounded, least recently used evicted first, counted
+
+
+def test_plan_cache_evicts_the_least_recently_used_entry_not_all():
+    cache = PlanCache(maxsize=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now more recent than "b"
+    cache.put("c", 3)
+    assert len(cache) == 2 and "a" in cache and "c" in cache and "b" not in cache
+
+
+def test_plan_cache_returns_the_same_object_on_a_hit_and_counts_hits_and_misses():
+    cache, builds = PlanCache(maxsize=4), []
+    first = cache.get_or_build("k", lambda: builds.append(1) or object())
+    assert cache.get_or_build("k", lambda: builds.append(1) or object()) is first
+    assert cache.get("other") is None
+    assert (len(builds), cache.hits, cache.misses) == (1, 1, 2)
+    cache.clear()
+    assert (len(cache), cache.hits, cache.misses) == (0, 0, 0)
+    assert cache.get_or_build("k", object) is not first
+
+
+@pytest.mark.parametrize("maxsize", [0, -1, 1.5, True, None])
+def test_plan_cache_size_must_be_a_positive_int(maxsize):
+    with pytest.raises(ValueError, match=r"^maxsize: expected a positive int"):
+        PlanCache(maxsize)
+
+
+def test_plans_come_back_from_the_plan_cache_and_its_bound_holds(monkeypatch):
+    cache = PlanCache(maxsize=2)
+    monkeypatch.setattr(plans_module, "plan_cache", cache)
+    s1, s2, s3 = (of.CoalitionStructure.from_sizes(sizes) for sizes in ([2], [1, 2], [3]))
+    p1, p2 = of.exact_plan(s1), of.sampled_plan(s2, 4, seed=1)
+    assert of.exact_plan(s1) is p1 and of.sampled_plan(s2, 4, seed=1) is p2
+    assert (cache.hits, cache.misses) == (2, 2)
+    of.exact_plan(of.CoalitionStructure.from_sizes([2]))  # an equal structure is a hit: s1 is the most recent
+    of.exact_plan(s3)  # evicts s2's plan only
+    assert len(cache) == 2 and of.exact_plan(s1) is p1
+    assert of.sampled_plan(s2, 4, seed=1) is not p2  # rebuilt, equal
+    assert torch.equal(of.sampled_plan(s2, 4, seed=1).masks, p2.masks)
+
+
+def test_plans_drawn_from_a_generator_stay_out_of_the_plan_cache(monkeypatch):
+    cache = PlanCache(maxsize=8)
+    monkeypatch.setattr(plans_module, "plan_cache", cache)
+    of.sampled_plan(of.CoalitionStructure.from_sizes([2, 2]), 4, rng=np.random.default_rng(0))
+    assert len(cache) == 0
+
+
+def test_kernel_args_are_copied_once_per_device_and_dtype():
+    batch = of.PlanBatch([of.exact_plan(of.CoalitionStructure.from_sizes(sizes)) for sizes in ([2], [1, 2])])
+    cpu = torch.device("cpu")
+    args64 = batch.kernel_args(cpu, torch.float64)
+    assert batch.kernel_args(cpu, torch.float64) is args64
+    args32 = batch.kernel_args(cpu, torch.float32)
+    assert args32 is not args64 and args32[-1].dtype == torch.float32
+    assert batch.kernel_args(cpu, torch.float32) is args32
+    assert (len(batch.cache), batch.cache.misses, batch.cache.hits) == (2, 2, 2)
+
+
+def test_a_plan_prepares_each_values_shape_once_and_keeps_a_bounded_number():
+    plan = of.exact_plan(of.CoalitionStructure.from_sizes([2, 3]))
+    plan = dataclasses.replace(plan)  # a plan of its own, with an empty cache
+    values = torch.randn(3, plan.num_coalitions, dtype=torch.float64, generator=_gen(0))
+    first = of.owen_from_values(plan, values)
+    size, misses = len(plan.cache), plan.cache.misses
+    for _ in range(3):
+        torch.testing.assert_close(of.owen_from_values(plan, values), first)
+    assert (len(plan.cache), plan.cache.misses) == (size, misses)
+    for games in range(1, 2 * plans_module.PER_PLAN_CACHE_SIZE):
+        of.owen_from_values(plan, torch.zeros(games, plan.num_coalitions))
+    assert len(plan.cache) == plans_module.PER_PLAN_CACHE_SIZE
+    torch.testing.assert_close(of.owen_from_values(plan, values), first)
+
+
+def test_a_copied_or_pickled_plan_starts_with_an_empty_cache():
+    plan = dataclasses.replace(of.exact_plan(of.CoalitionStructure.from_sizes([2, 2])))
+    of.owen_from_values(plan, torch.zeros(plan.num_coalitions))
+    assert len(plan.cache) > 0
+    for copy in (pickle.loads(pickle.dumps(plan)), dataclasses.replace(plan)):
+        assert len(copy.cache) == 0 and copy.cache.maxsize == plan.cache.maxsize
+        torch.testing.assert_close(of.owen_from_values(copy, torch.ones(plan.num_coalitions)),
+                                   of.owen_from_values(plan, torch.ones(plan.num_coalitions)))
 
 
 # ----------------------------------------------------------------------------------------------------

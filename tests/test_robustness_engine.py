@@ -175,7 +175,7 @@ def test_hand_built_good_plan_is_accepted_and_checked_once(monkeypatch):
         torch.testing.assert_close(of.owen_from_values(plan, values), of.owen_from_values(good, values))
         of.owen_from_values(of.PlanBatch([plan, good]), torch.cat([values, values]))
     assert len(calls) == 1  # never again per call
-    assert plan._device_cache is not good._device_cache
+    assert plan.cache is not good.cache
 
 
 def test_factory_plans_pay_no_validation(monkeypatch):
