@@ -49,7 +49,9 @@ fi
 
 if wanted kernels; then
 stage "kernel test files, with their CUDA and compiled Triton parametrisations"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_owen.py tests/test_ops.py tests/test_evaluate.py tests/test_loss.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_owen.py tests/test_ops.py tests/test_dispatch.py tests/test_packing.py \
+  tests/test_encoder_kernels.py tests/test_encoder_forward.py tests/test_evaluator.py tests/test_attribution.py \
+  tests/test_device.py tests/test_loss.py \
   tests/test_metrics.py tests/test_advantages.py 2>&1 | tee "$out/kernel_tests.log" | tail -15
 fi
 

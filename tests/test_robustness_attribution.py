@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import iphone_charger_pool
-from test_evaluate import _reward, random_response
+from evaluation_inputs import dense_reward, random_response
 
 import ospo_fast as of
 
 
 @pytest.fixture(scope="module")
 def reward():
-    return _reward()
+    return dense_reward()
 
 
 def test_threads_sharing_one_attributor_get_the_single_threaded_values(reward):
