@@ -4,6 +4,8 @@ sequences, chunks) and the packed values against the reward of each coalition te
 from __future__ import annotations
 
 import random
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +22,13 @@ from evaluation_inputs import (
 
 import ospo_fast as of
 from ospo_fast import _extension
-from ospo_fast.evaluate import CoalitionBatch, EncoderCoalitionEvaluator, evaluate_text_reward, pack_coalitions
+from ospo_fast.evaluate import (
+    CoalitionBatch,
+    EncoderCoalitionEvaluator,
+    evaluate_text_reward,
+    pack_coalitions,
+    packed_support,
+)
 from ospo_fast.structure import MAX_PLAYERS
 
 
@@ -276,3 +284,55 @@ def test_packed_values_on_cuda_need_no_host_sync_and_match_the_cpu(reward):
     # NDCG of rankings from bf16 embeddings: a near-tie may swap, so compare in bulk and bound the worst case.
     diff = (got.cpu() - expected.cpu()).abs()
     assert float(diff.median()) < 1e-3 and float(diff.max()) < 0.1, (float(diff.median()), float(diff.max()))
+
+
+def test_packed_support_accepts_a_dense_reward_over_a_bert_encoder(reward):
+    assert packed_support(reward) is None
+
+
+def _with_encoder(reward, **changes):
+    """An encoder reward like ``reward`` whose encoder (or its model's config) differs by ``changes``."""
+    encoder = reward.encoder
+    config = dict(vars(encoder.model.config), **changes.pop("config", {}))
+    model = SimpleNamespace(config=SimpleNamespace(**config))
+    fields = dict(tokenizer=encoder.tokenizer, model=model, max_length=encoder.max_length, dim=encoder.dim,
+                  pooling=encoder.pooling)
+    fields.update(changes)
+    return SimpleNamespace(encoder=SimpleNamespace(**fields), device=reward.device,
+                           score_embeddings=reward.score_embeddings)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(pooling="max"), "reward.encoder.pooling: the packed path supports 'mean' and 'cls', got 'max'"),
+        (dict(config=dict(model_type="roberta")),
+         "reward.encoder.model: the packed forward supports ('bert',), got 'roberta'"),
+        (dict(config=dict(position_embedding_type="relative_key")),
+         "reward.encoder.model: the packed forward needs absolute position embeddings"),
+        (dict(config=dict(hidden_act="swish")),
+         "reward.encoder.model: hidden_act 'swish' is not supported by the packed forward"),
+    ],
+)
+def test_packed_support_names_what_the_packed_forward_cannot_run(reward, changes, message):
+    unsupported = _with_encoder(reward, **changes)
+    assert packed_support(unsupported) == message
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EncoderCoalitionEvaluator(unsupported)
+
+
+def test_packed_support_refuses_a_text_reward_and_an_encoder_without_a_transformer():
+    def text_reward(texts, owners):
+        return [0.0] * len(texts)
+
+    assert packed_support(text_reward).startswith("reward: expected an encoder reward")
+    texts, labels = iphone_charger_pool()
+    items = [t[:200] for t in texts[:30]]
+    lsa = of.rewards.DenseRetrievalReward(
+        items, [list(range(30))], [[of.rewards.esci_gain(x) for x in labels[:30]]],
+        encoder=of.rewards.LSAEncoder(items, dim=8), cache_dir=False,
+    )
+    assert packed_support(lsa) == ("reward.encoder: expected a Hugging Face transformer encoder (tokenizer, model, "
+                                   "max_length, dim), got a LSAEncoder without tokenizer, model, max_length")
+    with pytest.raises(ValueError, match="reward: expected an encoder reward"):
+        EncoderCoalitionEvaluator(text_reward)

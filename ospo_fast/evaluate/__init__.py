@@ -20,14 +20,15 @@ The package, one concern per module, in the order the data flows:
 * ``text``: :func:`evaluate_text_reward`, one call of a text reward, its output checked;
 * ``packing``: :class:`PackedSequences` and :func:`pack_coalitions` (torch reference and Triton kernel);
 * ``encoder``: :class:`PackedBertForward`, the BERT forward on packed sequences, and :func:`pool_packed`;
-* ``evaluator``: :class:`EncoderCoalitionEvaluator`, tokenisation, layout and the device half together.
+* ``evaluator``: :class:`EncoderCoalitionEvaluator`, tokenisation, layout and the device half together, and
+  :func:`packed_support`, whether it can run for a reward.
 
 Backends (packing, pooling, attention, normalisation) are chosen in :mod:`ospo_fast.dispatch`.
 """
 
 from .. import _extension
 from .encoder import ATTENTIONS, PACKED_DTYPES, PackedBertForward, check_packed_options, pool_packed
-from .evaluator import EncoderCoalitionEvaluator
+from .evaluator import EncoderCoalitionEvaluator, packed_support
 from .layout import CoalitionBatch, PackedLayout
 from .layout import _chunks as _chunks
 from .packing import PackedSequences, pack_coalitions, pack_coalitions_reference
@@ -48,5 +49,6 @@ __all__ = [
     "evaluate_text_reward",
     "pack_coalitions",
     "pack_coalitions_reference",
+    "packed_support",
     "pool_packed",
 ]

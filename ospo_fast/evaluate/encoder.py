@@ -70,15 +70,27 @@ class PackedBertForward:
 
     SUPPORTED = ("bert",)
 
-    def __init__(self, model, attention: str = "auto", dtype: torch.dtype = torch.float32):
-        config = model.config
-        if config.model_type not in self.SUPPORTED:
-            raise ValueError(f"encoder: the packed forward supports {self.SUPPORTED}, got {config.model_type!r}")
+    @classmethod
+    def unsupported(cls, model) -> str | None:
+        """Why the packed forward cannot re-run ``model`` (its architecture), or None when it can. Reads the
+        config only."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return f"the packed forward needs a Hugging Face model with a config, got {type(model).__name__}"
+        if getattr(config, "model_type", None) not in cls.SUPPORTED:
+            return f"the packed forward supports {cls.SUPPORTED}, got {getattr(config, 'model_type', None)!r}"
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError("encoder: the packed forward needs absolute position embeddings")
+            return "the packed forward needs absolute position embeddings"
+        if getattr(config, "hidden_act", None) not in _ACTIVATIONS:
+            return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not supported by the packed forward"
+        return None
+
+    def __init__(self, model, attention: str = "auto", dtype: torch.dtype = torch.float32):
+        reason = self.unsupported(model)
+        if reason is not None:
+            raise ValueError(f"encoder: {reason}")
         dispatch.check_choice("attention", attention, "attention")
-        if config.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"encoder: hidden_act {config.hidden_act!r} is not supported by the packed forward")
+        config = model.config
         # An explicit attention the device or dtype cannot run is refused here, not at the first forward.
         dispatch.resolve("attention", attention, next(model.parameters()).device, dtype, arg="attention")
         self.model = model

@@ -38,6 +38,30 @@ def _distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse
 
 
+# What the packed evaluator reads of an encoder reward's encoder, beyond its model.
+_ENCODER_ATTRIBUTES = ("tokenizer", "model", "max_length", "dim")
+
+
+def packed_support(reward) -> str | None:
+    """Why the packed evaluator cannot run for ``reward``, or None when it can. It needs an encoder reward
+    (``encoder``, ``device`` and ``score_embeddings``, as :class:`~ospo_fast.rewards.DenseRetrievalReward`
+    has) over a Hugging Face BERT-family encoder with its tokenizer, pooled by mean or CLS. Reads attributes
+    only (nothing is built or run); the reason starts with the part of ``reward`` it is about."""
+    encoder = getattr(reward, "encoder", None)
+    if encoder is None or not hasattr(reward, "device") or not callable(getattr(reward, "score_embeddings", None)):
+        return ("reward: expected an encoder reward (with encoder, device and score_embeddings, as "
+                f"DenseRetrievalReward), got {type(reward).__name__}")
+    missing = [name for name in _ENCODER_ATTRIBUTES if not hasattr(encoder, name)]
+    if missing:
+        return (f"reward.encoder: expected a Hugging Face transformer encoder ({', '.join(_ENCODER_ATTRIBUTES)}), "
+                f"got a {type(encoder).__name__} without {', '.join(missing)}")
+    pooling = getattr(encoder, "pooling", "mean")
+    if pooling not in ("mean", "cls"):
+        return f"reward.encoder.pooling: the packed path supports 'mean' and 'cls', got {pooling!r}"
+    reason = PackedBertForward.unsupported(encoder.model)
+    return None if reason is None else f"reward.encoder.model: {reason}"
+
+
 # Phrases whose tokens an evaluator keeps; past this, the cache starts over (memory stays bounded).
 _PHRASE_CACHE_SIZE = 1 << 17
 
@@ -50,7 +74,8 @@ class EncoderCoalitionEvaluator:
     several forwards of that size. ``pack_backend``: see :func:`pack_coalitions`. ``dtype``: the encoder's
     matmul precision; None is float32 on the CPU (the per-coalition loop's numbers to fp32 tolerance) and
     bfloat16 on CUDA; ``torch.bfloat16`` on a CPU with AMX is several times faster, to bf16 tolerance.
-    ``attention`` and ``dtype`` are checked here (see :func:`check_packed_options`; a dtype may be named).
+    ``attention`` and ``dtype`` are checked here (see :func:`check_packed_options`; a dtype may be named), and
+    so is ``reward`` (:func:`packed_support`).
     Threads may share an evaluator: the phrase cache (with the tokenizer) and the forward each run under a
     lock, and the rest of a call is its own.
     """
@@ -63,12 +88,12 @@ class EncoderCoalitionEvaluator:
         pack_backend: str = "auto",
         dtype: torch.dtype | None = None,
     ):
+        reason = packed_support(reward)
+        if reason is not None:
+            raise ValueError(reason)
         self.reward = reward
         self.encoder = reward.encoder
         tok = self.encoder.tokenizer
-        if getattr(self.encoder, "pooling", "mean") not in ("mean", "cls"):
-            raise ValueError("reward.encoder.pooling: the packed path supports 'mean' and 'cls', "
-                             f"got {self.encoder.pooling!r}")
         attention, dtype = check_packed_options(attention, dtype)
         if dtype is None:
             dtype = torch.bfloat16 if reward.device.type == "cuda" else torch.float32
