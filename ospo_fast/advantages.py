@@ -82,14 +82,15 @@ from collections.abc import Sequence
 
 import torch
 
+from . import defaults
 from ._checks import as_real_tensor
 from ._device import to_device
+from .defaults import REDISTRIBUTION_MODES
 
-SCALES = ("group", "batch", "none")
-REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid")
+SCALES = defaults.ADVANTAGE_SCALES
 
 #: The default bound on a token's share ``Â_t / A`` (module docstring, "The bound").
-DEFAULT_MAX_SHARE = 4.0
+DEFAULT_MAX_SHARE = defaults.MAX_SHARE
 
 
 def _as_float(x, name: str) -> torch.Tensor:
@@ -107,8 +108,8 @@ def _real_number(value, name: str, lo: float, hi: float) -> float:
 # GRPO advantages
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
-                     check_finite: bool | None = None) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = defaults.ADVANTAGE_SCALE,
+                     eps: float = defaults.GROUP_EPS, check_finite: bool | None = None) -> torch.Tensor:
     """GRPO advantages: each reward against its group, ``(R - group mean) / (std + eps)``.
 
     Args:
@@ -325,9 +326,9 @@ def redistribute(
     advantages: torch.Tensor,
     token_credit: torch.Tensor,
     completion_mask: torch.Tensor,
-    mode: str = "proportional",
-    alpha: float = 0.5,
-    floor: float = 0.1,
+    mode: str = defaults.REDISTRIBUTION,
+    alpha: float = defaults.ALPHA,
+    floor: float = defaults.FLOOR,
     clip: float | tuple[float, float] | None = None,
     check_finite: bool | None = None,
     *,

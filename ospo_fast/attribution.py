@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import defaults
 from .advantages import spread_credit
 from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, check_packed_options, evaluate_text_reward
 from .owen import BACKENDS, owen_from_values
@@ -218,10 +219,10 @@ class OwenAttributor:
         self,
         reward,
         segmenter: Callable[[str], Segmentation] | None = None,
-        method: str = "auto",
-        budget: int = 64,
+        method: str = defaults.ATTRIBUTION_METHOD,
+        budget: int = defaults.BUDGET,
         num_permutations: int | None = None,
-        seed: int = 0,
+        seed: int = defaults.SEED,
         antithetic: bool = True,
         backend: str = "auto",
         evaluator: str = "auto",

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from . import defaults
 from .structure import MAX_PLAYERS, CoalitionStructure
 
 __all__ = [
@@ -261,7 +262,7 @@ class Segmenter(_SegmenterBase):
 
     def __init__(
         self,
-        max_players: int = 16,
+        max_players: int = defaults.SEGMENTER_MAX_PLAYERS,
         unit: str = "sentence",
         answer_tags: tuple[str, str] | None = ("<answer>", "</answer>"),
         think_tags: tuple[str, str] | None = ("<think>", "</think>"),
@@ -383,7 +384,7 @@ class SpacySegmenter(_SegmenterBase):
     def __init__(
         self,
         model: str = "en_core_web_sm",
-        max_players: int = 16,
+        max_players: int = defaults.SEGMENTER_MAX_PLAYERS,
         answer_tags: tuple[str, str] | None = ("<answer>", "</answer>"),
         think_tags: tuple[str, str] | None = ("<think>", "</think>"),
         nlp=None,

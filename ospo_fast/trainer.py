@@ -43,7 +43,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .advantages import DEFAULT_MAX_SHARE, REDISTRIBUTION_MODES, SCALES, _clip_bounds, group_advantages, redistribute
+from . import defaults
+from .advantages import _clip_bounds, group_advantages, redistribute
 from .attribution import OwenAttributor
 from .data.prompts import follows_format
 from .loss import LOSS_BACKENDS, LOSS_TYPES, grpo_loss
@@ -63,37 +64,37 @@ class OSPOConfig:
     """Everything that shapes a run. Defaults follow the OSPO paper's reference setting where it has one
     (group size 8, learning rate 5e-6, no KL, at most 64 coalitions per response)."""
 
-    output_dir: str = "runs/ospo"
-    mode: str = "ospo"  # "ospo" or "grpo"
-    redistribution: str = "proportional"  # see ospo_fast.advantages
-    alpha: float = 0.5
-    floor: float = 0.1
-    max_share: float | None = DEFAULT_MAX_SHARE  # bound on a token's advantage / its response's
+    output_dir: str = defaults.OUTPUT_DIR
+    mode: str = defaults.TRAINING_MODE  # "ospo" or "grpo"
+    redistribution: str = defaults.REDISTRIBUTION  # see ospo_fast.advantages
+    alpha: float = defaults.ALPHA
+    floor: float = defaults.FLOOR
+    max_share: float | None = defaults.MAX_SHARE  # bound on a token's advantage / its response's
     clip: float | None = None
-    advantage_scale: str = "group"
-    group_size: int = 8
-    prompts_per_step: int = 4
-    max_steps: int = 100
-    learning_rate: float = 5e-6
+    advantage_scale: str = defaults.ADVANTAGE_SCALE
+    group_size: int = defaults.GROUP_SIZE
+    prompts_per_step: int = defaults.PROMPTS_PER_STEP
+    max_steps: int = defaults.MAX_STEPS
+    learning_rate: float = defaults.LEARNING_RATE
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     micro_batch_size: int = 16
     num_iterations: int = 1  # optimisation passes over each generated batch (PPO epochs)
-    max_new_tokens: int = 48
-    temperature: float = 1.0
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
+    temperature: float = defaults.TEMPERATURE
     top_p: float = 1.0
-    loss_type: str = "grpo"
-    beta: float = 0.0
+    loss_type: str = defaults.LOSS_TYPE
+    beta: float = defaults.BETA
     eps_low: float = 0.2
     eps_high: float = 0.2
-    attribution_method: str = "auto"
+    attribution_method: str = defaults.ATTRIBUTION_METHOD
     credit: str = "owen"  # "owen", or "shuffled": each response's credit permuted among its segments (a control)
-    attribution_budget: int = 64
+    attribution_budget: int = defaults.BUDGET
     attribution_dtype: str | None = None  # encoder precision: None (float32 on CPU, bfloat16 on CUDA) or a dtype name
-    max_players: int = 16
-    seed: int = 0
-    save_steps: int = 25
+    max_players: int = defaults.SEGMENTER_MAX_PLAYERS
+    seed: int = defaults.SEED
+    save_steps: int = defaults.SAVE_STEPS
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
     lora: dict | None = None  # e.g. {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}
     loss_backend: str = "auto"
@@ -107,12 +108,12 @@ class OSPOConfig:
         each error names the field and what it accepts."""
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir: expected a non-empty path, got {self.output_dir!r}")
-        _choice(self, "mode", ("ospo", "grpo"))
-        _choice(self, "redistribution", REDISTRIBUTION_MODES)
-        _choice(self, "advantage_scale", SCALES)
+        _choice(self, "mode", defaults.TRAINING_MODES)
+        _choice(self, "redistribution", defaults.REDISTRIBUTION_MODES)
+        _choice(self, "advantage_scale", defaults.ADVANTAGE_SCALES)
         _choice(self, "loss_type", LOSS_TYPES)
         _choice(self, "loss_backend", LOSS_BACKENDS)
-        _choice(self, "attribution_method", ("auto", "exact", "sampled"))
+        _choice(self, "attribution_method", defaults.ATTRIBUTION_METHODS)
         _choice(self, "credit", CREDITS)
         for name in ("group_size", "prompts_per_step", "max_steps", "micro_batch_size", "num_iterations",
                      "max_new_tokens", "save_steps", "max_players"):
@@ -679,8 +680,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def supervised_warm_start(
-    model, tokenizer, prompts: Sequence, targets: Sequence[str], steps: int = 100, batch_size: int = 16,
-    learning_rate: float = 1e-3, seed: int = 0, progress: bool = True, bf16: bool = False,
+    model, tokenizer, prompts: Sequence, targets: Sequence[str], steps: int = defaults.WARM_START_STEPS,
+    batch_size: int = 16, learning_rate: float = defaults.WARM_START_LR, seed: int = 0, progress: bool = True,
+    bf16: bool = False,
 ) -> list[float]:
     """A short supervised fine-tune on (prompt, target completion) pairs, so a fresh policy writes the
     answer format before RL starts. Only the completion tokens (and the end-of-sequence token) are trained.

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .. import defaults
+from ..loss import LOSS_TYPES
 from ..owen import owen_from_values
 from ..plans import exact_plan, sampled_plan
 from ..policy import DEFAULT_MODEL
@@ -294,24 +296,23 @@ def _max_share(text: str) -> float | None:
     return value
 
 
-#: The main job's defaults (``ospo-fast train`` with no arguments), chosen to finish within 15 minutes on 2
-#: CPU cores, install included, with SmolLM2-135M-Instruct (see README.md for the measurements).
-MAIN_JOB = dict(steps=24, prompts_per_step=4, group_size=6, lr=2e-5, max_new_tokens=32, temperature=0.8,
-                eval_every=8)
+#: The main job's defaults (``ospo-fast train`` with no arguments; see :mod:`ospo_fast.defaults`).
+MAIN_JOB = dict(steps=defaults.MAIN_JOB_STEPS, prompts_per_step=defaults.PROMPTS_PER_STEP,
+                group_size=defaults.MAIN_JOB_GROUP_SIZE, lr=defaults.MAIN_JOB_LEARNING_RATE,
+                max_new_tokens=defaults.MAIN_JOB_MAX_NEW_TOKENS, temperature=defaults.MAIN_JOB_TEMPERATURE,
+                eval_every=defaults.MAIN_JOB_EVAL_EVERY)
 
 
 def _run_defaults() -> dict:
-    from ..trainer import OSPOConfig
-
-    config = {f.name: f.default for f in fields(OSPOConfig)}
     return dict(
-        model=DEFAULT_MODEL, task="default", esci_examples=None, esci_products=None, hm_articles=None,
+        model=DEFAULT_MODEL, task=defaults.TASK, esci_examples=None, esci_products=None, hm_articles=None,
         hm_customers=None, hm_transactions=None, max_samples=None, warm_start_steps=None, warm_start_lr=None,
         eval_every=MAIN_JOB["eval_every"], eval_samples=None,
-        mode="ospo", redistribution="proportional", max_share=config["max_share"], steps=MAIN_JOB["steps"],
-        prompts_per_step=MAIN_JOB["prompts_per_step"], group_size=MAIN_JOB["group_size"], lr=MAIN_JOB["lr"],
-        max_new_tokens=MAIN_JOB["max_new_tokens"], temperature=MAIN_JOB["temperature"], bf16=True,
-        budget=config["attribution_budget"], beta=0.0, loss_type="grpo", attribution_dtype=None, save_steps=8, seed=0,
+        mode=defaults.TRAINING_MODE, redistribution=defaults.REDISTRIBUTION, max_share=defaults.MAX_SHARE,
+        steps=MAIN_JOB["steps"], prompts_per_step=MAIN_JOB["prompts_per_step"], group_size=MAIN_JOB["group_size"],
+        lr=MAIN_JOB["lr"], max_new_tokens=MAIN_JOB["max_new_tokens"], temperature=MAIN_JOB["temperature"],
+        bf16=defaults.MAIN_JOB_BF16, budget=defaults.BUDGET, beta=defaults.BETA, loss_type=defaults.LOSS_TYPE,
+        attribution_dtype=None, save_steps=defaults.MAIN_JOB_SAVE_STEPS, seed=defaults.SEED,
     )
 
 
@@ -324,6 +325,12 @@ def _tasks() -> tuple[str, ...]:
     from .experiment import TASKS
 
     return TASKS
+
+
+def _variants() -> tuple[str, ...]:
+    from .comparison import VARIANTS
+
+    return VARIANTS
 
 
 def _add_run_arguments(p, output: str) -> None:
@@ -340,8 +347,8 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--hm-transactions", help="transactions_train.csv")
     p.add_argument("--max-samples", type=int)
     p.add_argument("--output", default=output, help="the run folder")
-    p.add_argument("--mode", choices=["ospo", "grpo"], help=f"default {d['mode']}")
-    p.add_argument("--redistribution", choices=["proportional", "rank", "hybrid"],
+    p.add_argument("--mode", choices=list(defaults.TRAINING_MODES), help=f"default {d['mode']}")
+    p.add_argument("--redistribution", choices=list(defaults.REDISTRIBUTION_MODES),
                    help=f"default {d['redistribution']}")
     p.add_argument("--max-share", type=_max_share,
                    help=f"bound on a token's advantage as a multiple of its response's ('none': no bound; default "
@@ -349,20 +356,24 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--steps", type=int, help=f"default {d['steps']}")
     p.add_argument("--prompts-per-step", type=int, help=f"default {d['prompts_per_step']}")
     p.add_argument("--group-size", type=int, help=f"default {d['group_size']}")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d['lr']}; the tiny model needs about 5e-5)")
+    p.add_argument("--lr", type=float,
+                   help=f"learning rate (default {d['lr']}; the tiny model needs about {defaults.TINY_LEARNING_RATE})")
     p.add_argument("--max-new-tokens", type=int, help=f"default {d['max_new_tokens']}")
     p.add_argument("--temperature", type=float, help=f"sampling temperature in training (default {d['temperature']})")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bfloat16 autocast for generation and training (default on: about 1.6x faster on a CPU "
                         "with AMX, and on GPUs)")
     p.add_argument("--budget", type=int, help=f"coalitions per response (default {d['budget']})")
-    p.add_argument("--beta", type=float, help="KL weight (default 0)")
-    p.add_argument("--loss-type", choices=["grpo", "dr_grpo", "dapo"], help=f"default {d['loss_type']}")
+    p.add_argument("--beta", type=float, help=f"KL weight (default {d['beta']:g})")
+    p.add_argument("--loss-type", choices=list(LOSS_TYPES), help=f"default {d['loss_type']}")
     p.add_argument("--attribution-dtype", help="encoder precision, e.g. bfloat16")
     p.add_argument("--warm-start-steps", type=int,
-                   help="supervised steps teaching the policy the answer format (default 400 for 'tiny'; 12 for a "
+                   help=f"supervised steps teaching the policy the answer format (default "
+                        f"{defaults.TINY_WARM_START_STEPS} for 'tiny'; {defaults.CREDIT_WARM_START_STEPS} for a "
                         "pretrained model on --task credit, else 0)")
-    p.add_argument("--warm-start-lr", type=float, help="its learning rate (default 1e-3 for 'tiny', else 5e-5)")
+    p.add_argument("--warm-start-lr", type=float,
+                   help=f"its learning rate (default {defaults.WARM_START_LR:g} for 'tiny', else "
+                        f"{defaults.PRETRAINED_WARM_START_LR:g})")
     p.add_argument("--eval-every", type=int, help=f"validation every this many steps (default {d['eval_every']})")
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--save-steps", type=int, help=f"default {d['save_steps']}")
@@ -375,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="OSPO (or GRPO) training, evaluation against baselines and a report")
-    _add_run_arguments(p, "runs/ospo")
+    _add_run_arguments(p, defaults.OUTPUT_DIR)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run")
     p.set_defaults(func=train)
@@ -383,22 +394,22 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("eval", help="NDCG/recall/MRR of a policy's queries with seen and unseen retrievers")
     p.add_argument("--run", help="a run folder written by `ospo-fast train`")
     p.add_argument("--model", help="or a Hugging Face causal LM name or path")
-    p.add_argument("--task", default="default", choices=list(_tasks()))
+    p.add_argument("--task", default=defaults.TASK, choices=list(_tasks()))
     for name in ("esci-examples", "esci-products", "hm-articles", "hm-customers", "hm-transactions"):
         p.add_argument(f"--{name}")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--eval-samples", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=MAIN_JOB["max_new_tokens"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=defaults.SEED)
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=evaluate)
 
     p = commands.add_parser("compare", help="GRPO vs OSPO vs shuffled credit, paired over seeds, with the baselines")
-    _add_run_arguments(p, "runs/compare")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["grpo", "ospo", "shuffled"],
-                   help="grpo, ospo, shuffled (Owen credit permuted among each response's segments), or an OSPO "
-                        "redistribution mode (proportional, rank, hybrid)")
+    _add_run_arguments(p, defaults.COMPARE_OUTPUT_DIR)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(defaults.COMPARE_SEEDS))
+    p.add_argument("--variants", nargs="+", default=list(_variants()),
+                   help=f"{', '.join(_variants())} (shuffled: Owen credit permuted among each response's segments), "
+                        f"or an OSPO redistribution mode ({', '.join(defaults.REDISTRIBUTION_MODES)})")
     p.set_defaults(func=compare)
 
     p = commands.add_parser("attribute", help="Owen values of a response's segments against a candidate pool")
@@ -407,17 +418,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="use the candidate pool of this request of the shipped data")
     p.add_argument("--owner", "--pool", dest="owner", type=int, default=0, help="or the candidate pool's index")
     p.add_argument("--reward", default="dense", choices=["dense", "bm25"])
-    p.add_argument("--method", default="auto", choices=["auto", "exact", "sampled"])
-    p.add_argument("--budget", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default=defaults.ATTRIBUTION_METHOD, choices=list(defaults.ATTRIBUTION_METHODS))
+    p.add_argument("--budget", type=int, default=defaults.ATTRIBUTE_BUDGET)
+    p.add_argument("--seed", type=int, default=defaults.SEED)
     p.add_argument("--html", help="also write the response with coloured segments to this HTML file")
     p.set_defaults(func=attribute)
 
     p = commands.add_parser("demo", help="one response through the whole data flow, with a toy reward")
     p.add_argument("text", nargs="?", default=DEMO_TEXT, help="the response (default: a worked example)")
     p.add_argument("--query", default=DEMO_QUERY, help="the query whose words the demo reward counts")
-    p.add_argument("--permutations", type=int, default=64, help="orders for the sampled estimate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--permutations", type=int, default=defaults.NUM_PERMUTATIONS,
+                   help="orders for the sampled estimate")
+    p.add_argument("--seed", type=int, default=defaults.SEED)
     p.set_defaults(func=demo)
 
     args = parser.parse_args(argv)

@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..advantages import REDISTRIBUTION_MODES
+from .. import defaults
+from ..defaults import REDISTRIBUTION_MODES
 from ..trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
 from .experiment import (
     RunSettings,
@@ -145,7 +146,7 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
 
 
 def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
-            output_dir: str = "runs/compare") -> dict:
+            output_dir: str = defaults.COMPARE_OUTPUT_DIR) -> dict:
     """Runs (or continues) the comparison and writes ``compare.json``, ``compare.md``, ``compare.png`` (paired
     differences) and ``compare_curves.png`` (reward and validation NDCG@10 against steps).
     Returns the contents of ``compare.json`` (see :func:`summarise`)."""

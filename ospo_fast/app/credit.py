@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import defaults
 from ..data.prompts import chat
 from ..data.tasks import Sample, SearchTask
 from ..segment import CONJUNCTIONS, PREPOSITIONS, Segmenter
@@ -166,7 +167,8 @@ def _hint_of_segment(segments: Sequence[str], hints: dict[str, str]) -> list[str
     return [hints.get(" ".join(_WORDS.findall(s.lower()))) for s in segments]
 
 
-def attribution_check(task: SearchTask, reward, budget: int = 64, seed: int = 0, limit: int | None = None) -> dict:
+def attribution_check(task: SearchTask, reward, budget: int = defaults.BUDGET, seed: int = defaults.SEED,
+                      limit: int | None = None) -> dict:
     """How often each credit assignment gives hint segments the right sign, with no training.
 
     Each sample's answer keeps every hint (:func:`credit_answer`, in prompt order). Its segments that are

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .. import data as data_module
+from .. import defaults
 from ..data.prompts import extract_answer, follows_format
 from ..policy import DEFAULT_MODEL, load_policy, prompt_text
 from ..rewards import BM25Reward, DenseRetrievalReward, LSAEncoder, ranking_metrics
@@ -66,7 +67,7 @@ class RunSettings:
     """What a run needs beyond :class:`~ospo_fast.trainer.OSPOConfig`."""
 
     model: str = DEFAULT_MODEL  # DEFAULT_MODEL, "tiny" (a small LM built here), a hub name or a local path
-    task: str = "default"  # "default", "esci", "hm", or "credit" (the credit benchmark over the default items)
+    task: str = defaults.TASK  # "default", "esci", "hm", or "credit" (the credit benchmark over the default items)
     esci_examples: str | None = None
     esci_products: str | None = None
     hm_articles: str | None = None
@@ -83,7 +84,7 @@ class RunSettings:
     hidden_size: int = 256
     num_layers: int = 4
     vocab_size: int = 2048
-    eval_every: int = 25
+    eval_every: int = defaults.EVAL_EVERY
     eval_samples: int | None = None  # cap on validation prompts of the periodic evaluation (None: all)
     attribution_examples: int = 6
 
@@ -91,18 +92,19 @@ class RunSettings:
         if self.warm_start_steps is not None:
             return self.warm_start_steps
         if self.model == TINY_MODEL:
-            return 400
-        return 12 if self.task == "credit" else 0  # a pretrained model copies text but must learn the hint format
+            return defaults.TINY_WARM_START_STEPS
+        # a pretrained model copies text but must learn the hint format
+        return defaults.CREDIT_WARM_START_STEPS if self.task == "credit" else 0
 
     def warm_start_lr_or_default(self) -> float:
         if self.warm_start_lr is not None:
             return self.warm_start_lr
-        return 1e-3 if self.model == TINY_MODEL else 5e-5
+        return defaults.WARM_START_LR if self.model == TINY_MODEL else defaults.PRETRAINED_WARM_START_LR
 
     def warm_start_extra_or_default(self) -> int:
         if self.warm_start_extra is not None:
             return self.warm_start_extra
-        return 4000 if self.model == TINY_MODEL else 0
+        return defaults.TINY_WARM_START_EXTRA if self.model == TINY_MODEL else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,8 +219,8 @@ def retrievers(task, fit_items: Sequence[str] | None = None, device=None) -> dic
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int = 48, batch_size: int = 32,
-                     bf16: bool = False) -> list[str]:
+def generate_answers(model, tokenizer, prompts: Sequence, max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+                     batch_size: int = 32, bf16: bool = False) -> list[str]:
     """Greedy completions of ``prompts`` (decoded, special tokens removed)."""
     device = next(model.parameters()).device
     model.eval()
@@ -296,8 +298,8 @@ def score_answers(samples, completions: list[str], answers: list[str], scorers: 
     )
 
 
-def evaluate_policy(model, tokenizer, task, scorers: dict, max_new_tokens: int = 48, ks=KS, limit: int | None = None,
-                    bf16: bool = False) -> dict:
+def evaluate_policy(model, tokenizer, task, scorers: dict, max_new_tokens: int = defaults.MAX_NEW_TOKENS, ks=KS,
+                    limit: int | None = None, bf16: bool = False) -> dict:
     """A policy's greedy answers to ``task``'s prompts, scored: ``table`` (mean metrics per retriever),
     ``ndcg10`` (per prompt), ``format`` (:func:`answer_stats`), ``answers`` and a few ``examples``."""
     samples = task.samples[:limit] if limit else task.samples

@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from .. import defaults
 from ..attribution import OwenAttributor
 from ..trainer import METRICS, read_metrics
 from .experiment import POLICIES, format_table, generate_answers, request_of
@@ -16,7 +17,8 @@ def write_attributions(out: Path, model, tokenizer, task, reward, count: int, ma
     """attributions.html: a few of the trained policy's answers, each segment coloured by its Owen value."""
     samples = task.samples[:count]
     completions = generate_answers(model, tokenizer, [s.prompt for s in samples], max_new_tokens, bf16=bf16)
-    attributions = OwenAttributor(reward, method="auto", budget=64)(completions, [s.owner for s in samples])
+    attributor = OwenAttributor(reward, method=defaults.ATTRIBUTION_METHOD, budget=defaults.BUDGET)
+    attributions = attributor(completions, [s.owner for s in samples])
     body = "\n".join(
         f"<h3>{_escape(request_of(s))}</h3>{a.to_html()}" for s, a in zip(samples, attributions)
     )

@@ -43,7 +43,8 @@ from torch import nn
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
-from ..advantages import DEFAULT_MAX_SHARE, redistribute
+from .. import defaults
+from ..advantages import redistribute
 from ..attribution import OwenAttributor
 from .common import CompletionReward, attribute_completions
 
@@ -153,13 +154,13 @@ class OSPOGRPOTrainer(GRPOTrainer):
         ospo_attributor: OwenAttributor | None = None,
         ospo_reward=None,
         owner_column: str = "owner",
-        redistribution: str = "proportional",
-        alpha: float = 0.5,
-        floor: float = 0.1,
-        max_share: float | None = DEFAULT_MAX_SHARE,
+        redistribution: str = defaults.REDISTRIBUTION,
+        alpha: float = defaults.ALPHA,
+        floor: float = defaults.FLOOR,
+        max_share: float | None = defaults.MAX_SHARE,
         clip: float | tuple[float, float] | None = None,
-        attribution_method: str = "auto",
-        attribution_budget: int = 64,
+        attribution_method: str = defaults.ATTRIBUTION_METHOD,
+        attribution_budget: int = defaults.BUDGET,
         segmenter=None,
         **kwargs,
     ):

@@ -51,7 +51,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..advantages import DEFAULT_MAX_SHARE, redistribute
+from .. import defaults
+from ..advantages import redistribute
 from ..attribution import OwenAttributor
 from ..segment import Segmenter
 from .common import CompletionReward, attribute_completions
@@ -72,9 +73,11 @@ __all__ = [
 ]
 
 ESTIMATOR_OPTIONS = dict(
-    mode="proportional", alpha=0.5, floor=0.1, max_share=DEFAULT_MAX_SHARE, clip=None, no_credit="raise"
+    mode=defaults.REDISTRIBUTION, alpha=defaults.ALPHA, floor=defaults.FLOOR, max_share=defaults.MAX_SHARE, clip=None,
+    no_credit="raise",
 )
-ATTRIBUTION_OPTIONS = dict(method="auto", budget=64, seed=0, max_players=16)
+ATTRIBUTION_OPTIONS = dict(method=defaults.ATTRIBUTION_METHOD, budget=defaults.BUDGET, seed=defaults.SEED,
+                           max_players=defaults.SEGMENTER_MAX_PLAYERS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ def split_token_rewards(
 
 
 def grpo_sequence_advantages(
-    scores: torch.Tensor, index: Sequence, epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True
+    scores: torch.Tensor, index: Sequence, epsilon: float = defaults.VERL_GRPO_EPS, norm_adv_by_std_in_grpo: bool = True
 ) -> torch.Tensor:
     """verl's GRPO advantage of each response within its group, vectorised.
 
@@ -156,13 +159,13 @@ def ospo_advantages(
     response_mask: torch.Tensor,
     index: Sequence,
     token_credit: torch.Tensor | None = None,
-    epsilon: float = 1e-6,
+    epsilon: float = defaults.VERL_GRPO_EPS,
     norm_adv_by_std_in_grpo: bool = True,
-    mode: str = "proportional",
-    alpha: float = 0.5,
-    floor: float = 0.1,
+    mode: str = defaults.REDISTRIBUTION,
+    alpha: float = defaults.ALPHA,
+    floor: float = defaults.FLOOR,
     clip: float | tuple[float, float] | None = None,
-    max_share: float | None = DEFAULT_MAX_SHARE,
+    max_share: float | None = defaults.MAX_SHARE,
     segment_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token OSPO advantages: verl's GRPO advantage of each response, redistributed by token credit.
@@ -250,7 +253,7 @@ def compute_ospo_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
     index: Sequence | None = None,
-    epsilon: float = 1e-6,
+    epsilon: float = defaults.VERL_GRPO_EPS,
     norm_adv_by_std_in_grpo: bool | None = None,
     config: Any = None,
     **kwargs,

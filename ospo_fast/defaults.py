@@ -1,0 +1,106 @@
+"""OSPO's defaults and the names each option accepts, in one place.
+
+Every module that offers one of these options (the library functions, :class:`~ospo_fast.OSPOTrainer`'s
+config, the TRL and verl integrations, the ``ospo-fast`` command) reads its default here, and the command
+builds its ``choices`` from the tuples below. Where two uses want different values, each has its own name
+and a comment saying which use it is for. The lowest layer: this module imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------------------------------
+# Names an option accepts
+
+#: How a response's advantage is shared out over its segment tokens (:func:`ospo_fast.redistribute`).
+REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid")
+#: What GRPO divides the centred rewards by (:func:`ospo_fast.group_advantages`).
+ADVANTAGE_SCALES = ("group", "batch", "none")
+#: How the Owen values are computed (:func:`ospo_fast.make_plan`'s ``method``).
+ATTRIBUTION_METHODS = ("auto", "exact", "sampled")
+#: What the trainer runs: OSPO's per-token advantages, or GRPO's (every token its response's advantage).
+TRAINING_MODES = ("ospo", "grpo")
+
+# ----------------------------------------------------------------------------------------------------
+# Advantages: GRPO normalisation and redistribution (ospo_fast.advantages)
+
+REDISTRIBUTION = "proportional"
+#: hybrid mode: the weight of the proportional shares.
+ALPHA = 0.5
+#: The part of a response's advantage spread uniformly over its segment tokens.
+FLOOR = 0.1
+#: The bound on a token's share ``Â_t / A``, chosen from the shares of ``ospo-fast train`` runs.
+MAX_SHARE = 4.0
+ADVANTAGE_SCALE = "group"
+#: Added to the group std by :func:`ospo_fast.group_advantages` (OSPOTrainer).
+GROUP_EPS = 1e-4
+#: Added to the group std by the verl estimator: verl's own ``compute_grpo_outcome_advantage`` epsilon.
+VERL_GRPO_EPS = 1e-6
+
+# ----------------------------------------------------------------------------------------------------
+# Attribution: segments and Owen values
+
+ATTRIBUTION_METHOD = "auto"
+#: Coalitions per response an exact plan may use before "auto" samples (training and the library).
+BUDGET = 64
+#: ``ospo-fast attribute`` (one response at a time): the engine's own budget (:func:`ospo_fast.make_plan`).
+ATTRIBUTE_BUDGET = 256
+#: Orders of a sampled plan (:func:`ospo_fast.sampled_plan`'s default; ``ospo-fast demo``).
+NUM_PERMUTATIONS = 64
+#: Players a segmenter keeps per response (:data:`ospo_fast.MAX_PLAYERS` is the engine's hard limit).
+SEGMENTER_MAX_PLAYERS = 16
+SEED = 0
+
+# ----------------------------------------------------------------------------------------------------
+# Training (OSPOConfig; the library and a pretrained policy)
+
+TRAINING_MODE = "ospo"
+GROUP_SIZE = 8
+PROMPTS_PER_STEP = 4
+MAX_STEPS = 100
+#: OSPOConfig's learning rate: the OSPO paper's setting for a pretrained policy.
+LEARNING_RATE = 5e-6
+MAX_NEW_TOKENS = 48
+TEMPERATURE = 1.0
+LOSS_TYPE = "grpo"
+#: KL weight: no KL term.
+BETA = 0.0
+SAVE_STEPS = 25
+OUTPUT_DIR = "runs/ospo"
+
+#: The supervised warm start to the answer format (:func:`ospo_fast.trainer.supervised_warm_start`), also the
+#: tiny policy's warm-start learning rate.
+WARM_START_STEPS = 100
+WARM_START_LR = 1e-3
+
+# ----------------------------------------------------------------------------------------------------
+# The application layer (ospo_fast.app): runs, the main job, comparisons
+
+#: The task of a run (``--task``).
+TASK = "default"
+#: Validation every this many steps (RunSettings).
+EVAL_EVERY = 25
+#: The tiny policy's warm start: steps, and extra pseudo-requests that teach it to copy text.
+TINY_WARM_START_STEPS = 400
+TINY_WARM_START_EXTRA = 4000
+#: A pretrained policy's warm start on the credit task (it copies text but must learn the hint format).
+CREDIT_WARM_START_STEPS = 12
+#: A pretrained policy's warm-start learning rate.
+PRETRAINED_WARM_START_LR = 5e-5
+#: The RL learning rate the tiny policy needs (the ``--lr`` help text).
+TINY_LEARNING_RATE = 5e-5
+
+#: ``ospo-fast train`` with no arguments (the main job), chosen to finish within 15 minutes on 2 CPU cores,
+#: install included, with SmolLM2-135M-Instruct (see README.md for the measurements).
+MAIN_JOB_STEPS = 24
+MAIN_JOB_GROUP_SIZE = 6
+MAIN_JOB_LEARNING_RATE = 2e-5
+MAIN_JOB_MAX_NEW_TOKENS = 32
+MAIN_JOB_TEMPERATURE = 0.8
+MAIN_JOB_EVAL_EVERY = 8
+MAIN_JOB_SAVE_STEPS = 8
+#: The main job trains under bf16 autocast (about 1.6x faster on a CPU with AMX, and on GPUs).
+MAIN_JOB_BF16 = True
+
+#: ``ospo-fast compare``: its seeds and run folder.
+COMPARE_SEEDS = (0, 1, 2)
+COMPARE_OUTPUT_DIR = "runs/compare"
