@@ -31,9 +31,10 @@ FLOOR = 0.1
 #: The bound on a token's share ``Â_t / A``, chosen from the shares of ``ospo-fast train`` runs.
 MAX_SHARE = 4.0
 ADVANTAGE_SCALE = "group"
-#: Added to the group std by :func:`ospo_fast.group_advantages` (OSPOTrainer).
+#: Added to the group std by :func:`ospo_fast.group_advantages` (OSPOTrainer): TRL's GRPO uses 1e-4 too.
 GROUP_EPS = 1e-4
-#: Added to the group std by the verl estimator: verl's own ``compute_grpo_outcome_advantage`` epsilon.
+#: Added to the group std by the verl estimator (the same group_advantages): verl's own
+#: ``compute_grpo_outcome_advantage`` epsilon, so that ospo with no credit is exactly verl's grpo.
 VERL_GRPO_EPS = 1e-6
 
 # ----------------------------------------------------------------------------------------------------

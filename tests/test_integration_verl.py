@@ -82,6 +82,22 @@ def test_grpo_sequence_advantages_match_verls_loop():
                                    grpo_loop(rewards, index, norm=norm))
 
 
+def test_grpo_sequence_advantages_match_verls_loop_for_groups_in_any_order_and_size():
+    g = torch.Generator().manual_seed(7)
+    index = np.array([f"uid{int(i)}" for i in torch.randint(0, 5, (23,), generator=g)], dtype=object)
+    rewards = torch.rand(23, generator=g)
+    for norm in (True, False):
+        torch.testing.assert_close(grpo_sequence_advantages(rewards, index, norm_adv_by_std_in_grpo=norm),
+                                   grpo_loop(rewards, index, norm=norm))
+
+
+def test_grpo_sequence_advantages_give_a_constant_group_exactly_zero():
+    rewards = torch.tensor([0.1, 0.7, 0.1, 0.1, 0.3])
+    index = np.array(["a", "b", "a", "a", "b"], dtype=object)
+    advantages = grpo_sequence_advantages(rewards, index)
+    assert (advantages[[0, 2, 3]] == 0).all() and (advantages[[1, 4]] != 0).all()
+
+
 def test_token_mean_of_ospo_advantages_is_the_grpo_advantage():
     rewards, credit, mask, index = random_batch(3)
     for mode in ("proportional", "rank", "hybrid"):

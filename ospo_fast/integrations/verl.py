@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from .. import defaults
-from ..advantages import redistribute
+from ..advantages import group_advantages, redistribute
 from ..attribution import OwenAttributor
 from ..segment import Segmenter
 from .common import CompletionReward, attribute_completions
@@ -125,33 +125,36 @@ def split_token_rewards(
 def grpo_sequence_advantages(
     scores: torch.Tensor, index: Sequence, epsilon: float = defaults.VERL_GRPO_EPS, norm_adv_by_std_in_grpo: bool = True
 ) -> torch.Tensor:
-    """verl's GRPO advantage of each response within its group, vectorised.
+    """verl's GRPO advantage of each response within its group: :func:`ospo_fast.group_advantages` over groups
+    in any order and of any sizes.
 
     Args:
         scores: float ``[B]``: sequence rewards.
         index: ``B`` group ids (any hashable: verl's ``uid`` strings), groups in any order.
-        epsilon: added to the group std.
+        epsilon: added to the group std; verl's own default (:data:`~ospo_fast.defaults.VERL_GRPO_EPS`, 1e-6),
+            so that the estimator's sequence advantages are verl's ``grpo``'s, where
+            :func:`~ospo_fast.group_advantages` defaults to TRL's 1e-4.
         norm_adv_by_std_in_grpo: divide by the group std (GRPO) or only centre (Dr. GRPO).
     Returns:
-        float ``[B]``: ``(R - group mean) / (group std + epsilon)`` with the unbiased std; a group of one
-        has mean 0 and std 1, as in verl's ``compute_grpo_outcome_advantage``.
+        float32 ``[B]``: ``(R - group mean) / (group std + epsilon)`` with the unbiased std; a group of one
+        has mean 0 and std 1, as in verl's ``compute_grpo_outcome_advantage``. A group whose rewards are all
+        equal gets exactly 0 (verl's loop leaves the rounding of its mean, divided by ``epsilon``).
     """
     if len(index) != scores.shape[0]:
         raise ValueError(f"index: expected {scores.shape[0]} group ids, one per response, got {len(index)}")
     _, group = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True)
-    group = torch.as_tensor(group.reshape(-1), dtype=torch.long, device=scores.device)
-    num_groups = int(group.max()) + 1 if group.numel() else 0
+    group = group.reshape(-1)
     values = scores.float()
-    count = torch.zeros(num_groups, device=scores.device).index_add_(0, group, torch.ones_like(values))
-    total = torch.zeros(num_groups, device=scores.device).index_add_(0, group, values)
-    mean = total / count
-    squares = torch.zeros(num_groups, device=scores.device).index_add_(0, group, (values - mean[group]) ** 2)
-    std = (squares / (count - 1).clamp(min=1)).sqrt()
-    single = count == 1
-    mean = torch.where(single, torch.zeros_like(mean), mean)
-    std = torch.where(single, torch.ones_like(std), std)
-    centred = values - mean[group]
-    return centred / (std[group] + epsilon) if norm_adv_by_std_in_grpo else centred
+    # A group of one: mean 0 and std 1, as verl has it (group_advantages gives it 0).
+    out = values / (1 + epsilon) if norm_adv_by_std_in_grpo else values.clone()
+    sizes = np.bincount(group)
+    in_order = np.argsort(group, kind="stable")  # each group's rows together, in batch order
+    scale = "group" if norm_adv_by_std_in_grpo else "none"
+    for size in np.unique(sizes[sizes > 1]).tolist():  # group_advantages takes groups of one size, consecutive
+        rows = in_order[sizes[group[in_order]] == size]
+        rows = torch.as_tensor(rows, dtype=torch.long, device=scores.device)
+        out[rows] = group_advantages(values[rows], size, scale=scale, eps=epsilon, check_finite=False)
+    return out
 
 
 def ospo_advantages(
