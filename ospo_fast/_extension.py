@@ -1,6 +1,7 @@
 """Loads the compiled extension ``ospo_fast._C`` and says which backends this install has.
 
-``import ospo_fast`` calls :func:`_load`, which registers the operators and their fake (meta) kernels. The
+``import ospo_fast`` calls :func:`_load`, which registers the operators and their fake (meta) kernels (the
+aggregation's gradient is registered by ``ospo_fast.owen``, which defines it). The
 package works without the extension (pure torch reference); a missing build is reported once, as a warning,
 only when a backend that needs it is asked for.
 """
@@ -24,15 +25,6 @@ def _load():
     @torch.library.register_fake("ospo_fast::owen_aggregate")
     def _(values, value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, term_weight, num_rows):
         return values.new_empty(num_rows)
-
-    # The gradient of the aggregation (linear in the values), on every device the operator runs on.
-    from .owen import _aggregate_backward, _save_for_backward
-
-    torch.library.register_autograd(
-        "ospo_fast::owen_aggregate",
-        _aggregate_backward,
-        setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, inputs),
-    )
 
     @torch.library.register_fake("ospo_fast::varlen_attention")
     def _(q, k, v, cu_seqlens, max_seqlen, scale, out, qkv_bias=None):

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from . import dispatch
+from . import _extension, dispatch
 from ._checks import as_real_tensor
 from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, PlanBatch, make_plan
 from .structure import CoalitionStructure
@@ -91,6 +91,14 @@ def _aggregate_backward(ctx, grad: torch.Tensor):
         gain = values[plus] - values[minus]
         grad_weight = torch.zeros_like(term_weight).index_add_(0, term, grad[row_of_term] * gain)
     return grad_values, None, None, None, None, None, None, grad_weight, None
+
+
+if _extension.has_cpp():  # the registered operator's gradient, on every device it runs on
+    torch.library.register_autograd(
+        "ospo_fast::owen_aggregate",
+        _aggregate_backward,
+        setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, inputs),
+    )
 
 
 class _TritonAggregate(torch.autograd.Function):
