@@ -20,10 +20,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import defaults
+from . import defaults, dispatch
 from .advantages import spread_credit
-from .evaluate import CoalitionBatch, EncoderCoalitionEvaluator, check_packed_options, evaluate_text_reward
-from .owen import BACKENDS, owen_from_values
+from .evaluate import (
+    CoalitionBatch,
+    EncoderCoalitionEvaluator,
+    check_packed_options,
+    evaluate_text_reward,
+    packed_support,
+)
+from .owen import owen_from_values
 from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, make_plan, make_plans
 from .rewards.dense import DenseRetrievalReward
 from .rewards.metrics import check_queries
@@ -238,8 +244,7 @@ class OwenAttributor:
             raise ValueError(f"evaluator: expected 'auto', 'packed' or 'text', got {evaluator!r}")
         if segmenter is not None and not callable(segmenter):
             raise ValueError(f"segmenter: expected a callable text -> Segmentation, got {type(segmenter).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        dispatch.check_choice("aggregation", backend)  # the device is known at the first call
         self.reward = reward
         self.segmenter = segmenter if segmenter is not None else Segmenter()
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -259,8 +264,9 @@ class OwenAttributor:
 
     @staticmethod
     def _packed_evaluator(reward, evaluator: str, attention, encoder_dtype):
-        """The packed evaluator, or None for the text path. Options given explicitly (``evaluator="packed"``,
-        ``attention``, ``encoder_dtype``) are honoured or raise; only the automatic choice falls back."""
+        """The packed evaluator, or None for the text path; :func:`~ospo_fast.evaluate.packed_support` says
+        whether it can run for ``reward``. Options given explicitly (``evaluator="packed"``, ``attention``,
+        ``encoder_dtype``) are honoured or raise; only the automatic choice falls back."""
         attention, encoder_dtype = check_packed_options(attention, encoder_dtype, "encoder_dtype")
         explicit = [f"{name}={value!r}" for name, value, default in
                     (("attention", attention, "auto"), ("encoder_dtype", encoder_dtype, None)) if value != default]
@@ -269,18 +275,19 @@ class OwenAttributor:
                 raise ValueError(f"{explicit[0].split('=')[0]}: only the packed evaluator uses it, "
                                  "and evaluator='text'")
             return None
-        try:
+        reason = packed_support(reward)
+        if reason is None:
+            # Options the device cannot honour (flash attention on the CPU) are refused by the evaluator.
             return EncoderCoalitionEvaluator(reward, attention=attention, dtype=encoder_dtype)
-        except (AttributeError, ValueError) as exc:
-            if evaluator == "packed" or explicit:
-                asked = "evaluator='packed'" if evaluator == "packed" else explicit[0]
-                raise ValueError(f"{asked}: the packed evaluator cannot run for this reward: {exc}") from None
-            if isinstance(reward, DenseRetrievalReward):  # a text reward is expected on the text path
-                warnings.warn(
-                    f"evaluator='auto': the packed encoder forward cannot run for this reward ({exc}); "
-                    "falling back to the slower text evaluation", RuntimeWarning, stacklevel=3,
-                )
-            return None
+        if evaluator == "packed" or explicit:
+            asked = "evaluator='packed'" if evaluator == "packed" else explicit[0]
+            raise ValueError(f"{asked}: the packed evaluator cannot run for this reward: {reason}")
+        if isinstance(reward, DenseRetrievalReward):  # a text reward is expected on the text path
+            warnings.warn(
+                f"evaluator='auto': the packed encoder forward cannot run for this reward ({reason}); "
+                "falling back to the slower text evaluation", RuntimeWarning, stacklevel=3,
+            )
+        return None
 
     def state_dict(self) -> dict:
         """The state of the random generator of the sampled plans: ``{"rng": <PCG64 state dict>}`` (plain

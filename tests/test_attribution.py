@@ -225,3 +225,9 @@ def test_attributor_on_cuda_never_synchronises_the_host():
     # a ranking may swap, so bound the typical and the worst difference.
     diffs = np.array([abs(float(a.phi.sum()) - float(b.phi.sum())) for a, b in zip(out, expected)])
     assert np.median(diffs) < 0.02 and diffs.max() < 0.2, diffs
+
+
+def test_packed_evaluator_asked_for_a_text_reward_raises_with_packed_supports_reason():
+    with pytest.raises(ValueError, match=re.escape("evaluator='packed': the packed evaluator cannot run for this "
+                                                   "reward: reward: expected an encoder reward")):
+        of.OwenAttributor(CountingReward(), evaluator="packed")
