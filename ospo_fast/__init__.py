@@ -5,7 +5,7 @@ token advantages -> loss. This package exposes each stage; see README.md for a t
 """
 
 from . import _extension
-from .advantages import group_advantages, redistribute, spread_credit
+from .advantages import group_advantages, redistribute
 from .attribution import Attribution, Attributions, OwenAttributor, TokenCredit
 from .loss import grpo_loss, token_logprobs
 from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
@@ -26,10 +26,9 @@ from .segment import (
     SpacySegmenter,
     coalition_text,
     coalition_texts,
-    token_player_map,
-    token_player_maps,
 )
 from .structure import MAX_PLAYERS, CoalitionStructure
+from .token_credit import spread_credit, token_player_map, token_player_maps
 from .trainer import OSPOConfig, OSPOTrainer
 
 # Load the compiled operators now, as extension-cpp does: torch.ops.ospo_fast.* and their fake (meta) kernels

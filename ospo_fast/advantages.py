@@ -17,8 +17,9 @@ think block and the answer would teach, whatever the task, to write more of one 
 Among the segment tokens the mean stays ``A`` (so the mean over the whole completion is ``A`` too).
 
 **Token credit.** A segment's credit is spread evenly over its tokens, so a segment's total credit is the
-same whatever its token length (:func:`spread_credit`). Because credit comes from the token -> player map
-of the completion itself, it lands on the answer's tokens wherever the answer starts. The trainers
+same whatever its token length (:func:`~ospo_fast.token_credit.spread_credit`, the credit stage). Because
+credit comes from the token -> player map of the completion itself, it lands on the answer's tokens wherever
+the answer starts. The trainers
 (:func:`ospo_fast.rollout.attribute_completions`) use as a segment's credit its *excess* Owen value,
 :func:`ospo_fast.owen.excess_credit`: the Owen value less the segment's structural share ``w_i`` of
 ``v(N) - v(empty)``, i.e. its Owen value in the game with v(N) and v(empty) set to 0. The raw Owen value
@@ -78,14 +79,12 @@ forces the check on the GPU (one synchronisation); ``False`` skips it everywhere
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from . import defaults
 from ._checks import as_real_tensor
-from ._device import to_device
 from .defaults import REDISTRIBUTION_MODES
+from .token_credit import spread_credit  # noqa: F401  (the credit stage; importable from here as before)
 
 SCALES = defaults.ADVANTAGE_SCALES
 
@@ -154,95 +153,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = defaul
     # compare the rewards themselves instead.
     constant = (groups == groups[:, :1]).all(dim=1, keepdim=True)
     return torch.where(constant, torch.zeros_like(centred), centred).reshape(-1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Owen values -> token credit
-
-
-def spread_credit(
-    player_values: Sequence[torch.Tensor] | torch.Tensor,
-    token_player: torch.Tensor,
-    player_offsets: torch.Tensor | None = None,
-    check_indices: bool | None = None,
-) -> torch.Tensor:
-    """Token credit from the Owen values of each response's segments.
-
-    Args:
-        player_values: a list of ``N`` float ``[n_j]`` tensors (the Owen values of response j's segments), or
-            a flat float ``[sum n_j]`` tensor with ``player_offsets``.
-        token_player: int ``[N, T]``: the player of each completion token, -1 for tokens outside every segment
-            (as :func:`ospo_fast.token_player_maps` returns).
-        player_offsets: int ``[N + 1]``: response j's values are ``player_values[offsets[j]:offsets[j + 1]]``;
-            only with a flat tensor.
-        check_indices: check that every index lies in ``[-1, n_j)`` (None: on CPU tensors only; see the
-            module docstring).
-    Returns:
-        float ``[N, T]`` on ``token_player``'s device (float64 when the values are, else float32): each token
-        gets its segment's value divided by the segment's token count, so a segment's credit sums to its
-        Owen value; tokens with -1 get 0. A segment without any token (e.g. truncated away) contributes nothing.
-    """
-    if not isinstance(token_player, torch.Tensor):
-        raise ValueError(f"token_player: expected an integer tensor [N, T], got {type(token_player).__name__}")
-    if token_player.dim() != 2 or token_player.dtype.is_floating_point or token_player.dtype == torch.bool:
-        got = f"{token_player.dtype} {list(token_player.shape)}"
-        raise ValueError(f"token_player: expected an integer tensor [N, T], got {got}")
-    N, T = token_player.shape
-    device = token_player.device
-    if isinstance(player_values, torch.Tensor):
-        if player_offsets is None:
-            raise ValueError("player_offsets: required with a flat player_values tensor ([N + 1] start offsets)")
-        values = _as_float(player_values, "player_values")
-        if values.dim() != 1:
-            raise ValueError(
-                "player_values: expected a flat [sum n_j] tensor or a list of N tensors, "
-                f"got shape {list(values.shape)}"
-            )
-        offsets = torch.as_tensor(player_offsets)
-        if offsets.dim() != 1 or offsets.numel() != N + 1 or offsets.dtype.is_floating_point:
-            got = f"{offsets.dtype} {list(offsets.shape)}"
-            raise ValueError(f"player_offsets: expected integer [N + 1] = [{N + 1}], got {got}")
-        offsets = to_device(offsets.to(torch.long), device)
-    else:
-        if player_offsets is not None:
-            raise ValueError("player_offsets: only with a flat player_values tensor; a list carries its own lengths")
-        rows = [_as_float(v, f"player_values[{j}]") for j, v in enumerate(player_values)]
-        if len(rows) != N:
-            raise ValueError(f"player_values: has {len(rows)} responses, token_player has N={N} rows")
-        for j, v in enumerate(rows):
-            if v.dim() != 1:
-                raise ValueError(f"player_values[{j}]: expected a 1-D tensor [n_j], got shape {list(v.shape)}")
-        dtype = torch.float64 if any(v.dtype == torch.float64 for v in rows) else torch.float32
-        values = torch.cat([to_device(v.to(dtype), device) for v in rows]) if rows else torch.zeros(0, device=device)
-        offsets = to_device(torch.tensor([0] + [v.numel() for v in rows]).cumsum(0), device)  # lengths: from shapes
-    values = to_device(values, device)
-    P = values.numel()
-    if check_indices or (check_indices is None and device.type == "cpu"):
-        _check_player_indices(token_player, offsets, P)
-
-    valid = token_player >= 0
-    # Tokens outside segments point at an extra slot P holding value 0 (no boolean indexing: it syncs).
-    slot = torch.where(valid, offsets[:-1, None] + token_player.long(), P).reshape(-1)
-    counts = torch.zeros(P + 1, dtype=values.dtype, device=device)
-    counts.index_add_(0, slot, valid.reshape(-1).to(values.dtype))
-    padded = torch.cat([values, values.new_zeros(1)])
-    return (padded[slot] / counts[slot].clamp(min=1)).view(N, T)
-
-
-def _check_player_indices(token_player: torch.Tensor, offsets: torch.Tensor, num_values: int) -> None:
-    if bool((offsets.diff() < 0).any()) or int(offsets[0]) != 0 or int(offsets[-1]) != num_values:
-        raise ValueError(
-            f"player_offsets: expected non-decreasing offsets from 0 to len(player_values)={num_values}, "
-            f"got {offsets.tolist()}"
-        )
-    counts = offsets.diff()[:, None]
-    bad = (token_player < -1) | (token_player >= counts)
-    if bool(bad.any()):
-        j, t = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"token_player: entry [{j}, {t}] = {int(token_player[j, t])} is not a player of response {j} "
-            f"(it has {int(counts[j, 0])}; -1 marks tokens outside every segment)"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 once into a trainable ``LlamaForCausalLM`` and cached as safetensors (:func:`load_gguf_policy`), so later
 runs load in a second.
 
-``completion_offsets`` maps generated token ids back to character spans of the decoded completion, the
-link between the segmenter's character spans and the policy's tokens.
+``completion_offsets``, which maps generated token ids back to character spans of the decoded completion, is
+part of the credit stage (:mod:`ospo_fast.token_credit`) and still importable from here.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
 
 import torch
+
+from .token_credit import completion_offsets  # noqa: F401  (the credit stage; importable from here as before)
 
 #: A chat template for tokenizers that have none: the prompt, then the assistant's turn.
 SIMPLE_CHAT_TEMPLATE = (
@@ -126,27 +127,3 @@ def prompt_text(tokenizer, prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-
-
-def completion_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
-    """The decoded completion and each generated token's character span in it.
-
-    Special tokens (padding, end of sequence) get the empty span (0, 0). When re-tokenising the decoded
-    text gives back the same ids (the usual case), the tokenizer's own offsets are used; otherwise each
-    span is found by decoding growing prefixes, which is exact for any tokenizer.
-    """
-    ids = [int(t) for t in token_ids]
-    special = set(tokenizer.all_special_ids)
-    kept = [t for t in ids if t not in special]
-    text = tokenizer.decode(kept, skip_special_tokens=True)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if encoded["input_ids"] == kept:
-        spans = iter([tuple(o) for o in encoded["offset_mapping"]])
-    else:
-        prefix_spans, end = [], 0
-        for k in range(1, len(kept) + 1):
-            new_end = len(tokenizer.decode(kept[:k], skip_special_tokens=True))
-            prefix_spans.append((end, new_end))
-            end = new_end
-        spans = iter(prefix_spans)
-    return text, [(0, 0) if t in special else next(spans) for t in ids]

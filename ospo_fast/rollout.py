@@ -1,6 +1,6 @@
 """From generated completions to Owen-value credit on their tokens: the step every OSPO trainer shares.
 
-:func:`attribute_completions` decodes each completion with :func:`~ospo_fast.policy.completion_offsets`,
+:func:`attribute_completions` decodes each completion with :func:`~ospo_fast.token_credit.completion_offsets`,
 segments it, attributes its reward with an :class:`~ospo_fast.OwenAttributor` (one batched evaluation for the
 whole batch), and spreads each segment's credit over the completion tokens that produced it
 (:func:`~ospo_fast.spread_credit`). The credit is the segment's Owen value beyond its structural share of
@@ -18,11 +18,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .advantages import spread_credit
 from .attribution import Attributions, OwenAttributor
 from .owen import excess_credit
-from .policy import completion_offsets
-from .segment import Segmentation, token_player_maps
+from .segment import Segmentation
+from .token_credit import completion_offsets, spread_credit, token_player_maps
 
 
 @dataclass

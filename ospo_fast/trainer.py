@@ -48,10 +48,11 @@ from .advantages import _clip_bounds, group_advantages, redistribute
 from .attribution import OwenAttributor
 from .data.prompts import follows_format
 from .loss import LOSS_BACKENDS, LOSS_TYPES, grpo_loss
-from .policy import completion_offsets, prompt_text
+from .policy import prompt_text
 from .rollout import attribute_completions
 from .segment import Segmenter, coalition_text
 from .structure import MAX_PLAYERS
+from .token_credit import completion_offsets
 
 CHECKPOINT = "checkpoint.pt"
 #: Where the credit comes from: the Owen values, or the same values permuted among each response's segments.

@@ -4,7 +4,7 @@ as attribution games.
 Two pieces, used by :mod:`ospo_fast.integrations.trl` and :mod:`ospo_fast.integrations.verl` (and usable
 by any trainer that holds a batch of generated completions):
 
-* :func:`attribute_completions`: decode each completion with :func:`~ospo_fast.policy.completion_offsets`,
+* :func:`attribute_completions`: decode each completion with :func:`~ospo_fast.token_credit.completion_offsets`,
   segment it, attribute its reward with an :class:`~ospo_fast.OwenAttributor` (one batched evaluation for
   the whole batch), and spread the Owen values over the completion tokens that produced each segment
   (:func:`~ospo_fast.spread_credit`). The caller redistributes its own advantages with the credit
