@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from . import defaults, dispatch
-from .advantages import spread_credit
 from .evaluate import (
     CoalitionBatch,
     EncoderCoalitionEvaluator,
@@ -33,8 +32,9 @@ from .owen import owen_from_values
 from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, make_plan, make_plans
 from .rewards.dense import DenseRetrievalReward
 from .rewards.metrics import check_queries
-from .segment import Segmentation, Segmenter, token_player_maps
+from .segment import Segmentation, Segmenter
 from .structure import CoalitionStructure
+from .token_credit import spread_credit, token_player_maps
 
 
 @dataclass

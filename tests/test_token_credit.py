@@ -52,6 +52,13 @@ def test_the_credit_stage_imports_only_lower_layers():
     assert package_imports(token_credit) <= {"ospo_fast._checks", "ospo_fast._device", "ospo_fast.segment"}
 
 
+def test_attribution_does_not_import_advantages():
+    from ospo_fast import attribution
+
+    assert "ospo_fast.advantages" not in package_imports(attribution)
+    assert "ospo_fast.token_credit" in package_imports(attribution)
+
+
 def test_lower_modules_do_not_import_the_credit_stage_at_import():
     from ospo_fast import segment
 
