@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from ospo_fast.app.tiny import build_tokenizer
-from ospo_fast.integrations.common import CompletionReward, attribute_completions
+from ospo_fast.integrations.common import (
+    BatchContext,
+    BatchContextHolder,
+    CompletionReward,
+    attribute_completions,
+    segment_frame,
+)
 from ospo_fast.integrations.verl import (
     build_attributor,
     compute_ospo_advantage,
@@ -223,6 +229,26 @@ def test_coalitions_keep_the_response_frame(tokenizer):
 def test_completion_reward_needs_a_bound_batch():
     with pytest.raises(RuntimeError, match="bind"):
         CompletionReward(lambda texts, rows: [0.0] * len(texts))(["a"], [0])
+
+
+def test_completion_reward_keeps_the_frames_for_the_bound_batch_only():
+    reward = CompletionReward(lambda texts, rows: [0.0] * len(texts))
+    segmentations = [Segmenter()(text) for text in RESPONSES[:2]]
+    assert reward.num_owners is None
+    with reward.bind(RESPONSES[:2], segmentations):
+        assert reward.num_owners == 2
+        assert reward.ospo_batch.frames == [segment_frame(sg) for sg in segmentations]
+    assert reward.num_owners is None and not reward.in_batch
+
+
+def test_batch_context_is_cleared_when_the_batch_fails():
+    holder = BatchContextHolder()
+    with pytest.raises(ValueError, match="scoring failed"):
+        with holder.ospo_batch_scope(BatchContext(rows=[{"ground_truth": "x"}])):
+            assert holder.ospo_batch.rows[0]["ground_truth"] == "x"
+            raise ValueError("scoring failed")
+    with pytest.raises(RuntimeError, match="no batch"):
+        holder.ospo_batch
 
 
 def test_reserved_last_token_carries_no_credit(tokenizer):

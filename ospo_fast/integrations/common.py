@@ -1,7 +1,7 @@
-"""What the trainer integrations share: completion token ids -> Owen-value token credit, and host rewards
-as attribution games.
+"""What the trainer integrations share: completion token ids -> Owen-value token credit, host rewards as
+attribution games, and the context of the batch being attributed.
 
-Two pieces, used by :mod:`ospo_fast.integrations.trl` and :mod:`ospo_fast.integrations.verl` (and usable
+Three pieces, used by :mod:`ospo_fast.integrations.trl` and :mod:`ospo_fast.integrations.verl` (and usable
 by any trainer that holds a batch of generated completions):
 
 * :func:`attribute_completions`: decode each completion with :func:`~ospo_fast.token_credit.completion_offsets`,
@@ -14,17 +14,72 @@ by any trainer that holds a batch of generated completions):
   attribution game. The game's owner of response j is row j of the batch, so the reward sees row j's prompt
   and columns; a coalition's text is put back in response j's *frame* (the text before its first segment
   and after its last: think block, answer tags), so a reward that parses the answer's format still finds it.
+* :class:`BatchContext` and :class:`BatchContextHolder`: the one way an integration keeps what it knows
+  about the batch being processed (each row's context, its prompts, its frames) on ``self``, for that batch
+  only, where its reward calls read it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ..rollout import CompletionCredit, attribute_completions  # noqa: F401  (re-exported for the integrations)
 from ..segment import Segmentation
+
+
+@dataclass
+class BatchContext:
+    """What the reward calls of one batch read about it.
+
+    Attributes:
+        rows: row j's context for the host's reward: TRL's input dict (prompt and dataset columns), or verl's
+            ``compute_score`` arguments (``data_source``, ``ground_truth``, ``extra_info``).
+        prompts: row j's prompt as TRL's reward functions take it; None where the rows carry what is needed.
+        frames: row j's text before its first segment and after its last (:func:`segment_frame`), which
+            :meth:`CompletionReward.bind` records while the batch is attributed.
+    """
+
+    rows: Sequence = ()
+    prompts: Sequence | None = None
+    frames: list[tuple[str, str]] | None = None
+
+
+class BatchContextHolder:
+    """Keeps one :class:`BatchContext` on ``self`` while a batch is processed, and nothing in between.
+
+    Set it with :meth:`ospo_batch_scope` around the batch (or :meth:`set_ospo_batch` where a host's hooks
+    set and clear it in different methods), read it with :attr:`ospo_batch`.
+    """
+
+    _ospo_batch: BatchContext | None = None
+
+    @property
+    def ospo_batch(self) -> BatchContext:
+        """The batch being processed; a RuntimeError outside one."""
+        if self._ospo_batch is None:
+            raise RuntimeError(f"{type(self).__name__}: no batch is being processed (its context is set only "
+                               "while one is)")
+        return self._ospo_batch
+
+    @property
+    def in_batch(self) -> bool:
+        return self._ospo_batch is not None
+
+    def set_ospo_batch(self, batch: BatchContext | None) -> None:
+        self._ospo_batch = batch
+
+    @contextlib.contextmanager
+    def ospo_batch_scope(self, batch: BatchContext):
+        """``batch`` is the context for the duration of the block."""
+        self._ospo_batch = batch
+        try:
+            yield batch
+        finally:
+            self._ospo_batch = None
 
 
 def segment_frame(sg: Segmentation) -> tuple[str, str]:
@@ -35,7 +90,7 @@ def segment_frame(sg: Segmentation) -> tuple[str, str]:
     return sg.text[: sg.spans[0][0]], sg.text[sg.spans[-1][1] :]
 
 
-class CompletionReward:
+class CompletionReward(BatchContextHolder):
     """A host trainer's per-row reward function as the text reward ``reward(texts, owners)`` of the game.
 
     Args:
@@ -53,28 +108,25 @@ class CompletionReward:
             raise ValueError(f"score_rows: expected a callable, got {type(score_rows).__name__}")
         self.score_rows = score_rows
         self.framed = framed
-        self._frames: list[tuple[str, str]] | None = None
 
     @property
     def num_owners(self) -> int | None:
-        return None if self._frames is None else len(self._frames)
+        return len(self.ospo_batch.frames) if self.in_batch else None
 
     @contextlib.contextmanager
     def bind(self, texts: Sequence[str], segmentations: Sequence[Segmentation]):
         """Frames of this batch's responses (row j: ``segmentations[j]``) for the duration of the block."""
-        self._frames = [segment_frame(sg) for sg in segmentations]
-        try:
+        with self.ospo_batch_scope(BatchContext(frames=[segment_frame(sg) for sg in segmentations])):
             yield self
-        finally:
-            self._frames = None
 
     def __call__(self, texts: Sequence[str], owners) -> torch.Tensor:
         """float64 ``[len(texts)]``: ``texts[k]`` (a coalition's text) scored as a completion of row ``owners[k]``."""
-        if self._frames is None:
+        if not self.in_batch:
             raise RuntimeError("CompletionReward: call it inside `with reward.bind(texts, segmentations):`")
         rows = [int(o) for o in owners]
         if self.framed:
-            texts = [self._frames[r][0] + t + self._frames[r][1] for t, r in zip(texts, rows)]
+            frames = self.ospo_batch.frames
+            texts = [frames[r][0] + t + frames[r][1] for t, r in zip(texts, rows)]
         scores = self.score_rows(list(texts), rows)
         scores = [float("nan") if s is None else float(s) for s in scores]
         if len(scores) != len(rows):

@@ -46,7 +46,7 @@ from trl.data_utils import is_conversational
 from .. import defaults
 from ..advantages import redistribute
 from ..attribution import OwenAttributor
-from .common import CompletionReward, attribute_completions
+from .common import BatchContext, BatchContextHolder, CompletionReward, attribute_completions
 
 __all__ = ["OSPOGRPOTrainer", "MIN_TRL_VERSION"]
 
@@ -111,7 +111,7 @@ def token_statistics(advantages: torch.Tensor, mask: torch.Tensor, credit) -> di
     }
 
 
-class OSPOGRPOTrainer(GRPOTrainer):
+class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
     """``trl.GRPOTrainer`` with Owen-value redistribution of each completion's advantage over its tokens.
 
     Takes every argument of ``GRPOTrainer`` (same names and order up to ``processing_class``; the rest by
@@ -186,7 +186,6 @@ class OSPOGRPOTrainer(GRPOTrainer):
             )
         self.ospo_attributor = ospo_attributor
         self.owner_column = owner_column
-        self._ospo_batch: dict | None = None
 
     def _check_reward_funcs_are_callables(self) -> None:
         for func, name in zip(self.reward_funcs, self.reward_func_names):
@@ -202,8 +201,9 @@ class OSPOGRPOTrainer(GRPOTrainer):
     # replaced where TRL returns them.
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # TRL calls this with this process's own rows, before gathering: the context of the local game.
-        self._ospo_batch = dict(inputs=inputs, prompts=prompts, completions=completions)
+        # TRL calls this with this process's own rows, before gathering: the context of the local game, kept
+        # until _generate_and_score_completions has attributed the batch.
+        self.set_ospo_batch(BatchContext(rows=inputs, prompts=prompts))
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     def _generate_and_score_completions(self, inputs):
@@ -214,16 +214,16 @@ class OSPOGRPOTrainer(GRPOTrainer):
         outside ``segment_mask`` (bool ``[B, T]``, the tokens of the answer's segments) gets it exactly.
         """
         output = super()._generate_and_score_completions(inputs)
-        batch = self._ospo_batch
+        batch = self.ospo_batch
         mode = "train" if self.model.training else "eval"
         mask = output["completion_mask"].bool()
         if "tool_mask" in output:  # tool outputs are not trained; their tokens get no advantage
             mask = mask & output["tool_mask"].bool()
         row_reward = self.ospo_attributor.reward if isinstance(self.ospo_attributor.reward, CompletionReward) else None
         if row_reward is not None:
-            owners = list(range(len(batch["inputs"])))
+            owners = list(range(len(batch.rows)))
         else:
-            owners = self._owners(batch["inputs"])
+            owners = self._owners(batch.rows)
         start = time.perf_counter()
         try:
             credit = attribute_completions(
@@ -231,7 +231,7 @@ class OSPOGRPOTrainer(GRPOTrainer):
                 keep=output["completion_mask"].bool(), reward_scope=row_reward.bind if row_reward else None,
             )
         finally:
-            self._ospo_batch = None
+            self.set_ospo_batch(None)
         sequence = output["advantages"]
         output["sequence_advantages"] = sequence
         segments = credit.token_player.to(mask.device) >= 0  # only these tokens share out the advantage
@@ -273,8 +273,8 @@ class OSPOGRPOTrainer(GRPOTrainer):
 
     def _score_rows(self, completions: list[str], rows: list[int]) -> list[float]:
         """Completion texts scored by TRL's reward functions (weighted sum), text k as a completion of row rows[k]."""
-        batch = self._ospo_batch
-        inputs, prompts = batch["inputs"], batch["prompts"]
+        batch = self.ospo_batch
+        inputs, prompts = batch.rows, batch.prompts
         if is_conversational({"prompt": prompts[0]}):
             formatted = [[{"role": "assistant", "content": c}] for c in completions]
         else:

@@ -55,7 +55,7 @@ from .. import defaults
 from ..advantages import group_advantages, redistribute
 from ..attribution import OwenAttributor
 from ..segment import Segmenter
-from .common import CompletionReward, attribute_completions
+from .common import BatchContext, BatchContextHolder, CompletionReward, attribute_completions
 
 # OSPORewardManager and OSPORewardLoopManager subclass verl's classes: module attributes built on first
 # access (they need verl), so they are left out of __all__.
@@ -295,15 +295,16 @@ def _score_value(result) -> float:
     return float(result["score"]) if isinstance(result, dict) else float(result)
 
 
-class _VerlRows:
-    """verl's ``compute_score`` over the rows of one batch (the context of each row's game)."""
+class _VerlRows(BatchContextHolder):
+    """verl's ``compute_score`` over the rows of one batch; the batch's :class:`BatchContext` holds each row's
+    ``compute_score`` arguments (the context of each row's game)."""
 
     def __init__(self, compute_score: Callable):
         self.compute_score = compute_score
-        self.rows: list[dict] | None = None
 
     def __call__(self, texts: list[str], rows: list[int]) -> list[float]:
-        return [_score_value(self.compute_score(solution_str=t, **self.rows[r])) for t, r in zip(texts, rows)]
+        context = self.ospo_batch.rows
+        return [_score_value(self.compute_score(solution_str=t, **context[r])) for t, r in zip(texts, rows)]
 
 
 def build_attributor(score_rows: Callable, options: dict | None = None) -> OwenAttributor:
@@ -404,13 +405,11 @@ def _verl_classes() -> dict[str, type]:
         def __call__(self, data, return_dict: bool = False):
             prompt_length = data.batch["prompts"].shape[-1]
             response_mask = data.batch["attention_mask"][:, prompt_length:]
-            self.rows.rows = [_row_context(data.non_tensor_batch, i, self.reward_fn_key) for i in range(len(data))]
-            try:
+            rows = [_row_context(data.non_tensor_batch, i, self.reward_fn_key) for i in range(len(data))]
+            with self.rows.ospo_batch_scope(BatchContext(rows=rows)):
                 rewards, token_rewards, credit = score_responses(
                     self.tokenizer, data.batch["responses"], response_mask, self.attributor
                 )
-            finally:
-                self.rows.rows = None
             for text in credit.texts[: self.num_examine]:
                 print("[response]", text)
             if not return_dict:
@@ -455,10 +454,11 @@ def _verl_classes() -> dict[str, type]:
                 response_mask = item.batch["attention_mask"][-response_ids.shape[-1] :]
                 # Calls run concurrently in executor threads: each gets its own row context and attributor.
                 rows = _VerlRows(self.compute_score)
-                rows.rows = [_row_context(data.non_tensor_batch, 0, "data_source")]
-                rewards, token_rewards, credit = score_responses(
-                    self.tokenizer, response_ids[None], response_mask[None], build_attributor(rows, self.ospo_options)
-                )
+                with rows.ospo_batch_scope(BatchContext(rows=[_row_context(data.non_tensor_batch, 0, "data_source")])):
+                    rewards, token_rewards, credit = score_responses(
+                        self.tokenizer, response_ids[None], response_mask[None],
+                        build_attributor(rows, self.ospo_options),
+                    )
                 valid = int(response_mask.sum())
                 score = TokenRewards(float(rewards[0]), token_rewards[0, :valid].tolist())
                 info = {"acc": float(rewards[0]), "ospo_num_segments": credit.attributions[0].segmentation.num_players}
