@@ -34,7 +34,7 @@ ADVANTAGE_SCALE = "group"
 #: Added to the group std by :func:`ospo_fast.group_advantages` (OSPOTrainer): TRL's GRPO uses 1e-4 too.
 GROUP_EPS = 1e-4
 #: Added to the group std by the verl estimator (the same group_advantages): verl's own
-#: ``compute_grpo_outcome_advantage`` epsilon, so that ospo with no credit is exactly verl's grpo.
+#: ``compute_grpo_outcome_advantage`` epsilon, so that ospo with no credit gives verl's grpo advantages.
 VERL_GRPO_EPS = 1e-6
 
 # ----------------------------------------------------------------------------------------------------
