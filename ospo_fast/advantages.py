@@ -273,7 +273,7 @@ def redistribute(
     floor = _real_number(floor, "floor", 0.0, 1.0)
     if max_share is not None:
         max_share = _real_number(max_share, "max_share", 1.0, float("inf"))
-    bounds = _clip_bounds(clip)
+    bounds = clip_bounds(clip)
     A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask,
                                                        check_finite)
     length = segment.sum(dim=1, keepdim=True).to(A.dtype)
@@ -290,7 +290,7 @@ def redistribute(
     return torch.where(mask, out, torch.zeros_like(out))
 
 
-def _clip_bounds(clip) -> tuple[float, float] | None:
+def clip_bounds(clip) -> tuple[float, float] | None:
     if clip is None:
         return None
     if isinstance(clip, (int, float)) and not isinstance(clip, bool):

@@ -19,6 +19,8 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 ATTRIBUTION_METHODS = ("auto", "exact", "sampled")
 #: What the trainer runs: OSPO's per-token advantages, or GRPO's (every token its response's advantage).
 TRAINING_MODES = ("ospo", "grpo")
+#: The retrieval rewards a task builds over its pools (:meth:`ospo_fast.data.SearchTask.reward`).
+REWARD_KINDS = ("dense", "bm25")
 
 # ----------------------------------------------------------------------------------------------------
 # Advantages: GRPO normalisation and redistribution (ospo_fast.advantages)
@@ -43,8 +45,8 @@ VERL_GRPO_EPS = 1e-6
 ATTRIBUTION_METHOD = "auto"
 #: Coalitions per response an exact plan may use before "auto" samples (training and the library).
 BUDGET = 64
-#: ``ospo-fast attribute`` (one response at a time): the engine's own budget (:func:`ospo_fast.make_plan`).
-ATTRIBUTE_BUDGET = 256
+#: :func:`ospo_fast.make_plan`'s own budget, also ``ospo-fast attribute``'s (one response at a time).
+PLAN_BUDGET = 256
 #: Orders of a sampled plan (:func:`ospo_fast.sampled_plan`'s default; ``ospo-fast demo``).
 NUM_PERMUTATIONS = 64
 #: Players a segmenter keeps per response (:data:`ospo_fast.MAX_PLAYERS` is the engine's hard limit).

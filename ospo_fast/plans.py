@@ -32,6 +32,7 @@ from typing import Callable, Hashable, TypeVar
 import numpy as np
 import torch
 
+from . import defaults
 from ._device import to_device_all
 from .structure import CoalitionStructure
 
@@ -491,7 +492,7 @@ def _drawn_orders(
 
 def sampled_plan(
     structure: CoalitionStructure,
-    num_permutations: int = 64,
+    num_permutations: int = defaults.NUM_PERMUTATIONS,
     seed: int = 0,
     antithetic: bool = True,
     *,
@@ -687,7 +688,7 @@ def make_plan(
     structure: CoalitionStructure,
     method: str = "auto",
     *,
-    budget: int = 256,
+    budget: int = defaults.PLAN_BUDGET,
     num_permutations: int | None = None,
     seed: int = 0,
     antithetic: bool = True,
@@ -717,7 +718,7 @@ def make_plans(
     structures,
     method: str = "auto",
     *,
-    budget: int = 256,
+    budget: int = defaults.PLAN_BUDGET,
     num_permutations: int | None = None,
     seed: int = 0,
     antithetic: bool = True,

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import defaults
-from .advantages import _clip_bounds, group_advantages, redistribute
+from .advantages import clip_bounds, group_advantages, redistribute
 from .attribution import OwenAttributor
 from .data.prompts import follows_format
 from .loss import LOSS_BACKENDS, LOSS_TYPES, grpo_loss
@@ -138,7 +138,7 @@ class OSPOConfig:
         _number_in(self, "floor", 0, 1)
         if self.max_share is not None:
             _number_in(self, "max_share", 1, inf)
-        _clip_bounds(self.clip)  # raises naming clip
+        clip_bounds(self.clip)  # raises naming clip
         _dtype(self.attribution_dtype)  # raises naming attribution_dtype
         if self.bf16 not in (None, True, False):
             raise ValueError(f"bf16: expected None, True or False, got {self.bf16!r}")

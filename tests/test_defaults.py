@@ -152,7 +152,7 @@ def test_cli_defaults_come_from_the_constants(parsers):
     assert _action(parsers["eval"], "max_new_tokens").default == defaults.MAIN_JOB_MAX_NEW_TOKENS
     attribute = parsers["attribute"]
     assert (_action(attribute, "method").default, _action(attribute, "budget").default) == (
-        defaults.ATTRIBUTION_METHOD, defaults.ATTRIBUTE_BUDGET)
+        defaults.ATTRIBUTION_METHOD, defaults.PLAN_BUDGET)
     assert _action(parsers["demo"], "permutations").default == defaults.NUM_PERMUTATIONS
     assert f"about {defaults.TINY_LEARNING_RATE}" in _action(parsers["train"], "lr").help
 

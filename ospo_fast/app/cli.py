@@ -417,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request", "--query", dest="request",
                    help="use the candidate pool of this request of the shipped data")
     p.add_argument("--owner", "--pool", dest="owner", type=int, default=0, help="or the candidate pool's index")
-    p.add_argument("--reward", default="dense", choices=["dense", "bm25"])
+    p.add_argument("--reward", default="dense", choices=defaults.REWARD_KINDS)
     p.add_argument("--method", default=defaults.ATTRIBUTION_METHOD, choices=list(defaults.ATTRIBUTION_METHODS))
-    p.add_argument("--budget", type=int, default=defaults.ATTRIBUTE_BUDGET)
+    p.add_argument("--budget", type=int, default=defaults.PLAN_BUDGET)
     p.add_argument("--seed", type=int, default=defaults.SEED)
     p.add_argument("--html", help="also write the response with coloured segments to this HTML file")
     p.set_defaults(func=attribute)

@@ -33,7 +33,6 @@ from ..defaults import REDISTRIBUTION_MODES
 from ..trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
 from .experiment import (
     RunSettings,
-    _write_json,
     evaluate_copy_request,
     evaluate_policy,
     load_task,
@@ -42,6 +41,7 @@ from .experiment import (
     score_answers,
     training_items,
     warm_start,
+    write_json,
 )
 from .stats import detectable_difference, seeds_needed, t_interval
 
@@ -166,7 +166,7 @@ def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], var
     def save_seed(seed):
         def save(results):
             per_seed[str(seed)] = results
-            _write_json(path, dict(setup, seeds=list(seeds), per_seed=per_seed))
+            write_json(path, dict(setup, seeds=list(seeds), per_seed=per_seed))
         return save
 
     for seed in seeds:
@@ -176,7 +176,7 @@ def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], var
         per_seed[str(seed)] = run_seed(settings, config, seed, variants, out, done, save_seed(seed))
     summary = summarise(per_seed, seeds, variants)
     result = dict(setup, **summary)
-    _write_json(path, result)
+    write_json(path, result)
     (out / "compare.md").write_text(format_comparison(result))
     plot_paired(result, out / "compare.png")
     plot_curves(result, out / "compare_curves.png")

@@ -358,7 +358,7 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
                 "choose another folder (--output)")
         _remove_run_files(out)  # a stale checkpoint must never be resumed into the new run
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / RUN_FILE, dict(settings=asdict(settings), config=asdict(config)))
+    write_json(out / RUN_FILE, dict(settings=asdict(settings), config=asdict(config)))
     torch.manual_seed(config.seed)
     train_task, val_task, test_task = load_task(settings, seed=config.seed)
     items = training_items(train_task, val_task, test_task)
@@ -376,7 +376,7 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
                        bool(config.bf16))
         results = {"copy request": evaluate_copy_request(test_task, scorers),
                    "untrained": evaluate_policy(model, tokenizer, test_task, scorers, **evaluate)}
-        _write_json(baselines_file, results)
+        write_json(baselines_file, results)
 
     def validate(policy, step: int) -> None:
         """A line of validation metrics (greedy answers, training retriever) in metrics.jsonl."""
@@ -419,7 +419,7 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
         examples={p: results[p]["examples"] for p in POLICIES},
         answers={p: results[p]["answers"] for p in POLICIES},
     )
-    _write_json(out / "eval.json", summary)
+    write_json(out / "eval.json", summary)
     from .report import plot_curves, write_attributions, write_report  # matplotlib only when a run ends
 
     plot_curves(out)
@@ -451,7 +451,7 @@ def _step_seconds(out: Path) -> dict:
             if steps and all(k in s for s in steps)}
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from ..defaults import REWARD_KINDS
 from .esci import load_default_esci, load_esci, load_esci_csv
 from .hm import HMData, article_text, customer_histories, load_hm
 from .pools import Pools, esci_pools, hm_pools
@@ -151,8 +152,8 @@ class SearchTask:
         from .. import rewards
 
         classes = {"bm25": rewards.BM25Reward, "dense": rewards.DenseRetrievalReward}
-        if kind not in classes:
-            raise ValueError(f"kind: expected one of {sorted(classes)}, got {kind!r}")
+        if kind not in REWARD_KINDS:
+            raise ValueError(f"kind: expected one of {list(REWARD_KINDS)}, got {kind!r}")
         return classes[kind](self.items, self.pools, self.gains, **kwargs)
 
 
