@@ -4,6 +4,7 @@ and the attribution check."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,23 @@ def test_warm_start_pseudo_requests_teach_copying_any_text(task):
         assert target.startswith(request) and text.count("[+]") == 2 and text.count("[-]") == 2
         words = set(request.split())
         assert any(words <= set(WORDS.findall(item.lower())) for item in task.items[:20])
+
+
+def test_credit_hm_task_loads_the_hm_articles_and_needs_their_files():
+    from ospo_fast.app.experiment import RunSettings, load_task
+
+    with pytest.raises(ValueError, match="credit-hm.*--hm-articles"):
+        load_task(RunSettings(task="credit-hm"))
+    hm = Path(__file__).resolve().parents[2] / "shared" / "data" / "hm"
+    if not hm.is_dir():
+        pytest.skip(f"the H&M extract is not at {hm}")
+    settings = RunSettings(task="credit-hm", hm_articles=str(hm / "articles.csv"),
+                           hm_customers=str(hm / "customers.csv"), hm_transactions=str(hm / "transactions_train.csv"))
+    assert settings.is_credit_task and settings.warm_start_steps_or_default() > 0
+    train, val, test = load_task(settings, seed=0)
+    base = data.hm_task(data.load_hm(hm / "articles.csv", hm / "customers.csv", hm / "transactions_train.csv"))
+    assert train.items == base.items  # the H&M catalogue, not the shipped ESCI items
+    assert len(train) and len(val) and len(test)
+    for s in train.samples[:20]:
+        assert s.info["true_hints"] and all(f"[+] {h}" in s.text for h in s.info["true_hints"])
+        assert all(f"[-] {h}" in s.text for h in s.info["decoy_hints"])

