@@ -10,7 +10,14 @@ import pytest
 import torch
 
 import ospo_fast.data as data
-from ospo_fast.app.credit import attribution_check, credit_answer, credit_task, hint_phrases
+from ospo_fast.app.credit import (
+    attribution_check,
+    credit_answer,
+    credit_task,
+    hint_mix,
+    hint_phrases,
+    prompt_hints,
+)
 from ospo_fast.segment import Segmenter
 
 WORDS = re.compile(r"[a-z0-9]+")
@@ -141,3 +148,18 @@ def test_credit_hm_task_loads_the_hm_articles_and_needs_their_files():
     for s in train.samples[:20]:
         assert s.info["true_hints"] and all(f"[+] {h}" in s.text for h in s.info["true_hints"])
         assert all(f"[-] {h}" in s.text for h in s.info["decoy_hints"])
+
+
+def test_hint_mix_counts_the_hints_each_answer_keeps(task):
+    samples = task.samples[:30]
+    oracle = [credit_answer(s.query, s.info["true_hints"]) for s in samples]
+    assert hint_mix(samples, oracle) == {"true hints kept": 1.0, "decoys kept": 0.0}
+    everything = [credit_answer(s.query, prompt_hints(s)) for s in samples]
+    assert hint_mix(samples, everything) == {"true hints kept": 1.0, "decoys kept": 1.0}
+    assert hint_mix(samples, [s.query for s in samples]) == {"true hints kept": 0.0, "decoys kept": 0.0}
+    # One decoy and the first true hint, in upper case and another order: half of each kind.
+    mixed = [credit_answer(s.query, [s.info["decoy_hints"][0].upper(), s.info["true_hints"][0]]) for s in samples]
+    halves = [(1 / len(s.info["true_hints"]), 1 / len(s.info["decoy_hints"])) for s in samples]
+    expected = {"true hints kept": sum(t for t, _ in halves) / len(samples),
+                "decoys kept": sum(d for _, d in halves) / len(samples)}
+    assert hint_mix(samples, mixed) == pytest.approx(expected)

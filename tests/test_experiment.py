@@ -204,6 +204,11 @@ def test_credit_task_compare_has_the_oracle_baseline(tmp_path):
     # Keeping the true hints beats the request alone, on average over the test prompts.
     assert seed["request + true hints"]["metrics"]["dense ndcg@10"] > seed["copy request"]["metrics"]["dense ndcg@10"]
     assert result["paired"] == {} and result["power"] == {}
+    # The hint mix of the answers is recorded: the oracle keeps every true hint and no decoy.
+    assert seed["request + true hints"]["metrics"]["true hints kept"] == 1.0
+    assert seed["request + true hints"]["metrics"]["decoys kept"] == 0.0
+    assert 0.0 <= seed["ospo"]["metrics"]["true hints kept"] <= 1.0
+    assert "| true hints kept | decoys kept |" in (out / "compare.md").read_text()
 
 
 def test_warm_start_pairs_keep_the_prompt_format(task):

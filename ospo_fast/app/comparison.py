@@ -51,6 +51,8 @@ PAIRS = (("ospo", "grpo"), ("ospo", "shuffled"))
 #: Metrics of every variant: the final test NDCG@10 with each retriever, and the area under the training
 #: reward curve (its mean over steps). The first is the primary one.
 METRICS = ("dense ndcg@10", "reward auc", "bm25 ndcg@10", "lsa ndcg@10")
+#: The credit task's reading of the answers (:func:`ospo_fast.app.credit.hint_mix`), where it was recorded.
+HINT_METRICS = ("true hints kept", "decoys kept")
 #: The difference the power line is sized for.
 TARGET_DIFFERENCE = 0.05
 #: Steps of the moving average of the training reward that "steps to reach a reward" reads.
@@ -72,11 +74,12 @@ def variant_config(config: OSPOConfig, variant: str, seed: int, output_dir: Path
 
 
 def _result(evaluation: dict, rewards: list[float] | None = None, seconds: float | None = None,
-            validation: list[list[float]] | None = None) -> dict:
+            validation: list[list[float]] | None = None, hints: dict | None = None) -> dict:
     """One policy's record: test metrics, per-prompt dense NDCG@10, answer statistics and, for a trained
-    variant, its reward per step and its validation curve (``[step, dense NDCG@10]`` pairs, step 0 first)."""
+    variant, its reward per step and its validation curve (``[step, dense NDCG@10]`` pairs, step 0 first).
+    ``hints``: the credit task's hint mix of the answers, recorded with the metrics."""
     table = evaluation["table"]
-    metrics = {f"{r} ndcg@10": table[r]["ndcg@10"] for r in table}
+    metrics = {f"{r} ndcg@10": table[r]["ndcg@10"] for r in table} | (hints or {})
     if rewards is not None:
         metrics["reward auc"] = statistics.fmean(rewards)
     return dict(metrics=metrics, table=table, ndcg10=evaluation["ndcg10"]["dense"], format=evaluation["format"],
@@ -109,13 +112,22 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
                                  limit=settings.eval_samples, **evaluate)
         return result["table"]["dense"]["ndcg@10"]
 
+    def hints_of(answers: list[str]) -> dict | None:  # the credit task's hint mix
+        if not settings.is_credit_task:
+            return None
+        from .credit import hint_mix
+
+        return hint_mix(test_task.samples, answers)
+
     start_ndcg = None  # the shared start of every variant's validation curve, computed once
     if "untrained" not in results:
         results["copy request"] = _result(evaluate_copy_request(test_task, scorers))
         if settings.is_credit_task:
             oracle = _oracle_answers(test_task)
-            results["request + true hints"] = _result(score_answers(test_task.samples, oracle, oracle, scorers, (10,)))
-        results["untrained"] = _result(evaluate_policy(model, tokenizer, test_task, scorers, ks=(10,), **evaluate))
+            results["request + true hints"] = _result(score_answers(test_task.samples, oracle, oracle, scorers, (10,)),
+                                                      hints=hints_of(oracle))
+        untrained = evaluate_policy(model, tokenizer, test_task, scorers, ks=(10,), **evaluate)
+        results["untrained"] = _result(untrained, hints=hints_of(untrained["answers"]))
         save(results)
     for variant in variants:
         if variant in results:
@@ -137,7 +149,7 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
         trainer.train()
         seconds = time.perf_counter() - start  # validation included
         evaluation = evaluate_policy(trainer.model, tokenizer, test_task, scorers, ks=(10,), **evaluate)
-        results[variant] = _result(evaluation, rewards, seconds, curve)
+        results[variant] = _result(evaluation, rewards, seconds, curve, hints_of(evaluation["answers"]))
         save(results)
         # A comparison resumes per variant, not per step: the variant's checkpoint (the policy and its optimizer
         # state, 1.6 GB for a 135M model) is not needed once its result is saved. Its metrics.jsonl stays.
@@ -225,14 +237,16 @@ def summarise(per_seed: dict, seeds: Sequence[int], variants: Sequence[str]) -> 
         rows = [per_seed[k][policy]["metrics"] for k in keys if policy in per_seed[k]]
         means[policy] = {m: dict(mean=statistics.fmean(r[m] for r in rows),
                                  std=statistics.stdev([r[m] for r in rows]) if len(rows) > 1 else 0.0)
-                         for m in METRICS if all(m in r for r in rows)}
+                         for m in METRICS + HINT_METRICS if all(m in r for r in rows)}
     paired, power = {}, {}
     for a, b in PAIRS:
         if a not in variants or b not in variants:
             continue
         name = f"{a}-{b}"
         paired[name] = {}
-        for metric in METRICS:
+        for metric in METRICS + HINT_METRICS:
+            if not all(metric in per_seed[k][v]["metrics"] for k in keys for v in (a, b)):
+                continue  # a hint metric of a comparison recorded without it
             diffs = [per_seed[k][a]["metrics"][metric] - per_seed[k][b]["metrics"][metric] for k in keys]
             paired[name][metric] = dict(t_interval(diffs), per_seed=diffs)
         sd = paired[name][METRICS[0]]["sd"]
@@ -247,16 +261,17 @@ def summarise(per_seed: dict, seeds: Sequence[int], variants: Sequence[str]) -> 
 def format_comparison(result: dict) -> str:
     """compare.md: means per policy, paired differences with t intervals, and the power line."""
     n = len(result["seeds"])
+    columns = METRICS + tuple(m for m in HINT_METRICS if any(m in v for v in result["means"].values()))
     lines = [f"Test split, greedy answers; {n} seed(s). Every variant of a seed starts from the same policy, "
              "split, pools and sampling seed.", "",
-             "| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+             "| policy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for policy, metrics in result["means"].items():
-        cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" if m in metrics else "-" for m in METRICS]
+        cells = [f"{metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}" if m in metrics else "-" for m in columns]
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences over seeds (mean, 95% t interval):", "",
-              "| difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+              "| difference | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, metrics in result["paired"].items():
-        cells = [_mean_and_interval(metrics[m], ".4f") for m in METRICS]
+        cells = [_mean_and_interval(metrics[m], ".4f") if m in metrics else "-" for m in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, p in result["power"].items():
         lines.append(f"\nPower ({name}, {p['metric']}): the per-seed differences have sd {p['sd']:.4f}; "

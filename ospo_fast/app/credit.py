@@ -167,6 +167,23 @@ def _hint_of_segment(segments: Sequence[str], hints: dict[str, str]) -> list[str
     return [hints.get(" ".join(_WORDS.findall(s.lower()))) for s in segments]
 
 
+def hint_mix(samples: Sequence[Sample], answers: Sequence[str]) -> dict:
+    """Which hints the answers keep, a direct reading of what training did with the credit: ``{"true hints
+    kept": x, "decoys kept": x}``, the share of each prompt's true hints and of its decoys that its answer
+    keeps as a segment of its own, averaged over the prompts."""
+    segmenter = Segmenter()
+
+    def words(text: str) -> str:
+        return " ".join(_WORDS.findall(text.lower()))
+
+    true_kept, decoys_kept = [], []
+    for s, answer in zip(samples, answers, strict=True):
+        segments = {words(seg) for seg in segmenter(answer).segments}
+        true_kept.append(np.mean([words(h) in segments for h in s.info["true_hints"]]))
+        decoys_kept.append(np.mean([words(h) in segments for h in s.info["decoy_hints"]]))
+    return {"true hints kept": float(np.mean(true_kept)), "decoys kept": float(np.mean(decoys_kept))}
+
+
 def attribution_check(task: SearchTask, reward, budget: int = defaults.BUDGET, seed: int = defaults.SEED,
                       limit: int | None = None) -> dict:
     """How often each credit assignment gives hint segments the right sign, with no training.
