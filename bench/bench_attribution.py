@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 import ospo_fast as of
-from ospo_fast.evaluate import CoalitionBatch, EncoderCoalitionEvaluator, _flash_varlen
+from ospo_fast._extension import flash_varlen
+from ospo_fast.evaluate import CoalitionBatch, EncoderCoalitionEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -199,7 +200,7 @@ def print_device_half(reward, texts, owners, budget: int, repeats: int) -> None:
     print(f"{'encoder path':<52} {'evals':>6} {'tokens':>7} {'median ms':>10} {'min ms':>8} {'host sync':>9}")
     first = None  # the default path's evaluator and layout, profiled below
     for label, kwargs, fused in (
-        (f"bf16, varlen attention ({getattr(_flash_varlen(), '__module__', 'none')})",
+        (f"bf16, varlen attention ({getattr(flash_varlen(), '__module__', 'none')})",
          dict(dtype=torch.bfloat16), True),
         ("the same, LayerNorm steps in torch ops (A/B)", dict(dtype=torch.bfloat16), False),
         ("bf16, SDPA per length", dict(dtype=torch.bfloat16, attention="sdpa"), True),

@@ -26,16 +26,11 @@ The package, one concern per module, in the order the data flows:
 Backends (packing, pooling, attention, normalisation) are chosen in :mod:`ospo_fast.dispatch`.
 """
 
-from .. import _extension
 from .encoder import ATTENTIONS, PACKED_DTYPES, PackedBertForward, check_packed_options, pool_packed
 from .evaluator import EncoderCoalitionEvaluator, packed_support
 from .layout import CoalitionBatch, PackedLayout
-from .layout import _chunks as _chunks
 from .packing import PackedSequences, pack_coalitions, pack_coalitions_reference
 from .text import evaluate_text_reward
-
-#: The varlen flash-attention lookup, under the name ``bench/bench_attribution.py`` imports.
-_flash_varlen = _extension.flash_varlen
 
 __all__ = [
     "ATTENTIONS",

@@ -89,7 +89,6 @@ class PackedBertForward:
         reason = self.unsupported(model)
         if reason is not None:
             raise ValueError(f"encoder: {reason}")
-        dispatch.check_choice("attention", attention, "attention")
         config = model.config
         # An explicit attention the device or dtype cannot run is refused here, not at the first forward.
         dispatch.resolve("attention", attention, next(model.parameters()).device, dtype, arg="attention")
