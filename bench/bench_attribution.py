@@ -104,7 +104,7 @@ def main(argv=None):
     texts, labels = iphone_charger_pool()
     reward = of.rewards.DenseRetrievalReward(
         items=[t[:400] for t in texts], pools=[list(range(len(texts)))],
-        gains=[[of.rewards.esci_gain(x) for x in labels]],
+        gains=[[of.data.esci_gain(x) for x in labels]],
         device=args.device,
     )
     batch_texts = responses(args.responses)

@@ -4,9 +4,20 @@ The data flows one way: text -> structure -> plan -> batched evaluation -> value
 token advantages -> loss. This package exposes each stage; see README.md for a tour.
 """
 
-from . import _extension
-from .advantages import group_advantages, redistribute
-from .attribution import Attribution, Attributions, OwenAttributor, TokenCredit
+from . import _extension, rewards
+from .advantages import Redistribution, group_advantages, redistribute
+from .attribution import Attribution, Attributions, OwenAttributor
+from .credit import (
+    CompletionCredit,
+    TokenCredit,
+    attribute_completions,
+    credit_on_tokens,
+    excess_credit,
+    spread_credit,
+    token_advantages,
+    token_player_map,
+    token_player_maps,
+)
 from .loss import grpo_loss, token_logprobs
 from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
 from .plans import (
@@ -28,7 +39,6 @@ from .segment import (
     coalition_texts,
 )
 from .structure import MAX_PLAYERS, CoalitionStructure
-from .token_credit import spread_credit, token_player_map, token_player_maps
 from .trainer import OSPOConfig, OSPOTrainer
 
 # Load the compiled operators now, as extension-cpp does: torch.ops.ospo_fast.* and their fake (meta) kernels
@@ -37,9 +47,10 @@ _extension._load()
 
 __version__ = "0.1.0"
 
-#: Subpackages loaded on first use (``of.data.default_task``, ``of.rewards.DenseRetrievalReward``), so that
-#: ``import ospo_fast`` does not import pandas (the data loaders) or the application layer.
-_LAZY_SUBPACKAGES = ("app", "data", "integrations", "rewards")
+#: Subpackages loaded on first use (``of.data.default_task``, ``of.integrations.trl``), so that ``import
+#: ospo_fast`` imports neither pandas (the data loaders), the application layer, nor TRL or verl. The rewards
+#: load with the package: the attribution evaluates them.
+_LAZY_SUBPACKAGES = ("app", "data", "integrations")
 
 
 def __getattr__(name: str):
@@ -52,6 +63,7 @@ def __getattr__(name: str):
 __all__ = [
     "Attribution",
     "Attributions",
+    "CompletionCredit",
     "BACKENDS",
     "MAX_EXACT_COALITIONS",
     "MAX_PLAYERS",
@@ -60,14 +72,18 @@ __all__ = [
     "CoalitionPlan",
     "CoalitionStructure",
     "OwenAttributor",
+    "Redistribution",
     "PlanBatch",
     "Segmentation",
     "Segmenter",
     "SpacySegmenter",
     "TokenCredit",
+    "attribute_completions",
     "coalition_text",
     "coalition_texts",
+    "credit_on_tokens",
     "data",
+    "excess_credit",
     "exact_plan",
     "group_advantages",
     "grpo_loss",
@@ -83,6 +99,7 @@ __all__ = [
     "rewards",
     "sampled_plan",
     "spread_credit",
+    "token_advantages",
     "token_logprobs",
     "token_player_map",
     "token_player_maps",

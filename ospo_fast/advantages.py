@@ -1,90 +1,30 @@
 """Advantages: GRPO group normalisation, and the redistribution of a response's advantage over its tokens.
 
-The stage between the Owen values and the loss::
+    rewards [B*G] --group_advantages--> A [N]                         (N = B*G responses)
+    A + token credit c [N, T] (ospo_fast.credit) --redistribute--> per-token advantages Â [N, T] --> the loss
 
-    rewards [B*G] --group_advantages--> A [N]                          (N = B*G responses)
-    (excess) Owen values of each response's segments + token -> segment maps --spread_credit--> c [N, T]
-    redistribute(A, c, completion_mask, mode) --> per-token advantages Â [N, T]  --> ospo_fast.loss.grpo_loss
+Only the tokens of the answer's segments share out ``A``; every other completion token gets exactly ``A``,
+as in GRPO. Over the segment tokens, shares ``w`` (>= 0, summing to 1) give ``Â_t = A * L * w_t``: their mean
+is ``A``, every token keeps the sign of ``A``, and a response with nothing to assign gets ``A`` on every
+token. The shares come from the credit read in the advantage's direction (the tokens that lowered the reward
+carry most of a negative advantage), proportionally, by rank, or mixed with uniform; ``max_share`` bounds a
+token's share without moving the mean. docs/credit.md gives each decision, its invariant and why (and why
+there is no potential-based mode).
 
-Design decisions (each is tested in tests/test_advantages.py):
-
-**Which tokens take part.** Only the tokens of the answer's segments (``token_player >= 0``, passed as
-``segment_mask``) share out the advantage. Every other completion token (a ``<think>`` block, the answer
-tags, punctuation between segments, the end-of-sequence token, anything after the answer) gets exactly the
-response's advantage ``A``, as in GRPO: GRPO's advantages sum to 0 over a group at every token, so with
-rewards that carry no signal no token class drifts; a redistribution that moved advantage between the
-think block and the answer would teach, whatever the task, to write more of one and less of the other.
-Among the segment tokens the mean stays ``A`` (so the mean over the whole completion is ``A`` too).
-
-**Token credit.** A segment's credit is spread evenly over its tokens, so a segment's total credit is the
-same whatever its token length (:func:`~ospo_fast.token_credit.spread_credit`, the credit stage). Because
-credit comes from the token -> player map of the completion itself, it lands on the answer's tokens wherever
-the answer starts. The trainers
-(:func:`ospo_fast.rollout.attribute_completions`) use as a segment's credit its *excess* Owen value,
-:func:`ospo_fast.owen.excess_credit`: the Owen value less the segment's structural share ``w_i`` of
-``v(N) - v(empty)``, i.e. its Owen value in the game with v(N) and v(empty) set to 0. The raw Owen value
-moves with the response's reward, and so with its advantage, by ``w_i (R - v(empty))``: larger for the
-phrases of short sentences, and concentrated on few tokens for short phrases. Under rewards that carry no
-signal that made short phrases and one-phrase sentences drift: with phrases of 1, 4, 2 and 3 tokens in
-sentences of one and three phrases, the one-token phrase's group sum went to +3.9 (proportional), +1.6
-(rank), +2.1 (hybrid). The excess credit does not depend on v(N) or v(empty), sums to 0 over the answer,
-and keeps every segment token within noise of 0 there (tested; with skewed rewards, mostly 0 and
-sometimes high, within 0.2). What it gives up: in an additive game whose unions differ in size, the
-phrases of small unions get less than their Owen value's share (the structure pays them more of v(N)).
-
-**Direction and blame.** Owen values are signed: positive when a segment raised the reward, negative when it
-lowered it. Credit is read in the direction of the advantage: ``u_t = sign(A) * c_t`` with ``sign(0) = +1``.
-For a response better than its group (A > 0) the tokens that raised the reward get the largest shares of
-the positive advantage; for a worse one (A < 0) the tokens that *lowered* the reward get the largest shares
-of the negative advantage, so they carry the most blame, and tokens that helped carry the least.
-
-**Shares (proportional, rank, hybrid).** Over the L segment tokens of a response, a share distribution
-``w`` (``w_t >= 0``, ``sum w = 1``) and ``Â_t = A * L * w_t``:
-
-* proportional: ``w_t = floor / L + (1 - floor) * max(u_t, 0) / sum_s max(u_s, 0)``;
-* rank: the same with ``max(u_t, 0)`` replaced by the rank of ``u_t`` among the response's segment tokens
-  (1 = lowest; ties share their average rank), so the highest-credit token gets the largest share;
-* hybrid: ``Â_t = A * L * (alpha * w_t + (1 - alpha) / L)`` with the proportional ``w``: alpha = 0 is GRPO,
-  alpha = 1 is proportional.
-
-Invariants: the mean of ``Â`` over the segment tokens is exactly ``A``; every share is >= 0, so every
-token keeps the sign of ``A``; with ``floor > 0`` every segment token gets at least ``floor / L`` of the
-share. A response whose segment tokens all have the same credit (one segment, for instance), no credit in
-its advantage's direction, or no segment at all gets ``Â_t = A`` exactly on every token: OSPO is GRPO when
-there is nothing to assign.
-
-**The bound (max_share).** The share ``s_t = Â_t / A`` of a token can reach L (a one-token segment holding
-all the credit of a long answer). ``max_share`` bounds it: a row whose largest share exceeds it is pulled
-towards uniform, ``s <- 1 + lam * (s - 1)`` with the ``lam`` in (0, 1) that brings the largest share down to
-``max_share``. That keeps the mean ``A``, the signs and the order of the shares, so it bounds
-``|Â_t| <= max_share * |A|`` without the drift a clamp would bring. The default,
-:data:`DEFAULT_MAX_SHARE`, was chosen from the shares of ``ospo-fast train`` runs (README, "Which tokens get
-credit"). ``clip`` (off by default) also clamps ``Â`` to fixed bounds, applied last, to all completion
-tokens: it can break the mean invariant and make a group's token sums non-zero.
-
-**Why there is no potential-based mode.** Potential-based shaping in return-to-go form gives token t the
-advantage ``A - Phi(s_t)`` with ``Phi`` a function of the prefix ``s_t`` only; ``Phi`` is then a per-state
-baseline and the expected policy gradient is unchanged (``E[grad log pi(a|s)] = 0``). So such shaping can
-lower variance but cannot move credit between tokens in expectation, and an Owen value, which depends on
-the segments *after* t, is not a function of the prefix: a potential built from Owen values biases the
-gradient. (Earlier versions shipped such a mode; it made the end-of-sequence token carry the opposite of the
-answer's credit and taught the policy to stop closing its answers.)
-
-**Checks and host synchronisation.** These functions run between the reward and the optimizer step on the
-GPU, so they never call ``.item()`` or copy to the host on their own: shapes, dtypes and devices are checked
-always; values (NaN or infinite advantages or credit, token -> player indices in range) are checked by
-default only for CPU tensors, where it costs nothing. ``check_finite=True`` / ``check_indices=True``
-forces the check on the GPU (one synchronisation); ``False`` skips it everywhere.
+These functions run between the reward and the optimizer step on the GPU, so they never read device memory
+on the host on their own: values (NaN or infinite inputs) are checked by default only for CPU tensors;
+``check_finite=True`` forces the check on the GPU (one synchronisation), ``False`` skips it everywhere.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import defaults
-from ._checks import as_real_tensor
+from ._checks import as_real_tensor, check_choice, check_int, check_number
 from .defaults import REDISTRIBUTION_MODES
-from .token_credit import spread_credit  # noqa: F401  (the credit stage; importable from here as before)
 
 SCALES = defaults.ADVANTAGE_SCALES
 
@@ -95,12 +35,6 @@ DEFAULT_MAX_SHARE = defaults.MAX_SHARE
 def _as_float(x, name: str) -> torch.Tensor:
     """``x`` as a real float tensor: float64 stays, other floats and integers become float32."""
     return as_real_tensor(x, name, integers_to=torch.float32)
-
-
-def _real_number(value, name: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ValueError(f"{name}: expected a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,13 +62,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = defaul
             f"rewards: expected a 1-D tensor [B * G] (groups of group_size consecutive responses), "
             f"got shape {list(rewards.shape)}"
         )
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    group_size = check_int(group_size, "group_size", 1)
     if rewards.numel() % group_size:
         raise ValueError(f"rewards: length {rewards.numel()} is not a multiple of group_size={group_size}")
-    if scale not in SCALES:
-        raise ValueError(f"scale: expected one of {SCALES}, got {scale!r}")
-    _real_number(eps, "eps", 0.0, float("inf"))
+    check_choice(scale, "scale", SCALES)
+    check_number(eps, "eps", 0.0)
     if check_finite or (check_finite is None and rewards.device.type == "cpu"):
         finite = torch.isfinite(rewards)
         if not bool(finite.all()):
@@ -232,6 +164,56 @@ def _bound_shares(shares: torch.Tensor, segment: torch.Tensor, max_share: float)
     return torch.where(lam < 1, 1 + lam * (shares - 1), shares)
 
 
+@dataclass(frozen=True)
+class Redistribution:
+    """How a response's advantage is shared out over its segment tokens, checked once when built (every error
+    names the field). Calling it is :func:`redistribute` with these options.
+
+    Attributes:
+        mode: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (docs/credit.md).
+        alpha: hybrid only: weight of the proportional shares, in [0, 1].
+        floor: the part of the share spread uniformly over the segment tokens, in [0, 1]; with ``floor > 0``
+            no segment token gets zero advantage unless ``A`` is 0.
+        clip: None, ``c`` (clamp to ``[-c, c]``) or ``(lo, hi)``, applied last; it can break the mean invariant.
+        max_share: bound on ``Â_t / A`` (>= 1), kept by pulling a row towards uniform; None: no bound.
+    """
+
+    mode: str = defaults.REDISTRIBUTION
+    alpha: float = defaults.ALPHA
+    floor: float = defaults.FLOOR
+    clip: float | tuple[float, float] | None = None
+    max_share: float | None = DEFAULT_MAX_SHARE
+
+    def __post_init__(self):
+        if self.mode not in REDISTRIBUTION_MODES:
+            hint = " ('potential' was removed: see docs/credit.md)" if self.mode == "potential" else ""
+            raise ValueError(f"mode: expected one of {REDISTRIBUTION_MODES}, got {self.mode!r}{hint}")
+        check_number(self.alpha, "alpha", 0.0, 1.0)
+        check_number(self.floor, "floor", 0.0, 1.0)
+        if self.max_share is not None:
+            check_number(self.max_share, "max_share", 1.0)
+        clip_bounds(self.clip)
+
+    def __call__(self, advantages: torch.Tensor, token_credit: torch.Tensor, completion_mask: torch.Tensor,
+                 segment_mask: torch.Tensor | None = None, check_finite: bool | None = None) -> torch.Tensor:
+        """:func:`redistribute` of these arguments with this object's options."""
+        A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask,
+                                                           check_finite)
+        length = segment.sum(dim=1, keepdim=True).to(A.dtype)
+        u = torch.where(A[:, None] >= 0, c, -c)  # credit in the advantage's direction (sign(0) = +1)
+        score = torch.clamp(u, min=0) if self.mode != "rank" else _average_ranks(u, segment, length)
+        shares = _relative_shares(score, segment, length, float(self.floor))
+        if self.mode == "hybrid":
+            shares = 1 + float(self.alpha) * (shares - 1)  # alpha * shares + (1 - alpha), exactly 1 where shares are
+        if self.max_share is not None:
+            shares = _bound_shares(shares, segment, float(self.max_share))
+        out = A[:, None] * torch.where(segment, shares, torch.ones_like(shares))
+        bounds = clip_bounds(self.clip)
+        if bounds is not None:
+            out = out.clamp(*bounds)
+        return torch.where(mask, out, torch.zeros_like(out))
+
+
 def redistribute(
     advantages: torch.Tensor,
     token_credit: torch.Tensor,
@@ -249,45 +231,19 @@ def redistribute(
 
     Args:
         advantages: float ``[N]``: one advantage per response (e.g. :func:`group_advantages`).
-        token_credit: float ``[N, T]``: signed credit of each token (e.g. :func:`spread_credit`).
+        token_credit: float ``[N, T]``: signed credit of each token (e.g. :func:`ospo_fast.spread_credit`).
         completion_mask: bool or float ``[N, T]``: nonzero on the completion tokens that are trained.
-        mode: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (module docstring).
-        alpha: hybrid only: weight of the proportional shares, in [0, 1].
-        floor: the part of the share spread uniformly over the segment tokens, in [0, 1]; with
-            ``floor > 0`` no segment token gets zero advantage unless ``A`` is 0.
-        clip: None, ``c`` (clamp to ``[-c, c]``) or ``(lo, hi)``, applied last; it can break the mean invariant.
+        mode, alpha, floor, clip, max_share: see :class:`Redistribution`.
         check_finite: reject NaN or infinite advantages and credit (None: on CPU tensors only).
         segment_mask: bool ``[N, T]``: True on the tokens that belong to a segment (``token_player >= 0``);
             only they share out the advantage, every other completion token gets exactly ``A``. None: every
             completion token counts as a segment token.
-        max_share: bound on ``Â_t / A`` (>= 1), kept by pulling a row towards uniform (module docstring);
-            None: no bound.
     Returns:
         float ``[N, T]`` (float64 when an input is, else float32), 0 where the mask is 0. Without ``clip``,
         the mean of each row over its segment tokens, and over its completion tokens, is its advantage.
     """
-    if mode not in REDISTRIBUTION_MODES:
-        hint = " ('potential' was removed: see ospo_fast.advantages)" if mode == "potential" else ""
-        raise ValueError(f"mode: expected one of {REDISTRIBUTION_MODES}, got {mode!r}{hint}")
-    alpha = _real_number(alpha, "alpha", 0.0, 1.0)
-    floor = _real_number(floor, "floor", 0.0, 1.0)
-    if max_share is not None:
-        max_share = _real_number(max_share, "max_share", 1.0, float("inf"))
-    bounds = clip_bounds(clip)
-    A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask,
-                                                       check_finite)
-    length = segment.sum(dim=1, keepdim=True).to(A.dtype)
-    u = torch.where(A[:, None] >= 0, c, -c)  # credit in the advantage's direction (sign(0) = +1)
-    score = torch.clamp(u, min=0) if mode != "rank" else _average_ranks(u, segment, length)
-    shares = _relative_shares(score, segment, length, floor)
-    if mode == "hybrid":
-        shares = 1 + alpha * (shares - 1)  # alpha * shares + (1 - alpha), exactly 1 where shares are
-    if max_share is not None:
-        shares = _bound_shares(shares, segment, max_share)
-    out = A[:, None] * torch.where(segment, shares, torch.ones_like(shares))
-    if bounds is not None:
-        out = out.clamp(*bounds)
-    return torch.where(mask, out, torch.zeros_like(out))
+    options = Redistribution(mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share)
+    return options(advantages, token_credit, completion_mask, segment_mask=segment_mask, check_finite=check_finite)
 
 
 def clip_bounds(clip) -> tuple[float, float] | None:

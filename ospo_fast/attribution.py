@@ -3,7 +3,7 @@
     attr = OwenAttributor(reward, segmenter=Segmenter(), method="auto", budget=64, seed=0)
     out = attr(texts, owners)          # out.segmentations, out.phi (a float tensor per text), out.num_evaluations
     out[0].to_html()                   # the first response, each segment coloured by its Owen value
-    out.token_credit(tokenizer).credit # each segment's value spread over the tokenizer's tokens
+    ospo_fast.credit_on_tokens(out, tokenizer).credit   # each segment's value spread over the tokenizer's tokens
 
 ``reward`` is either a :class:`~ospo_fast.rewards.DenseRetrievalReward` (evaluated with one packed encoder
 forward) or any text reward ``reward(texts, owners) -> float [N]`` (evaluated with one call).
@@ -34,7 +34,6 @@ from .rewards.dense import DenseRetrievalReward
 from .rewards.metrics import check_queries
 from .segment import Segmentation, Segmenter
 from .structure import CoalitionStructure
-from .token_credit import spread_credit, token_player_maps
 
 
 @dataclass
@@ -135,50 +134,6 @@ class Attributions:
 
     def to_html(self) -> str:
         return "\n".join(a.to_html() for a in self.items)
-
-    def token_credit(self, tokenizer, add_special_tokens: bool = False) -> "TokenCredit":
-        """Each segment's Owen value spread evenly over the tokens that cover it, for the tokens of
-        ``tokenizer`` (a Hugging Face fast tokenizer: its offset mappings place the tokens) on each text.
-
-        Tokens outside every segment (tags, a think block, punctuation between segments, special tokens,
-        padding) get 0, so each response's credit sums to the sum of its Owen values. The credit lives on
-        the device of the Owen values. For a policy's own completion tokens in training, see
-        :func:`ospo_fast.rollout.attribute_completions`.
-        """
-        texts = [a.text for a in self.items]
-        try:  # unpadded: a policy's tokenizer often has no padding token
-            encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        except NotImplementedError:  # what a slow tokenizer raises for return_offsets_mapping
-            raise ValueError(
-                f"tokenizer: expected a Hugging Face fast tokenizer (offset mappings), got {type(tokenizer).__name__}"
-            ) from None
-        ids = encoded["input_ids"]
-        input_ids = torch.zeros(len(ids), max(map(len, ids), default=0), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for j, row in enumerate(ids):
-            input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[j, : len(row)] = 1
-        device = self.items[0].phi.device if self.items else torch.device("cpu")
-        token_player = token_player_maps(self.segmentations, encoded["offset_mapping"]).to(device)
-        credit = spread_credit([a.phi for a in self.items], token_player)
-        return TokenCredit(input_ids, attention_mask, token_player, credit)
-
-
-@dataclass
-class TokenCredit:
-    """Per-token credit of a batch of attributed texts (:meth:`Attributions.token_credit`), padded to ``T``.
-
-    Attributes:
-        input_ids: int64 ``[N, T]``: the tokenizer's ids of each text, right-padded with 0.
-        attention_mask: int64 ``[N, T]``: 1 for a token, 0 for padding.
-        token_player: int64 ``[N, T]``: the segment each token falls in, -1 outside every segment.
-        credit: float ``[N, T]``: the segment's Owen value divided by its number of tokens; 0 outside segments.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    token_player: torch.Tensor
-    credit: torch.Tensor
 
 
 class OwenAttributor:

@@ -219,32 +219,6 @@ def _repeated_batch(plan: CoalitionPlan, num_games: int) -> PlanBatch:
     return plan.cache.get_or_build(("repeat", num_games), lambda: PlanBatch.repeat(plan, num_games))
 
 
-def excess_credit(plan: CoalitionPlan, values: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """Each player's credit beyond its structural share of the whole response's value: its Owen value in the
-    game with v(N) and v(empty) set to 0.
-
-    ``phi_i = w_i v(N) + e_i v(empty) + (terms of the other coalitions)`` (:meth:`CoalitionPlan.boundary_weights`);
-    this returns ``phi_i - w_i v(N) - e_i v(empty)``. It sums to 0 over the players, and it does not depend on
-    v(N) or v(empty) at all: when the other coalitions' values carry no information about the reward (the
-    rewards are noise), it is independent of the response's reward, and so of its advantage. The Owen value
-    itself is not: a share ``w_i`` of ``v(N) - v(empty)`` comes with every player, larger for the players of
-    small unions. Used as the credit of a redistribution, it keeps every token class neutral under rewards
-    that carry no signal (see :mod:`ospo_fast.advantages`).
-
-    Args:
-        plan: the response's plan; values: float ``[C]`` (or ``[..., C]``), its coalitions' values;
-        phi: float ``[n]`` (or ``[..., n]``), their Owen values (:func:`owen_from_values`).
-    Returns:
-        float, ``phi``'s shape, dtype and device.
-    """
-    if plan.num_players == 0:
-        return phi
-    full, empty = (w.to(device=phi.device, dtype=phi.dtype) for w in plan.boundary_weights())
-    v_full = values[..., plan.full_index, None].to(phi.dtype)
-    v_empty = values[..., plan.empty_index, None].to(phi.dtype)
-    return phi - full * v_full - empty * v_empty
-
-
 def owen_values(
     value_fn: Callable[[torch.Tensor], torch.Tensor],
     structure: CoalitionStructure,

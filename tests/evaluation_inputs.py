@@ -57,7 +57,7 @@ def dense_reward(device="cpu"):
     return of.rewards.DenseRetrievalReward(
         items=[t[:300] for t in texts[:60]],
         pools=[list(range(0, 60)), list(range(10, 47))],
-        gains=[[of.rewards.esci_gain(x) for x in labels[:60]], [of.rewards.esci_gain(x) for x in labels[10:47]]],
+        gains=[[of.data.esci_gain(x) for x in labels[:60]], [of.data.esci_gain(x) for x in labels[10:47]]],
         cache_dir=False,
         device=device,
     )

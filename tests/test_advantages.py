@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import assert_close
 
-from ospo_fast.advantages import DEFAULT_MAX_SHARE, group_advantages, redistribute, spread_credit
-from ospo_fast.owen import excess_credit
+from ospo_fast.advantages import DEFAULT_MAX_SHARE, group_advantages, redistribute
+from ospo_fast.credit import excess_credit, spread_credit
 from ospo_fast.plans import exact_plan
 from ospo_fast.structure import CoalitionStructure
 

@@ -101,14 +101,14 @@ def test_pipeline_must_be_a_positive_int(reward, pipeline):
 
 
 def test_token_credit_spreads_each_segment_value_over_its_tokens(reward):
-    """Attributions.token_credit with a fast tokenizer (the encoder's): every token inside segment i gets
+    """credit_on_tokens with a fast tokenizer (the encoder's): every token inside segment i gets
     phi_i / (its token count), every other token (think block, tags, punctuation, padding) 0, and each
     response's credit sums to its Owen values; an empty answer gets no credit."""
     rng = random.Random(15)
     texts = [random_response(rng) for _ in range(5)] + ["<think>hmm</think><answer> </answer>"]
     out = of.OwenAttributor(reward, budget=30, seed=2)(texts, [0, 1, 0, 1, 0, 1])
     tokenizer = reward.encoder.tokenizer
-    tc = out.token_credit(tokenizer)
+    tc = of.credit_on_tokens(out, tokenizer)
     assert isinstance(tc, of.TokenCredit) and tc.credit.shape == tc.input_ids.shape == tc.token_player.shape
     for j, a in enumerate(out):
         enc = tokenizer(a.text, add_special_tokens=False, return_offsets_mapping=True)
@@ -137,7 +137,7 @@ def test_token_credit_with_a_policy_tokenizer_that_has_no_padding_token():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
     assert tokenizer.pad_token is None
     out = of.OwenAttributor(CountingReward(), budget=20)(texts, [0] * 4)
-    tc = out.token_credit(tokenizer)
+    tc = of.credit_on_tokens(out, tokenizer)
     for j, a in enumerate(out):
         T = int(tc.attention_mask[j].sum())
         assert tc.input_ids[j, :T].tolist() == tokenizer(a.text)["input_ids"]
@@ -153,7 +153,7 @@ def test_token_credit_needs_a_fast_tokenizer(reward):
             raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
 
     with pytest.raises(ValueError, match="tokenizer: expected a Hugging Face fast tokenizer"):
-        out.token_credit(SlowTokenizer())
+        of.credit_on_tokens(out, SlowTokenizer())
 
 
 def test_to_html_colours_each_segment_and_escapes_text():

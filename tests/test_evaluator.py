@@ -329,7 +329,7 @@ def test_packed_support_refuses_a_text_reward_and_an_encoder_without_a_transform
     texts, labels = iphone_charger_pool()
     items = [t[:200] for t in texts[:30]]
     lsa = of.rewards.DenseRetrievalReward(
-        items, [list(range(30))], [[of.rewards.esci_gain(x) for x in labels[:30]]],
+        items, [list(range(30))], [[of.data.esci_gain(x) for x in labels[:30]]],
         encoder=of.rewards.LSAEncoder(items, dim=8), cache_dir=False,
     )
     assert packed_support(lsa) == ("reward.encoder: expected a Hugging Face transformer encoder (tokenizer, model, "

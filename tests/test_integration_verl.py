@@ -204,7 +204,7 @@ def test_score_responses_rewards_are_compute_score_of_each_response(tokenizer):
 
 
 def test_score_responses_credit_is_the_excess_credit_of_the_segments(tokenizer):
-    from ospo_fast.owen import excess_credit
+    from ospo_fast.credit import excess_credit
 
     ids, mask = response_batch(tokenizer)
     _, dense, credit = score_responses(tokenizer, ids, mask, build_attributor(Rows()))

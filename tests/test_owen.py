@@ -235,7 +235,7 @@ def test_long_runs_of_one_plan_match_the_reference(backend, device, dtype):
 @pytest.mark.parametrize("method", ["exact", "sampled"])
 @pytest.mark.parametrize("structure", [[[0]], [[0], [1, 2, 3]], [[0, 1], [2, 3, 4], [5]], [[0, 1, 2, 3, 4, 5, 6]]])
 def test_excess_credit_is_the_owen_value_of_the_game_without_its_grand_and_empty_values(method, structure):
-    from ospo_fast.owen import excess_credit
+    from ospo_fast.credit import excess_credit
 
     s = of.CoalitionStructure(structure)
     plan = of.make_plan(s, method, num_permutations=5, rng=np.random.default_rng(len(structure)))

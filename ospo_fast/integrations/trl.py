@@ -44,9 +44,10 @@ from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
 from .. import defaults
-from ..advantages import redistribute
+from ..advantages import Redistribution
 from ..attribution import OwenAttributor
-from .common import BatchContext, BatchContextHolder, CompletionReward, attribute_completions
+from ..credit import attribute_completions, token_advantages
+from .common import BatchContext, BatchContextHolder, CompletionReward
 
 __all__ = ["OSPOGRPOTrainer", "MIN_TRL_VERSION"]
 
@@ -89,7 +90,7 @@ def token_statistics(advantages: torch.Tensor, mask: torch.Tensor, credit) -> di
 
     Args:
         advantages: float ``[B, T]`` token advantages; mask: bool ``[B, T]``, the trained tokens;
-        credit: the batch's :class:`~ospo_fast.integrations.common.CompletionCredit`.
+        credit: the batch's :class:`~ospo_fast.credit.CompletionCredit`.
     """
     values = advantages.float()
     count = mask.sum(1)
@@ -169,9 +170,9 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
             raise ValueError(LIGER_MESSAGE.format(version=trl.__version__))
         if ospo_attributor is not None and ospo_reward is not None:
             raise ValueError("ospo_reward: pass either ospo_attributor or ospo_reward, not both")
-        self.ospo_options = dict(mode=redistribution, alpha=alpha, floor=floor, clip=clip, max_share=max_share)
-        # Checks the options now, with errors naming them, rather than at the first generation.
-        redistribute(torch.zeros(1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), **self.ospo_options)
+        # Checked now, with errors naming the options, rather than at the first generation.
+        self.ospo_redistribution = Redistribution(mode=redistribution, alpha=alpha, floor=floor, clip=clip,
+                                                  max_share=max_share)
         super().__init__(
             model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, **kwargs,
@@ -234,11 +235,8 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
             self.set_ospo_batch(None)
         sequence = output["advantages"]
         output["sequence_advantages"] = sequence
-        segments = credit.token_player.to(mask.device) >= 0  # only these tokens share out the advantage
-        output["segment_mask"] = segments
-        output["advantages"] = redistribute(
-            sequence, credit.credit.to(mask.device), mask, segment_mask=segments, **self.ospo_options
-        ).to(sequence.dtype)
+        output["segment_mask"] = credit.segment_mask.to(mask.device)  # only these tokens share out the advantage
+        output["advantages"] = token_advantages(sequence, mask, credit, self.ospo_redistribution)
         elapsed = time.perf_counter() - start
         for name, value in token_statistics(output["advantages"], mask, credit).items():
             self._metrics[mode][name].append(value)

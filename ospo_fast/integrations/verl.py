@@ -52,10 +52,11 @@ import numpy as np
 import torch
 
 from .. import defaults
-from ..advantages import group_advantages, redistribute
+from ..advantages import Redistribution, group_advantages
 from ..attribution import OwenAttributor
+from ..credit import attribute_completions, token_advantages
 from ..segment import Segmenter
-from .common import BatchContext, BatchContextHolder, CompletionReward, attribute_completions
+from .common import BatchContext, BatchContextHolder, CompletionReward
 
 # OSPORewardManager and OSPORewardLoopManager subclass verl's classes: module attributes built on first
 # access (they need verl), so they are left out of __all__.
@@ -96,7 +97,7 @@ def dense_token_rewards(rewards: torch.Tensor, token_credit: torch.Tensor, respo
     Args:
         rewards: float ``[B]``: each response's reward R.
         token_credit: float ``[B, L]``: each token's credit; the last response token's entry must be 0
-            (:func:`ospo_fast.integrations.common.attribute_completions` with ``reserve_last``).
+            (:func:`ospo_fast.credit.attribute_completions` with ``reserve_last``).
         response_mask: ``[B, L]``, nonzero on the response tokens.
     Returns:
         float32 ``[B, L]``: ``credit`` on the response tokens, plus ``R - sum(credit)`` on the last one;
@@ -196,13 +197,10 @@ def ospo_advantages(
     if token_credit is not None:
         credit = token_credit
     advantages = grpo_sequence_advantages(scores, index, epsilon, norm_adv_by_std_in_grpo)
-    mask = response_mask.bool()
     if segment_mask is None:
         segment_mask = credit != 0
-    return redistribute(
-        advantages, credit, mask, mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share,
-        segment_mask=segment_mask,
-    ).float()
+    redistribution = Redistribution(mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share)
+    return token_advantages(advantages, response_mask, credit, redistribution, segment_mask=segment_mask).float()
 
 
 def _section(config, name: str) -> dict:
@@ -326,7 +324,7 @@ def score_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.
         attributor: from :func:`build_attributor` (its reward scores row j's texts in row j's context).
     Returns:
         ``(rewards float32 [B], token_rewards float32 [B, L], credit)``: the reward of each whole response,
-        its :func:`dense_token_rewards`, and the :class:`~ospo_fast.integrations.common.CompletionCredit`.
+        its :func:`dense_token_rewards`, and the :class:`~ospo_fast.credit.CompletionCredit`.
     """
     reward = attributor.reward
     mask = response_mask.bool()

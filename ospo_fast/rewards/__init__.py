@@ -19,16 +19,6 @@ from .metrics import (
     recall_at_k,
 )
 
-
-def __getattr__(name: str):
-    # Moved to ospo_fast.data.gains (see rewards.metrics); loaded on first use, so the rewards never load the data.
-    if name in ("ESCI_GAINS", "esci_gain"):
-        from ..data import gains
-
-        return getattr(gains, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "DenseRetrievalReward",
     "BM25Reward",
@@ -40,9 +30,7 @@ __all__ = [
     "encode_cached",
     "default_cache_dir",
     "MINILM_NAME",
-    "ESCI_GAINS",
     "METRICS",
-    "esci_gain",
     "ndcg_at_k",
     "recall_at_k",
     "mrr",

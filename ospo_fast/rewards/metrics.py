@@ -48,19 +48,6 @@ __all__ = [
 #: Metric names accepted by the retrieval rewards.
 METRICS = ("ndcg", "recall", "mrr")
 
-#: Names that moved to :mod:`ospo_fast.data.gains` (the ESCI gains are a property of the data), served here
-#: on first use so that code importing them from the rewards keeps working without the rewards loading the data.
-_MOVED_TO_DATA = ("ESCI_GAINS", "esci_gain")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_DATA:
-        from ..data import gains
-
-        return getattr(gains, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # ranking core
 

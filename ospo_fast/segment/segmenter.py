@@ -1,47 +1,18 @@
-"""Text -> segments (players, as character spans) -> coalition structure, and coalition texts.
+"""The rule-based segmenter: phrases (opened by conjunctions and prepositions) grouped into sentences or clauses.
 
-A response is cut into *players* (phrases) grouped into *unions* (sentences or clauses). The value of a
-coalition is the reward of :func:`coalition_text`: the kept segments in text order, with the response's
-own text between adjacent kept segments and one space where removed ones were. The maps from character
-spans to tokens (``token_player_map``, ``token_player_maps``) are part of the credit stage,
-:mod:`ospo_fast.token_credit`; they are still importable from here.
-
->>> sg = Segmenter()("soft cotton tee for summer. navy blue, slim fit")
->>> sg.segments
-('soft cotton tee', 'for summer', 'navy blue', 'slim fit')
->>> sg.structure
-CoalitionStructure([[0, 1], [2, 3]])
->>> coalition_text(sg, [True, False, False, True])
-'soft cotton tee slim fit'
->>> coalition_text(sg, [False, True, True, True])
-'for summer. navy blue, slim fit'
+Deterministic, language-agnostic tokenisation by character classes, nothing downloaded. Only the answer is
+segmented (answer tags and a think block are recognised), and a response has at most ``max_players`` players.
 """
 
 from __future__ import annotations
 
 import heapq
 import re
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
-from itertools import compress
 from typing import Sequence
 
-import torch
-
-from . import defaults
-from .structure import MAX_PLAYERS, CoalitionStructure
-
-__all__ = [
-    "Segmentation",
-    "Segmenter",
-    "SpacySegmenter",
-    "coalition_text",
-    "coalition_texts",
-    "token_player_map",  # noqa: F822  (served by __getattr__ from ospo_fast.token_credit)
-    "token_player_maps",  # noqa: F822
-    "CONJUNCTIONS",
-    "PREPOSITIONS",
-]
+from .. import defaults
+from ..structure import MAX_PLAYERS
+from .segmentation import Segmentation, _build
 
 # --------------------------------------------------------------------------------------------------
 # Lexicon. Conjunctions and prepositions *open* a phrase: "soft cotton tee | for summer",
@@ -85,69 +56,6 @@ _CLAUSE_END = re.compile(r"[,，、]")
 _ANY_SEP = re.compile(rf"[{_SEP}]")
 
 _NO_BREAK, _PHRASE_BREAK, _UNION_BREAK = 0, 1, 2
-
-
-# --------------------------------------------------------------------------------------------------
-# The result
-
-
-@dataclass(frozen=True)
-class Segmentation:
-    """A response cut into players.
-
-    Attributes:
-        text: the whole response.
-        spans: ``spans[i] = (start, end)``, the ``[start, end)`` characters of player ``i`` in ``text``;
-            in text order, disjoint, non-empty.
-        structure: the players grouped into unions of consecutive players (union 0 holds the first ones).
-    """
-
-    text: str
-    spans: tuple[tuple[int, int], ...]
-    structure: CoalitionStructure
-
-    def __post_init__(self):
-        if not isinstance(self.text, str):
-            raise ValueError(f"text: expected a str, got {type(self.text).__name__}")
-        spans = tuple((int(s), int(e)) for s, e in self.spans)
-        object.__setattr__(self, "spans", spans)
-        last = 0
-        for i, (s, e) in enumerate(spans):
-            if not (last <= s < e <= len(self.text)):
-                raise ValueError(
-                    f"spans: span {i} = {(s, e)} must be non-empty, inside the text (length {len(self.text)})"
-                    f" and start at or after the previous span's end ({last})"
-                )
-            last = e
-        if not isinstance(self.structure, CoalitionStructure):
-            raise ValueError(f"structure: expected a CoalitionStructure, got {type(self.structure).__name__}")
-        if self.structure.num_players != len(spans):
-            raise ValueError(
-                f"structure: has {self.structure.num_players} players but there are {len(spans)} spans"
-            )
-        if not self.structure.is_contiguous:
-            raise ValueError(f"structure: unions must be contiguous runs of players, got {self.structure}")
-
-    @property
-    def num_players(self) -> int:
-        return len(self.spans)
-
-    @cached_property
-    def segments(self) -> tuple[str, ...]:
-        """The players' texts, ``text[start:end]`` for each span."""
-        return tuple(self.text[s:e] for s, e in self.spans)
-
-
-def _build(text: str, unions: list[list[list[int]]]) -> Segmentation:
-    """A Segmentation from unions of ``[start, end]`` spans (empty unions already removed)."""
-    spans = tuple((s, e) for union in unions for s, e in union)
-    return Segmentation(text, spans, _structure(tuple(len(u) for u in unions)))
-
-
-@lru_cache(maxsize=4096)
-def _structure(sizes: tuple[int, ...]) -> CoalitionStructure:
-    # Few distinct shapes recur across a batch; structures are immutable, so they can be shared.
-    return CoalitionStructure.from_sizes(sizes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,130 +267,6 @@ class _Phrases:
             self.union = []
 
 
-class SpacySegmenter(_SegmenterBase):
-    """Segmenter whose players are spaCy noun chunks and verb phrases, and whose unions are sentences.
-
-    Each noun chunk is a phrase. The other words form runs between punctuation and chunks, and a verb
-    after a non-verb starts a new run, so a run is a verb group with its auxiliaries, particles and
-    adverbs ("runs fast", "slip on"). Adpositions, conjunctions, determiners and particles outside
-    chunks open the phrase after them ("for" + "summer" gives "for summer"), as in :class:`Segmenter`.
-    Only the answer is segmented (:meth:`answer_span`), and the player cap is that of :class:`Segmenter`.
-
-    spaCy is imported when the segmenter is built, and the model must be installed::
-
-        pip install spacy && python -m spacy download en_core_web_sm
-
-    Args:
-        model: the spaCy pipeline to load (needs a parser for noun chunks and sentences).
-        max_players, answer_tags, think_tags: as in :class:`Segmenter`.
-        nlp: an already loaded ``spacy.Language`` to use instead of loading ``model``.
-        batch_size: documents per ``nlp.pipe`` batch in :meth:`batch`.
-    """
-
-    _FUNCTION_POS = frozenset({"ADP", "CCONJ", "SCONJ", "DET", "PART"})
-
-    def __init__(
-        self,
-        model: str = "en_core_web_sm",
-        max_players: int = defaults.SEGMENTER_MAX_PLAYERS,
-        answer_tags: tuple[str, str] | None = ("<answer>", "</answer>"),
-        think_tags: tuple[str, str] | None = ("<think>", "</think>"),
-        nlp=None,
-        batch_size: int = 256,
-    ):
-        super().__init__(max_players, answer_tags, think_tags)
-        if nlp is None:
-            try:
-                import spacy
-            except ImportError as exc:
-                raise ImportError(
-                    "SpacySegmenter needs spaCy: pip install spacy && python -m spacy download "
-                    f"{model}  (or use the rule-based ospo_fast.Segmenter)"
-                ) from exc
-            try:
-                nlp = spacy.load(model)
-            except OSError as exc:
-                raise ImportError(
-                    f"spaCy model {model!r} is not installed: python -m spacy download {model}"
-                ) from exc
-        self.nlp = nlp
-        self.model = model
-        self.batch_size = int(batch_size)
-
-    def __call__(self, text: str) -> Segmentation:
-        if not isinstance(text, str):
-            raise ValueError(f"text: expected a str, got {type(text).__name__}")
-        return self.batch([text])[0]
-
-    def batch(self, texts: Sequence[str]) -> list[Segmentation]:
-        if isinstance(texts, str):
-            raise ValueError("texts: expected a sequence of str, got a single str (use seg(text))")
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ValueError(f"texts: item {i} is a {type(t).__name__}, expected a str")
-        spans = [self.answer_span(t) for t in texts]
-        # One pipe over the answers of all texts keeps spaCy's batching.
-        docs = self.nlp.pipe([t[lo:hi] for t, (lo, hi) in zip(texts, spans)], batch_size=self.batch_size)
-        return [
-            _build(text, _cap_players(self._doc_unions(doc, lo), self.max_players))
-            for text, (lo, _), doc in zip(texts, spans, docs)
-        ]
-
-    def _unions(self, text, lo, hi):  # pragma: no cover - batch() does the work
-        raise NotImplementedError
-
-    def _doc_unions(self, doc, offset: int) -> list[list[list[int]]]:
-        """Unions of ``[start, end]`` spans (shifted by ``offset``) for one spaCy ``Doc``."""
-        chunk_of = {}  # token index -> (chunk start, chunk end) in token indices
-        for chunk in doc.noun_chunks:
-            for i in range(chunk.start, chunk.end):
-                chunk_of[i] = (chunk.start, chunk.end)
-        unions = []
-        for sent in doc.sents:
-            phrases = _Phrases(unions)
-            i = sent.start
-            while i < sent.end:
-                tok = doc[i]
-                if i in chunk_of:
-                    a, b = chunk_of[i]
-                    b = min(b, sent.end)
-                    if phrases.has_content:  # a chunk starts a phrase; held function words join it
-                        phrases.end_phrase()
-                    for j in range(i, b):
-                        self._add(phrases, doc[j], offset, content=True)
-                    phrases.end_phrase()
-                    i = b
-                    continue
-                if tok.is_punct or tok.is_space:
-                    phrases.end_phrase()
-                elif tok.pos_ in self._FUNCTION_POS:
-                    if phrases.has_content:
-                        phrases.end_phrase()
-                    self._add(phrases, tok, offset, content=False)
-                else:
-                    if tok.pos_ in ("VERB", "AUX") and phrases.has_content and doc[i - 1].pos_ not in ("VERB", "AUX"):
-                        phrases.end_phrase()  # a new verb group
-                    self._add(phrases, tok, offset, content=True)
-                i += 1
-            phrases.end_union()
-        return unions
-
-    @staticmethod
-    def _add(phrases: "_Phrases", tok, offset: int, content: bool) -> None:
-        """Add the word characters of one spaCy token (trimmed to its first and last letter or digit)."""
-        text = tok.text
-        first = _WORD_CHAR.search(text)
-        if first is None:
-            return
-        last = len(text) - _WORD_CHAR.search(text[::-1]).start()
-        start = offset + tok.idx
-        phrases.add_word(start + first.start(), start + last, content)
-
-    def __repr__(self) -> str:
-        return f"SpacySegmenter(model={self.model!r}, max_players={self.max_players})"
-
-
 def _check_tags(tags, name: str):
     if tags is None:
         return None
@@ -565,112 +349,3 @@ def _cap_players(unions: list[list[list[int]]], max_players: int) -> list[list[l
             last_root = r
         merged[-1].append([start[i], end[i]])
     return merged
-
-
-# --------------------------------------------------------------------------------------------------
-# Coalition texts
-
-
-def coalition_text(sg: Segmentation, mask) -> str:
-    """The text of a coalition: the response with only the kept segments left.
-
-    The kept segments come in text order. Between two adjacent kept segments ``i`` and ``i + 1`` stays the
-    response's own text between them (``sg.text[sg.spans[i][1]:sg.spans[i + 1][0]]``: ", ", ". ", " & ");
-    each run of removed segments between kept ones becomes one space, and removed segments before the first
-    kept one or after the last leave nothing. So the grand coalition's text is the response from its first
-    segment to its last, ``sg.text[sg.spans[0][0]:sg.spans[-1][1]]``, and v(N) is the response's reward.
-
-    Args:
-        sg: the segmentation.
-        mask: bool ``[n]`` (a sequence or a 1-D bool tensor), ``n = sg.num_players``; True keeps a player.
-    Returns:
-        The coalition's text; ``""`` for the empty coalition.
-    """
-    _check_segmentation(sg)
-    n = sg.num_players
-    if isinstance(mask, torch.Tensor):
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask: expected a bool tensor, got dtype {mask.dtype}")
-        if mask.dim() != 1 or mask.numel() != n:
-            raise ValueError(f"mask: expected shape [{n}] (one entry per player), got {list(mask.shape)}")
-        keep = mask.tolist()
-    else:
-        try:
-            keep = list(mask)
-        except TypeError:
-            raise ValueError(f"mask: expected a bool sequence of length {n}, got {type(mask).__name__}") from None
-        if len(keep) != n:
-            raise ValueError(f"mask: has length {len(keep)}, expected {n} (one entry per player)")
-        keep = [_as_bool(x) for x in keep]
-    return _join_kept(sg, keep)
-
-
-def coalition_texts(sg: Segmentation, masks) -> list[str]:
-    """The texts of many coalitions of one segmentation (see :func:`coalition_text`).
-
-    Args:
-        sg: the segmentation.
-        masks: bool ``[C, n]`` (a tensor or nested sequences), one coalition per row.
-    Returns:
-        ``C`` strings, ``coalition_text(sg, masks[c])`` each.
-    """
-    _check_segmentation(sg)
-    n = sg.num_players
-    if isinstance(masks, torch.Tensor):
-        if masks.dtype != torch.bool:
-            raise ValueError(f"masks: expected a bool tensor, got dtype {masks.dtype}")
-        if masks.dim() != 2 or masks.size(1) != n:
-            raise ValueError(f"masks: expected shape [C, {n}] (one column per player), got {list(masks.shape)}")
-        rows = masks.tolist()  # one device -> host copy for all rows
-    else:
-        rows = []
-        for c, row in enumerate(masks):
-            row = list(row)
-            if len(row) != n:
-                raise ValueError(f"masks: row {c} has length {len(row)}, expected {n} (one entry per player)")
-            rows.append([_as_bool(x, "masks") for x in row])
-    # Plans repeat coalitions across responses and methods; join each distinct row once.
-    cache: dict[tuple[bool, ...], str] = {}
-    out = []
-    for row in rows:
-        key = tuple(row)
-        text = cache.get(key)
-        if text is None:
-            text = cache[key] = _join_kept(sg, key)
-        out.append(text)
-    return out
-
-
-def _join_kept(sg: Segmentation, keep: Sequence[bool]) -> str:
-    """The coalition text of the kept players (``keep``: n bools); the one definition of it."""
-    segments, spans = sg.segments, sg.spans
-    parts: list[str] = []
-    last = -2  # the last kept player so far
-    for i in compress(range(len(keep)), keep):
-        if parts:  # the response's own gap after an adjacent kept player, else one space for the removed run
-            parts.append(sg.text[spans[last][1] : spans[i][0]] if i == last + 1 else " ")
-        parts.append(segments[i])
-        last = i
-    return "".join(parts)
-
-
-def _as_bool(x, name: str = "mask") -> bool:
-    if isinstance(x, bool) or type(x).__name__ == "bool_":  # Python or NumPy bool
-        return bool(x)
-    if isinstance(x, int) and x in (0, 1):
-        return bool(x)
-    raise ValueError(f"{name}: entries must be bools (or 0/1), got {x!r}")
-
-
-def _check_segmentation(sg) -> None:
-    if not isinstance(sg, Segmentation):
-        raise ValueError(f"sg: expected a Segmentation, got {type(sg).__name__}")
-
-
-def __getattr__(name: str):
-    # The span -> token maps moved up to the credit stage, which imports this module: served on first use.
-    if name in ("token_player_map", "token_player_maps"):
-        from . import token_credit
-
-        return getattr(token_credit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,25 +1,31 @@
-"""The credit stage: Owen values of segments -> credit on the tokens that produced them.
+"""The credit stage: from a policy's completion ids to Owen-value credit on each token, and from that credit and
+each response's advantage to per-token advantages. Every trainer (``OSPOTrainer``, TRL, verl, your own) calls
+the two functions at the ends of this module::
 
-Three maps, from the policy's generated ids to each token's credit::
+    completion ids [N, T] --attribute_completions--> CompletionCredit (texts, Owen values, credit [N, T])
+    sequence advantages [N] + credit --token_advantages--> per-token advantages [N, T] --> the loss
 
-    generated ids [T] --completion_offsets--> decoded text and each token's character span
-    segments (character spans) + token spans --token_player_map(s)--> the segment of each token, int [N, T]
-    Owen values of each response's segments + token -> segment maps --spread_credit--> credit c [N, T]
-
-The credit then shares out each response's advantage (:func:`ospo_fast.redistribute`);
-:func:`ospo_fast.rollout.attribute_completions` runs the three maps for a batch of completions. The maps
-work for the tokens of any Hugging Face fast tokenizer (its offset mappings place the tokens), a policy's or an
-encoder's.
+Underneath, three maps: ``completion_offsets`` (ids -> decoded text and each token's character span),
+``token_player_map(s)`` (character spans -> the segment of each token, for the tokens of any Hugging Face fast
+tokenizer) and ``spread_credit`` (each segment's credit spread evenly over its tokens). The credit of a segment
+is its *excess* Owen value (:func:`excess_credit`), which carries nothing of the reward itself; why is in
+docs/credit.md. New credit modes are added here, once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._checks import as_real_tensor
 from ._device import to_device
+from .advantages import Redistribution
+from .attribution import Attributions, OwenAttributor
+from .plans import CoalitionPlan
 from .segment import Segmentation
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,6 +184,33 @@ def _player_maps(segs: list[Segmentation], offs: torch.Tensor, bases: list[int])
 # Owen values -> token credit
 
 
+def excess_credit(plan: CoalitionPlan, values: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """Each player's credit beyond its structural share of the whole response's value: its Owen value in the
+    game with v(N) and v(empty) set to 0.
+
+    ``phi_i = w_i v(N) + e_i v(empty) + (terms of the other coalitions)`` (:meth:`CoalitionPlan.boundary_weights`);
+    this returns ``phi_i - w_i v(N) - e_i v(empty)``. It sums to 0 over the players and does not depend on
+    v(N) or v(empty): when the other coalitions' values carry no information about the reward (the rewards are
+    noise), it is independent of the response's reward, and so of its advantage. The Owen value itself is
+    not: a share ``w_i`` of ``v(N) - v(empty)`` comes with every player, larger for the players of small
+    unions. As the credit of a redistribution it keeps every token class neutral under rewards that carry no
+    signal (docs/credit.md).
+
+    Args:
+        plan: the response's plan; values: float ``[C]`` (or ``[..., C]``), its coalitions' values;
+        phi: float ``[n]`` (or ``[..., n]``), their Owen values (:func:`~ospo_fast.owen_from_values`).
+    Returns:
+        float, ``phi``'s shape, dtype and device.
+    """
+    if plan.num_players == 0:
+        return phi
+    full, empty = (w.to(device=phi.device, dtype=phi.dtype) for w in plan.boundary_weights())
+    v_full = values[..., plan.full_index, None].to(phi.dtype)
+    v_empty = values[..., plan.empty_index, None].to(phi.dtype)
+    return phi - full * v_full - empty * v_empty
+
+
+
 def spread_credit(
     player_values: Sequence[torch.Tensor] | torch.Tensor,
     token_player: torch.Tensor,
@@ -262,3 +295,181 @@ def _check_player_indices(token_player: torch.Tensor, offsets: torch.Tensor, num
             f"token_player: entry [{j}, {t}] = {int(token_player[j, t])} is not a player of response {j} "
             f"(it has {int(counts[j, 0])}; -1 marks tokens outside every segment)"
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attributed texts -> credit on a tokenizer's tokens
+
+
+@dataclass
+class TokenCredit:
+    """Per-token credit of a batch of attributed texts (:func:`credit_on_tokens`), padded to ``T``.
+
+    Attributes:
+        input_ids: int64 ``[N, T]``: the tokenizer's ids of each text, right-padded with 0.
+        attention_mask: int64 ``[N, T]``: 1 for a token, 0 for padding.
+        token_player: int64 ``[N, T]``: the segment each token falls in, -1 outside every segment.
+        credit: float ``[N, T]``: the segment's Owen value divided by its number of tokens; 0 outside segments.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_player: torch.Tensor
+    credit: torch.Tensor
+
+
+def credit_on_tokens(attributions: Attributions, tokenizer, add_special_tokens: bool = False) -> TokenCredit:
+    """Each segment's Owen value spread evenly over the tokens that cover it, for the tokens of ``tokenizer``
+    (a Hugging Face fast tokenizer: its offset mappings place the tokens) on each attributed text.
+
+    Tokens outside every segment (tags, a think block, punctuation between segments, special tokens, padding)
+    get 0, so each response's credit sums to the sum of its Owen values. The credit lives on the device of the
+    Owen values. For a policy's own completion tokens in training, see :func:`attribute_completions`.
+    """
+    if not isinstance(attributions, Attributions):
+        raise ValueError(f"attributions: expected an OwenAttributor's output (Attributions), "
+                         f"got {type(attributions).__name__}")
+    texts = [a.text for a in attributions]
+    try:  # unpadded: a policy's tokenizer often has no padding token
+        encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except NotImplementedError:  # what a slow tokenizer raises for return_offsets_mapping
+        raise ValueError(
+            f"tokenizer: expected a Hugging Face fast tokenizer (offset mappings), got {type(tokenizer).__name__}"
+        ) from None
+    ids = encoded["input_ids"]
+    input_ids = torch.zeros(len(ids), max(map(len, ids), default=0), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for j, row in enumerate(ids):
+        input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[j, : len(row)] = 1
+    device = attributions[0].phi.device if len(attributions) else torch.device("cpu")
+    token_player = token_player_maps(attributions.segmentations, encoded["offset_mapping"]).to(device)
+    credit = spread_credit(attributions.phi, token_player)
+    return TokenCredit(input_ids, attention_mask, token_player, credit)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What every trainer calls: completion ids -> credit -> per-token advantages
+
+
+@dataclass
+class CompletionCredit:
+    """The attribution of a batch of completions, aligned to their tokens.
+
+    Attributes:
+        texts: the decoded completions (special tokens dropped), ``N`` strings.
+        offsets: ``offsets[j][t]``: the character span of token t in ``texts[j]`` ((0, 0) for special tokens).
+        attributions: the :class:`~ospo_fast.Attributions` of the texts (segments, Owen values, v(S)).
+        token_player: int64 ``[N, T]``: the segment of each completion token, -1 outside every segment.
+        credit: float32 ``[N, T]`` on the ids' device: each segment's excess credit (:func:`excess_credit`, its
+            Owen value less its share of v(N) - v(empty)) spread evenly over its tokens; it sums to 0 over a
+            completion's segment tokens.
+    """
+
+    texts: list[str]
+    offsets: list[list[tuple[int, int]]]
+    attributions: Attributions
+    token_player: torch.Tensor
+    credit: torch.Tensor
+
+    @property
+    def full_values(self) -> torch.Tensor:
+        """float64 ``[N]``: v(N) of each response's game (the reward of all its segments; v(empty) without any)."""
+        return torch.stack([a.values[a.plan.full_index] for a in self.attributions.items]).double()
+
+    @property
+    def segment_mask(self) -> torch.Tensor:
+        """bool ``[N, T]``: the tokens of the answer's segments, the only ones that share out the advantage."""
+        return self.token_player >= 0
+
+
+def attribute_completions(
+    tokenizer,
+    completion_ids: torch.Tensor,
+    attributor: OwenAttributor,
+    owners: Sequence[int],
+    keep: torch.Tensor | None = None,
+    reserve_last: torch.Tensor | None = None,
+    reward_scope: Callable[[list[str], list[Segmentation]], contextlib.AbstractContextManager] | None = None,
+    permute: np.random.Generator | None = None,
+) -> CompletionCredit:
+    """Owen-value credit of every completion token of a batch: decode, segment, attribute (one batched
+    evaluation for the whole batch), spread each segment's excess credit over its tokens.
+
+    Args:
+        tokenizer: the policy's tokenizer (decodes ``completion_ids``).
+        completion_ids: int ``[N, T]``: generated tokens, right-padded.
+        attributor: evaluates the games; its segmenter cuts the decoded texts.
+        owners: ``N`` owner indices for the attributor's reward.
+        keep: bool ``[N, T]`` or None: tokens outside it (padding, tokens after the end of sequence) are
+            replaced by the pad token before decoding. None keeps every token.
+        reserve_last: bool ``[N, T]`` or None: at most one True per row, a token that must carry no credit
+            (the segment it belongs to spreads its value over its other tokens). verl's dense rewards put the
+            outcome reward on the last response token; see :mod:`ospo_fast.integrations.verl`.
+        reward_scope: None, or ``reward_scope(texts, segmentations)``: a context manager entered around the
+            attribution (:meth:`CompletionReward.bind` binds a batch's frames to a row reward).
+        permute: None, or a generator that permutes each response's segment credits among its segments (the
+            shuffled-credit control of an experiment: the same values, in the wrong places).
+    Returns:
+        :class:`CompletionCredit`.
+    """
+    if not isinstance(completion_ids, torch.Tensor) or completion_ids.dim() != 2:
+        raise ValueError(f"completion_ids: expected an int tensor [N, T], got {type(completion_ids).__name__}")
+    if len(owners) != completion_ids.shape[0]:
+        raise ValueError(f"owners: expected {completion_ids.shape[0]}, one per completion, got {len(owners)}")
+    ids = completion_ids
+    if keep is not None:
+        ids = ids.masked_fill(~keep.bool(), tokenizer.pad_token_id)
+    decoded = [completion_offsets(tokenizer, row) for row in ids.tolist()]
+    texts = [text for text, _ in decoded]
+    offsets = [offs for _, offs in decoded]
+    segmentations = attributor.segment(texts)
+    scope = reward_scope(texts, segmentations) if reward_scope is not None else contextlib.nullcontext()
+    with scope:
+        out = attributor(texts, list(owners), segmentations=segmentations)
+    token_player = token_player_maps(segmentations, offsets).to(ids.device)  # one span per id: [N, T]
+    if reserve_last is not None:
+        token_player = token_player.masked_fill(reserve_last.bool().to(ids.device), -1)
+    excess = [excess_credit(a.plan, a.values, a.phi).float() for a in out.items]
+    if permute is not None:
+        excess = [e[torch.from_numpy(permute.permutation(e.numel())).to(e.device)] for e in excess]
+    credit = spread_credit(excess, token_player)
+    return CompletionCredit(texts, offsets, out, token_player, credit)
+
+
+def token_advantages(
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    credit: CompletionCredit | torch.Tensor | None,
+    redistribution: Redistribution | None = None,
+    segment_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token advantages from each response's (sequence) advantage and its tokens' credit.
+
+    Args:
+        advantages: float ``[N]``: the host trainer's advantage of each response (its own scaling stays).
+        completion_mask: ``[N, T]``, nonzero on the completion tokens that are trained.
+        credit: a :class:`CompletionCredit`; a float ``[N, T]`` credit tensor (with ``segment_mask``); or None,
+            which is GRPO: every trained token gets its response's advantage.
+        redistribution: how the advantage is shared out (:class:`~ospo_fast.advantages.Redistribution`,
+            checked when it was built); None: the defaults.
+        segment_mask: bool ``[N, T]``, the tokens of the answer's segments; only with a credit tensor (None:
+            every trained token). A :class:`CompletionCredit` carries its own.
+    Returns:
+        ``[N, T]`` in ``advantages``' dtype and device, 0 where ``completion_mask`` is 0. Tokens outside the
+        segments get exactly their response's advantage; without ``clip`` each row's mean over its segment
+        tokens is its advantage (:func:`~ospo_fast.redistribute`).
+    """
+    mask = completion_mask != 0
+    if credit is None:
+        return torch.where(mask, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
+                                                                   device=advantages.device))
+    if isinstance(credit, CompletionCredit):
+        if segment_mask is not None:
+            raise ValueError("segment_mask: a CompletionCredit carries its own (credit.segment_mask); pass None")
+        credit, segment_mask = credit.credit, credit.segment_mask
+    redistribution = redistribution if redistribution is not None else Redistribution()
+    device = advantages.device
+    out = redistribution(advantages, credit.to(device), mask,
+                         segment_mask=None if segment_mask is None else segment_mask.to(device))
+    return out.to(advantages.dtype)
