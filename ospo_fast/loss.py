@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from ._checks import check_choice, check_int, check_number
 
 LOSS_BACKENDS = dispatch.choices("loss")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -190,17 +191,12 @@ def _check_logits_ids(logits, input_ids, temperature, block_v) -> tuple[torch.Te
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= V:
             raise ValueError(f"input_ids: token ids must lie in [0, {V}) (the vocabulary of logits), got [{lo}, {hi}]")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    check_number(temperature, "temperature", 0.0, low_open=True)
     if block_v is not None and (
         isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 16 or block_v & (block_v - 1)
     ):
         raise ValueError(f"block_v: expected None or a power of two >= 16, got {block_v!r}")
     return logits, input_ids.long().contiguous()
-
-
-def _positive_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def _per_token(name: str, x, N: int, T: int, device, allow_per_sequence: bool = False) -> torch.Tensor:
@@ -294,19 +290,16 @@ def grpo_loss(
     mask = _per_token("completion_mask", completion_mask, N, T, device)
     old = None if old_logps is None else _per_token("old_logps", old_logps, N, T, device)
     ref = None if ref_logps is None else _per_token("ref_logps", ref_logps, N, T, device)
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-    for name, value in (("beta", beta), ("eps_low", eps_low), ("eps_high", eps_high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-    if eps_low >= 1:
-        raise ValueError(f"eps_low: the lower clip bound 1 - eps_low must stay positive, got eps_low={eps_low}")
+    check_choice(loss_type, "loss_type", LOSS_TYPES)
+    check_number(beta, "beta", 0.0)
+    check_number(eps_high, "eps_high", 0.0)
+    check_number(eps_low, "eps_low", 0.0, 1.0, high_open=True)  # the lower clip bound 1 - eps_low stays positive
     if beta != 0 and ref is None:
         raise ValueError(f"ref_logps: beta={beta} weights a KL to the reference model; pass ref_logps [N, T] or beta=0")
     if max_completion_length is None:
         max_completion_length = T
-    elif not _positive_int(max_completion_length):
-        raise ValueError(f"max_completion_length: expected None or a positive int, got {max_completion_length!r}")
+    else:
+        check_int(max_completion_length, "max_completion_length", 1, expected="None or a positive int")
 
     if resolve_loss_backend(backend, device) == "torch":
         logp = token_logprobs_reference(logits, input_ids, temperature)

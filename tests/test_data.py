@@ -53,8 +53,8 @@ from ospo_fast.data import (
     title_category,
     train_eval_split,
 )
+from ospo_fast.data.negatives import quotas_of
 from ospo_fast.data.ngrams import char_ngrams, ngram_similarity
-from ospo_fast.data.pools import _quotas
 from ospo_fast.rewards import BM25Reward
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "fixtures"
@@ -334,7 +334,7 @@ def test_pools_have_pool_size_and_hold_judged_items_with_their_gains():
 
 @pytest.mark.parametrize("n, expected", [(99, [49, 30, 20]), (96, [48, 29, 19]), (100, [50, 30, 20]), (1, [1, 0, 0])])
 def test_quotas_split_negatives_by_the_mix(n, expected):
-    assert _quotas(n, (0.5, 0.3, 0.2)) == expected
+    assert quotas_of(n, (0.5, 0.3, 0.2)) == expected
 
 
 def test_pools_follow_the_mix():

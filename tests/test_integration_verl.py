@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from ospo_fast.app.tiny import build_tokenizer
+from ospo_fast.credit import attribute_completions
 from ospo_fast.integrations.common import (
     BatchContext,
     BatchContextHolder,
     CompletionReward,
-    attribute_completions,
     segment_frame,
 )
 from ospo_fast.integrations.verl import (
@@ -264,9 +264,9 @@ def test_reserved_last_token_carries_no_credit(tokenizer):
 @pytest.fixture
 def first_step(monkeypatch):
     """The estimator checks for credit on its first call in a process: make the next call the first."""
-    import ospo_fast.integrations.verl as ospo_verl
+    from ospo_fast.integrations.verl import estimator
 
-    monkeypatch.setattr(ospo_verl, "_credit_checked", False)
+    monkeypatch.setattr(estimator, "_credit_checked", False)
 
 
 def test_estimator_raises_at_the_first_step_when_no_credit_arrives(first_step):

@@ -41,8 +41,11 @@ _LAZY_NAMES = {
     "ngrams": (
         "char_ngram_vectors", "ngram_neighbours",
     ),
+    "negatives": (
+        "DEFAULT_MIX", "NEGATIVES",
+    ),
     "pools": (
-        "DEFAULT_MIX", "KINDS", "NEGATIVES", "Pools", "bm25_ranked", "build_pools", "category_codes",
+        "KINDS", "Pools", "bm25_ranked", "build_pools", "category_codes",
         "esci_pools", "hm_pools", "owner_rng", "pool_mix",
     ),
     "tasks": (

@@ -48,12 +48,19 @@ from ._common import require_columns
 from .esci import product_text, title_category
 from .gains import esci_gain
 from .hm import HMData, article_text
-from .ngrams import char_ngram_vectors, ngram_neighbours, ngram_similarity
+from .negatives import (
+    category_groups,
+    category_text,
+    draw_uniform,
+    first_free,
+    quotas_of,
+    resolve_negatives,
+    target_neighbours,
+)
+from .ngrams import char_ngram_vectors, ngram_similarity
 
 __all__ = [
     "KINDS",
-    "NEGATIVES",
-    "DEFAULT_MIX",
     "Pools",
     "build_pools",
     "bm25_ranked",
@@ -67,11 +74,7 @@ __all__ = [
 #: Kinds of pool entries.
 KINDS = ("judged", "neighbour", "category", "related", "random")
 
-#: Ways to draw the negatives: the first is the default of :func:`esci_pools`, :func:`hm_pools` and the tasks.
-NEGATIVES = ("neighbours", "mix")
 
-#: Share of negatives per kind (category, related, random) with ``negatives="mix"``.
-DEFAULT_MIX = (0.5, 0.3, 0.2)
 
 _ESCI_NEEDED = ("query_id", "query", "product_id", "product_locale", "esci_label", "product_title", "product_brand")
 
@@ -206,7 +209,7 @@ def build_pools(
     """
     if negatives is None:
         negatives = "neighbours" if neighbours is not None and mix is None else "mix"
-    negatives, mix = _resolve_negatives(negatives, mix)
+    negatives, mix = resolve_negatives(negatives, mix)
     if negatives == "neighbours":
         if neighbours is None:
             raise ValueError("neighbours: negatives='neighbours' needs each owner's ranked neighbours")
@@ -223,7 +226,7 @@ def build_pools(
     for name, rows in lists:
         if rows is not None and len(rows) != n_owners:
             raise ValueError(f"{name}: has {len(rows)} entries for {n_owners} owners (judged)")
-    groups = [_groups(codes, num_items) for codes in category_keys]
+    groups = [category_groups(codes, num_items) for codes in category_keys]
 
     pools, gains, kinds = [], [], []
     short = []
@@ -244,10 +247,10 @@ def build_pools(
             taken.update(new)
 
         if negatives == "neighbours":
-            add(_first_free(neighbours[o], size, taken, num_items), "neighbour")
+            add(first_free(neighbours[o], size, taken, num_items), "neighbour")
             need = size - (len(pool) - len(judged[o]))
         else:
-            quotas = _quotas(size, mix)
+            quotas = quotas_of(size, mix)
             # category: random picks among the items sharing a judged item's code, key by key.
             need = quotas[0]
             for codes, members in zip(category_keys, groups):
@@ -264,11 +267,11 @@ def build_pools(
             # related: the best-ranked items not yet taken; category's shortfall passes on.
             need += quotas[1]
             if related is not None and need > 0:
-                picked = _first_free(related[o], need, taken, num_items)
+                picked = first_free(related[o], need, taken, num_items)
                 add(picked, "related")
                 need -= len(picked)
             need += quotas[2]
-        add(_draw_uniform(rng, num_items, need, taken), "random")
+        add(draw_uniform(rng, num_items, need, taken), "random")
 
         order = rng.permutation(len(pool))
         pools.append([pool[j] for j in order])
@@ -316,7 +319,7 @@ def esci_pools(
         :class:`Pools` over the items they use; ``owners`` are the ``query_id``\\ s as str; ``categories`` the
         titles' head nouns.
     """
-    negatives, mix = _resolve_negatives(negatives, mix)
+    negatives, mix = resolve_negatives(negatives, mix)
     require_columns(frame.columns, _ESCI_NEEDED, "frame")
     products = frame.drop_duplicates(["product_id", "product_locale"]).reset_index(drop=True)
     index = {key: i for i, key in enumerate(zip(products["product_id"], products["product_locale"]))}
@@ -339,7 +342,7 @@ def esci_pools(
     categories = [title_category(t) for t in products["product_title"]]
     common = dict(owner_keys=owners, pool_size=pool_size, seed=seed)
     if negatives == "neighbours":
-        near = _neighbours(items, judged, gains, None, pool_size)
+        near = target_neighbours(items, judged, gains, None, pool_size)
         pools, pool_gains, kinds = build_pools(
             judged, gains, len(items), negatives="neighbours", neighbours=near, **common
         )
@@ -383,7 +386,7 @@ def hm_pools(
         :class:`Pools` over the items they use; ``owners`` are the ``customer_id``\\ s; ``categories`` the
         ``product_type_name``\\ s.
     """
-    negatives, mix = _resolve_negatives(negatives, mix)
+    negatives, mix = resolve_negatives(negatives, mix)
     articles = data.articles
     index = {a: i for i, a in enumerate(articles["article_id"])}
     items = [article_text(row, max_item_chars) for row in articles.to_dict("records")]
@@ -391,10 +394,10 @@ def hm_pools(
     judged = [[index[t]] for t in rows["target"]]
     exclude = [[index[a] for a in h if a in index] for h in rows["history"]]
     owners = rows["customer_id"].tolist()
-    categories = [_category_text(v) for v in articles["product_type_name"]]
+    categories = [category_text(v) for v in articles["product_type_name"]]
     common = dict(exclude=exclude, owner_keys=owners, pool_size=pool_size, seed=seed)
     if negatives == "neighbours":
-        near = _neighbours(items, judged, [[1.0]] * len(judged), exclude, pool_size)
+        near = target_neighbours(items, judged, [[1.0]] * len(judged), exclude, pool_size)
         pools, gains, kinds = build_pools(
             judged, [[1.0]] * len(judged), len(items), negatives="neighbours", neighbours=near, **common
         )
@@ -450,7 +453,7 @@ def pool_mix(task_or_pools, seed: int = 0) -> Dict[str, Optional[float]]:
         for k in kind:
             if k != "judged":
                 counts[k] = counts.get(k, 0) + 1
-        sample = _draw_uniform(owner_rng(seed, f"pool_mix/{o}"), len(items), len(negs), set(judged))
+        sample = draw_uniform(owner_rng(seed, f"pool_mix/{o}"), len(items), len(negs), set(judged))
         n_neg += len(negs)
         n_rand += len(sample)
         sim_neg += float(ngram_similarity(vectors, targets, negs).sum())
@@ -470,97 +473,3 @@ def pool_mix(task_or_pools, seed: int = 0) -> Dict[str, Optional[float]]:
     out["similarity_negatives"] = share(sim_neg, n_neg)
     out["similarity_random"] = share(sim_rand, n_rand)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def _resolve_negatives(negatives, mix) -> tuple[str, Optional[tuple[float, float, float]]]:
-    """``(negatives, mix)`` checked: None picks ``"mix"`` when ``mix`` is given, else ``"neighbours"``."""
-    if negatives is None:
-        negatives = "mix" if mix is not None else NEGATIVES[0]
-    if negatives not in NEGATIVES:
-        raise ValueError(f"negatives: expected one of {list(NEGATIVES)}, got {negatives!r}")
-    if negatives == "mix":
-        return negatives, _check_mix(DEFAULT_MIX if mix is None else mix)
-    if mix is not None:
-        raise ValueError(f"mix: only used with negatives='mix', got negatives={negatives!r} and mix={mix!r}")
-    return negatives, None
-
-
-def _neighbours(items, judged, gains, exclude, pool_size) -> List[np.ndarray]:
-    """Each owner's char n-gram neighbours of its targets (positive gain; all judged when none), best first."""
-    targets = [[int(i) for i, g in zip(j, g_) if g > 0] or [int(i) for i in j] for j, g_ in zip(judged, gains)]
-    skip = [list(j) + (list(exclude[o]) if exclude is not None else []) for o, j in enumerate(judged)]
-    return ngram_neighbours(char_ngram_vectors(items), targets, depth=pool_size, skip=skip, texts=items)
-
-
-def _category_text(value) -> str:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return ""
-    return str(value).strip()
-
-
-def _first_free(ranked, need: int, taken: set, num_items: int) -> List[int]:
-    """The first ``need`` items of ``ranked`` not in ``taken`` (all of them when fewer)."""
-    picked: List[int] = []
-    for i in ranked:
-        if len(picked) >= need:
-            break
-        i = int(i)
-        if i not in taken and 0 <= i < num_items and i not in picked:
-            picked.append(i)
-    return picked
-
-
-def _check_mix(mix) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(x) for x in mix)
-    except TypeError:
-        raise ValueError(f"mix: expected three shares (category, related, random), got {mix!r}") from None
-    if len(values) != 3 or any(not np.isfinite(v) or v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
-        raise ValueError(
-            f"mix: expected three non-negative shares (category, related, random) summing to 1, got {mix!r}"
-        )
-    return values
-
-
-def _quotas(n: int, mix: tuple[float, float, float]) -> List[int]:
-    """Split ``n`` negatives by ``mix`` with largest remainders (ties to the earlier kind): they sum to ``n``."""
-    exact = [n * m for m in mix]
-    counts = [int(np.floor(x)) for x in exact]
-    by_remainder = sorted(range(3), key=lambda k: (-(exact[k] - counts[k]), k))
-    for k in by_remainder[: n - sum(counts)]:
-        counts[k] += 1
-    return counts
-
-
-def _groups(codes: np.ndarray, num_items: int) -> Dict[int, np.ndarray]:
-    """code -> sorted item indices with that code (codes -1 left out)."""
-    codes = np.asarray(codes, dtype=np.int64)
-    if codes.shape != (num_items,):
-        raise ValueError(f"category_keys: each must have shape [{num_items}] (a code per item), got {codes.shape}")
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-    bounds = np.r_[starts, len(codes)]
-    return {int(sorted_codes[a]): order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if sorted_codes[a] >= 0}
-
-
-def _draw_uniform(rng: np.random.Generator, num_items: int, need: int, taken: set) -> List[int]:
-    """``need`` distinct items uniformly from those not in ``taken`` (all of them when fewer remain)."""
-    free = num_items - sum(1 for i in taken if 0 <= i < num_items)
-    if need <= 0 or free <= 0:
-        return []
-    if free <= 4 * need:  # a small or nearly used-up catalogue: draw from the explicit rest
-        rest = np.setdiff1d(np.arange(num_items), np.fromiter(taken, dtype=np.int64, count=len(taken)))
-        return rng.permutation(rest)[:need].tolist()
-    # A large catalogue: rejection sampling avoids materialising it for every owner.
-    picked: List[int] = []
-    seen = set(taken)
-    while len(picked) < need:
-        i = int(rng.integers(num_items))
-        if i not in seen:
-            seen.add(i)
-            picked.append(i)
-    return picked
