@@ -107,6 +107,8 @@ def token_player_maps(segs: Sequence[Segmentation], offsets, char_offsets: int |
     else:
         if isinstance(offsets, torch.Tensor):
             raise ValueError(f"offsets: expected B offset mappings or a [B, T, 2] tensor, got {list(offsets.shape)}")
+        if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__iter__"):
+            raise ValueError(f"offsets: expected B offset mappings or a [B, T, 2] tensor, got {type(offsets).__name__}")
         rows = [_as_offsets(o, f"offsets[{b}]") for b, o in enumerate(offsets)]
         if len(rows) != len(segs):
             raise ValueError(f"offsets: has {len(rows)} entries for {len(segs)} segmentations (segs)")
@@ -127,7 +129,14 @@ def token_player_maps(segs: Sequence[Segmentation], offsets, char_offsets: int |
 
 def _as_offsets(offsets, name: str) -> torch.Tensor:
     """``offsets`` as an int64 ``[T, 2]`` tensor with ``0 <= start <= end`` in every row."""
-    t = offsets if isinstance(offsets, torch.Tensor) else torch.as_tensor(offsets)
+    if isinstance(offsets, torch.Tensor):
+        t = offsets
+    else:
+        try:
+            t = torch.as_tensor(offsets if not isinstance(offsets, (str, bytes)) else None)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name}: expected [T, 2] integer (start, end) offsets per token, "
+                             f"got {type(offsets).__name__} {str(offsets)[:40]!r}") from None
     if t.numel() == 0:
         return torch.zeros(0, 2, dtype=torch.long, device=t.device)
     if t.dim() != 2 or t.size(1) != 2:

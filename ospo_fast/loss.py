@@ -77,12 +77,14 @@ def per_token_objective(
 def reduce_loss(
     objective: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int
 ) -> torch.Tensor:
-    """Scalar loss from the per-token objective ``[N, T]`` and the float completion mask ``[N, T]``."""
+    """Scalar loss from the per-token objective ``[N, T]`` and the float completion mask ``[N, T]``. An empty batch
+    (no sequence, or no completion token) gives 0, not NaN: it has nothing to teach."""
     masked = objective * mask
+    sequences = max(objective.size(0), 1)
     if loss_type == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
     if loss_type == "dr_grpo":
-        return masked.sum() / (objective.size(0) * max_completion_length)
+        return masked.sum() / (sequences * max_completion_length)
     return masked.sum() / mask.sum().clamp(min=1.0)  # dapo
 
 
@@ -279,7 +281,8 @@ def grpo_loss(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`resolve_loss_backend`).
         block_v: Triton only: vocabulary elements read per step (a power of two); None picks by V.
     Returns:
-        ``(loss, metrics)``: a float32 scalar differentiable with respect to ``logits``, and detached float32
+        ``(loss, metrics)``: a float32 scalar differentiable with respect to ``logits`` (0 for a batch with no
+        completion token), and detached float32
         scalars ``clip_ratio``, ``low_clip_ratio``, ``high_clip_ratio`` (fractions of completion tokens whose
         ratio is clipped, as TRL counts them) and, when ``ref_logps`` is given, ``kl`` (mean k3 per token).
     """
@@ -297,7 +300,7 @@ def grpo_loss(
     if beta != 0 and ref is None:
         raise ValueError(f"ref_logps: beta={beta} weights a KL to the reference model; pass ref_logps [N, T] or beta=0")
     if max_completion_length is None:
-        max_completion_length = T
+        max_completion_length = max(T, 1)
     else:
         check_int(max_completion_length, "max_completion_length", 1, expected="None or a positive int")
 

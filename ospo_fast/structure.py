@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from ._checks import check_int
+
 #: Largest number of players a structure may have. Coalitions are handled as 64-bit masks when plans
 #: are built, and a segmenter merges neighbouring segments to stay under this.
 MAX_PLAYERS = 64
@@ -63,11 +65,15 @@ class CoalitionStructure:
 
     @classmethod
     def from_sizes(cls, sizes: Sequence[int]) -> "CoalitionStructure":
-        """The structure whose union ``k`` holds the next ``sizes[k]`` players, in order."""
+        """The structure whose union ``k`` holds the next ``sizes[k]`` players, in order. Each size must be a
+        positive int (2.5 or True is refused, not rounded)."""
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+            raise ValueError(f"sizes: expected a sequence of positive ints, got {type(sizes).__name__}")
         unions, start = [], 0
-        for size in sizes:
-            unions.append(range(start, start + int(size)))
-            start += int(size)
+        for k, size in enumerate(sizes):
+            size = check_int(size, f"sizes[{k}]", 1, expected="a positive int (a union's number of players)")
+            unions.append(range(start, start + size))
+            start += size
         return cls(unions)
 
     @property

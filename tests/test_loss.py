@@ -10,6 +10,7 @@ from conftest import assert_close
 
 from ospo_fast import _extension
 from ospo_fast.loss import (
+    LOSS_TYPES,
     grpo_loss,
     resolve_loss_backend,
     token_logprobs,
@@ -286,6 +287,9 @@ _FULL, _IDS, _ADV, _MASK, _OLD, _REF = make_inputs(13, V=101)
         (_bad(loss_type="bnpo"), "loss_type"),
         (_bad(loss_type="dr_grpo", max_completion_length=0), "max_completion_length"),
         (_bad(temperature=0.0), "temperature"),
+        (_bad(temperature=float("inf")), "temperature"),
+        (_bad(beta=float("nan")), "beta"),
+        (_bad(eps_high=float("inf")), "eps_high"),
         (_bad(backend="cuda"), "backend"),
         (_bad(block_v=48), "block_v"),
     ],
@@ -293,6 +297,17 @@ _FULL, _IDS, _ADV, _MASK, _OLD, _REF = make_inputs(13, V=101)
 def test_grpo_loss_bad_inputs_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         grpo_loss(**kwargs)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("N,T", [(0, 5), (3, 0), (0, 0)])
+def test_an_empty_batch_gives_a_zero_loss_not_nan(loss_type, N, T):
+    logits = torch.randn(N, T, 11, requires_grad=True)
+    loss, metrics = grpo_loss(logits, torch.zeros(N, T, dtype=torch.long), torch.zeros(N), torch.ones(N, T),
+                              loss_type=loss_type, backend="torch")
+    loss.backward()
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
+    assert logits.grad.shape == logits.shape
 
 
 @pytest.mark.gpu

@@ -40,6 +40,8 @@ def read_table(path: Path, what: str, read: Callable[[], T]) -> T:
     """``read()``, a pandas or pyarrow read of ``path``. A file the reader cannot parse (truncated, not the
     format its suffix says, undecodable bytes, malformed rows, values of the wrong type) raises a ValueError
     that names the file and the format expected, with the reader's message, instead of the reader's error."""
+    if path.suffix != ".parquet":
+        check_csv_complete(path, what)
     try:
         return read()
     except _reader_errors() as exc:
@@ -49,6 +51,38 @@ def read_table(path: Path, what: str, read: Callable[[], T]) -> T:
             else "a UTF-8 CSV file with a header row of column names"
         )
         raise ValueError(f"{what} {path}: cannot be read as {expected} ({type(exc).__name__}: {exc})") from exc
+
+
+def check_csv_complete(path: Path, what: str, tail_bytes: int = 1 << 20) -> None:
+    """Refuses a CSV file cut off in the middle of its last row (an interrupted download or copy), which pandas
+    would read as a row with its last fields missing. Only a file that does not end with a newline is
+    checked: its last record (parsed from the last ``tail_bytes``) must have as many fields as the header."""
+    import csv
+    import io
+
+    with open(path, "rb") as f:
+        header = f.readline()
+        size = f.seek(0, io.SEEK_END)
+        if size == 0 or size <= len(header):
+            return
+        f.seek(size - 1)
+        if f.read(1) in (b"\n", b"\r"):
+            return
+        start = max(len(header), size - tail_bytes)
+        f.seek(start)
+        tail = f.read()
+    if start > len(header):  # begin at a line boundary
+        tail = tail[tail.find(b"\n") + 1:]
+    try:
+        fields = len(next(csv.reader([header.decode("utf-8-sig")])))
+        records = list(csv.reader(io.StringIO(tail.decode("utf-8", errors="replace"))))
+    except (csv.Error, UnicodeDecodeError):
+        return  # unparseable here; the reader reports it, naming the file
+    if records and len(records[-1]) < fields:
+        raise ValueError(
+            f"{what} {path}: its last row has {len(records[-1])} of the header's {fields} fields and the file does "
+            "not end with a newline: it was cut off mid-row (an interrupted download or copy?); fetch it again"
+        )
 
 
 def _reader_errors() -> tuple[type[BaseException], ...]:

@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from .._checks import check_int
 from ._common import require_columns
 from .esci import product_text, title_category
 from .gains import esci_gain
@@ -209,6 +210,8 @@ def build_pools(
     """
     if negatives is None:
         negatives = "neighbours" if neighbours is not None and mix is None else "mix"
+    check_int(pool_size, "pool_size", 1, expected="a positive int (candidates per owner)")
+    check_int(seed, "seed", 0)
     negatives, mix = resolve_negatives(negatives, mix)
     if negatives == "neighbours":
         if neighbours is None:
@@ -319,6 +322,8 @@ def esci_pools(
         :class:`Pools` over the items they use; ``owners`` are the ``query_id``\\ s as str; ``categories`` the
         titles' head nouns.
     """
+    check_int(pool_size, "pool_size", 1, expected="a positive int (candidates per owner)")
+    check_int(seed, "seed", 0)
     negatives, mix = resolve_negatives(negatives, mix)
     require_columns(frame.columns, _ESCI_NEEDED, "frame")
     products = frame.drop_duplicates(["product_id", "product_locale"]).reset_index(drop=True)
@@ -386,6 +391,8 @@ def hm_pools(
         :class:`Pools` over the items they use; ``owners`` are the ``customer_id``\\ s; ``categories`` the
         ``product_type_name``\\ s.
     """
+    check_int(pool_size, "pool_size", 1, expected="a positive int (candidates per owner)")
+    check_int(seed, "seed", 0)
     negatives, mix = resolve_negatives(negatives, mix)
     articles = data.articles
     index = {a: i for i, a in enumerate(articles["article_id"])}

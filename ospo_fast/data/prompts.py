@@ -65,12 +65,16 @@ TEMPLATE_FIELDS: Dict[str, FrozenSet[str]] = {
 }
 
 
+#: The field that makes each sample's prompt its own: a template without it gives every sample the same prompt.
+REQUIRED_FIELDS: Dict[str, str] = {"esci": "request", "hm": "history"}
+
+
 def check_template(template: str, task: str) -> str:
     """Validate a template for ``task`` ("esci" or "hm"); returns it.
 
     Raises:
-        ValueError: not a str, malformed braces, a positional field (``{}``, ``{0}``), or fields the task does
-            not provide (named, with the allowed ones).
+        ValueError: not a str, malformed braces, a positional field (``{}``, ``{0}``), fields the task does
+            not provide (named, with the allowed ones), or no :data:`REQUIRED_FIELDS` field.
     """
     if task not in TEMPLATE_FIELDS:
         raise ValueError(f"task: expected one of {sorted(TEMPLATE_FIELDS)}, got {task!r}")
@@ -93,6 +97,10 @@ def check_template(template: str, task: str) -> str:
         raise ValueError(
             f"template: unknown field(s) {unknown} for the {task} task; available: {sorted(TEMPLATE_FIELDS[task])}"
         )
+    required = REQUIRED_FIELDS[task]
+    if required not in fields:
+        raise ValueError(f"template: has no {{{required}}} field, so every prompt of the {task} task would be the same "
+                         f"text; put {{{required}}} where each sample's own text goes")
     return template
 
 

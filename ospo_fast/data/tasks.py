@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from .._checks import check_int
 from ..defaults import REWARD_KINDS
 from .esci import load_default_esci, load_esci, load_esci_csv
 from .hm import HMData, article_text, customer_histories, load_hm
@@ -169,7 +170,7 @@ def train_eval_split(task: SearchTask, eval_fraction: float = 0.1, seed: int = 0
     n_eval = int(round(eval_fraction * n))
     if 0 < eval_fraction < 1 and n >= 2:
         n_eval = min(max(n_eval, 1), n - 1)
-    perm = np.random.Generator(np.random.PCG64(int(seed))).permutation(n)
+    perm = np.random.Generator(np.random.PCG64(check_int(seed, "seed", 0))).permutation(n)
     eval_idx = sorted(perm[:n_eval].tolist())
     chosen = set(eval_idx)
     return task.select([i for i in range(n) if i not in chosen]), task.select(eval_idx)
@@ -212,7 +213,7 @@ def three_way_split(
     else:  # too few samples for one per part: train keeps one, then test, then validation
         n_test = min(n_test, max(n - 1, 0))
         n_val = min(n_val, max(n - 1 - n_test, 0))
-    perm = np.random.Generator(np.random.PCG64(int(seed))).permutation(n)
+    perm = np.random.Generator(np.random.PCG64(check_int(seed, "seed", 0))).permutation(n)
     test_idx = sorted(perm[:n_test].tolist())
     val_idx = sorted(perm[n_test : n_test + n_val].tolist())
     held = set(test_idx) | set(val_idx)

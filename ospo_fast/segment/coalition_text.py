@@ -5,6 +5,7 @@ from __future__ import annotations
 from itertools import compress
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .segmentation import Segmentation
@@ -21,7 +22,8 @@ def coalition_text(sg: Segmentation, mask) -> str:
 
     Args:
         sg: the segmentation.
-        mask: bool ``[n]`` (a sequence or a 1-D bool tensor), ``n = sg.num_players``; True keeps a player.
+        mask: bool ``[n]`` (a sequence, a numpy array or a 1-D bool tensor), ``n = sg.num_players``; True
+            keeps a player.
     Returns:
         The coalition's text; ``""`` for the empty coalition.
     """
@@ -94,9 +96,9 @@ def _join_kept(sg: Segmentation, keep: Sequence[bool]) -> str:
 
 
 def _as_bool(x, name: str = "mask") -> bool:
-    if isinstance(x, bool) or type(x).__name__ == "bool_":  # Python or NumPy bool
+    if isinstance(x, (bool, np.bool_)):  # Python or NumPy bool
         return bool(x)
-    if isinstance(x, int) and x in (0, 1):
+    if isinstance(x, (int, np.integer)) and x in (0, 1):
         return bool(x)
     raise ValueError(f"{name}: entries must be bools (or 0/1), got {x!r}")
 

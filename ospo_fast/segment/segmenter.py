@@ -48,8 +48,12 @@ _ABBREVIATIONS = frozenset({"e.g", "i.e", "vs", "cf", "approx", "incl", "esp", "
 # amazon.com) and across "," ":" "/" between digits (1,000, 10:30, 1/2).
 
 _SEP = r""".,;:!?()\[\]{}<>"“”„‘’'`«»‹›/\\|…—–\-_*~=^·•。，；：！？、（）【】「」『』"""
-_TOKEN = re.compile(rf"[^\s{_SEP}]+(?:(?:[.'’\-]|(?<=\d)[,:/](?=\d))[^\s{_SEP}]+)*")
+# Invisible characters that separate like a space: zero-width space, word joiner, byte order mark. (The
+# zero-width (non-)joiners are left inside tokens: they join letters in some scripts and emoji sequences.)
+_INVISIBLE = "\u200b\u2060\ufeff"
+_TOKEN = re.compile(rf"[^\s{_INVISIBLE}{_SEP}]+(?:(?:[.'’\-]|(?<=\d)[,:/](?=\d))[^\s{_INVISIBLE}{_SEP}]+)*")
 _WORD_CHAR = re.compile(r"[^\W_]")  # a letter or a digit, any script
+_AS_SPACE = str.maketrans({c: " " for c in _INVISIBLE})
 # Line boundaries are those of str.splitlines.
 _SENTENCE_END = re.compile(r"[.!?;…。！？；\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 _CLAUSE_END = re.compile(r"[,，、]")
@@ -209,6 +213,7 @@ class Segmenter(_SegmenterBase):
 
 def _gap_level(gap: str, clause: bool, before: str) -> int:
     """How strongly the characters ``gap`` between the token ``before`` and the next one separate them."""
+    gap = gap.translate(_AS_SPACE)
     if gap.isspace():
         return _UNION_BREAK if _SENTENCE_END.search(gap) else _NO_BREAK
     if gap[0] == "." and gap[1:].isspace() and "\n" not in gap and before.lower() in _ABBREVIATIONS:
