@@ -170,8 +170,12 @@ class Redistribution:
     names the field). Calling it is :func:`redistribute` with these options.
 
     Attributes:
-        mode: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (docs/credit.md).
+        mode: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (the paper's shares: every token keeps its response's
+            sign), or ``"signed"``: the token credit is each token's segment advantage ``a`` (its segment's Owen
+            value against the segments of its group, :func:`group_segment_advantages`) and a segment token gets
+            ``A + beta * (a - A)``, so a segment's own credit can flip its sign (docs/credit.md).
         alpha: hybrid only: weight of the proportional shares, in [0, 1].
+        beta: signed only: weight of the segment's own advantage, in [0, 1] (0 is GRPO).
         floor: the part of the share spread uniformly over the segment tokens, in [0, 1]; with ``floor > 0``
             no segment token gets zero advantage unless ``A`` is 0.
         clip: None, ``c`` (clamp to ``[-c, c]``) or ``(lo, hi)``, applied last; it can break the mean invariant.
@@ -183,6 +187,7 @@ class Redistribution:
     floor: float = defaults.FLOOR
     clip: float | tuple[float, float] | None = None
     max_share: float | None = DEFAULT_MAX_SHARE
+    beta: float = defaults.BETA_SIGNED
 
     def __post_init__(self):
         if self.mode not in REDISTRIBUTION_MODES:
@@ -190,6 +195,7 @@ class Redistribution:
             raise ValueError(f"mode: expected one of {REDISTRIBUTION_MODES}, got {self.mode!r}{hint}")
         check_number(self.alpha, "alpha", 0.0, 1.0)
         check_number(self.floor, "floor", 0.0, 1.0)
+        check_number(self.beta, "beta", 0.0, 1.0)
         if self.max_share is not None:
             check_number(self.max_share, "max_share", 1.0)
         clip_bounds(self.clip)
@@ -199,6 +205,9 @@ class Redistribution:
         """:func:`redistribute` of these arguments with this object's options."""
         A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask,
                                                            check_finite)
+        if self.mode == "signed":
+            out = torch.where(segment, A[:, None] + float(self.beta) * (c - A[:, None]), A[:, None].expand_as(c))
+            return self._clip_and_mask(out, mask)
         length = segment.sum(dim=1, keepdim=True).to(A.dtype)
         u = torch.where(A[:, None] >= 0, c, -c)  # credit in the advantage's direction (sign(0) = +1)
         score = torch.clamp(u, min=0) if self.mode != "rank" else _average_ranks(u, segment, length)
@@ -208,6 +217,9 @@ class Redistribution:
         if self.max_share is not None:
             shares = _bound_shares(shares, segment, float(self.max_share))
         out = A[:, None] * torch.where(segment, shares, torch.ones_like(shares))
+        return self._clip_and_mask(out, mask)
+
+    def _clip_and_mask(self, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         bounds = clip_bounds(self.clip)
         if bounds is not None:
             out = out.clamp(*bounds)
@@ -226,14 +238,16 @@ def redistribute(
     *,
     segment_mask: torch.Tensor | None = None,
     max_share: float | None = DEFAULT_MAX_SHARE,
+    beta: float = defaults.BETA_SIGNED,
 ) -> torch.Tensor:
     """Per-token advantages from each response's advantage and its tokens' credit.
 
     Args:
         advantages: float ``[N]``: one advantage per response (e.g. :func:`group_advantages`).
-        token_credit: float ``[N, T]``: signed credit of each token (e.g. :func:`ospo_fast.spread_credit`).
+        token_credit: float ``[N, T]``: signed credit of each token (e.g. :func:`ospo_fast.spread_credit`); for
+            ``mode="signed"``, each token's segment advantage (:func:`group_segment_advantages`).
         completion_mask: bool or float ``[N, T]``: nonzero on the completion tokens that are trained.
-        mode, alpha, floor, clip, max_share: see :class:`Redistribution`.
+        mode, alpha, floor, clip, max_share, beta: see :class:`Redistribution`.
         check_finite: reject NaN or infinite advantages and credit (None: on CPU tensors only).
         segment_mask: bool ``[N, T]``: True on the tokens that belong to a segment (``token_player >= 0``);
             only they share out the advantage, every other completion token gets exactly ``A``. None: every
@@ -242,8 +256,64 @@ def redistribute(
         float ``[N, T]`` (float64 when an input is, else float32), 0 where the mask is 0. Without ``clip``,
         the mean of each row over its segment tokens, and over its completion tokens, is its advantage.
     """
-    options = Redistribution(mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share)
+    options = Redistribution(mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share, beta=beta)
     return options(advantages, token_credit, completion_mask, segment_mask=segment_mask, check_finite=check_finite)
+
+
+def group_segment_advantages(
+    worth: list[torch.Tensor], token_player: torch.Tensor, groups, eps: float = defaults.GROUP_EPS,
+) -> torch.Tensor:
+    """Each segment's advantage against all the segments of its group, on its tokens: the token credit of
+    ``mode="signed"``.
+
+    A segment's *worth* is its Owen value scaled to the whole answer, ``x_i = phi_i / w_i`` with ``w_i = 1 / (m
+    |U_i|)`` its structural share (:func:`ospo_fast.credit.segment_worth`): what the answer would be worth if all
+    its segments were like this one. As a process reward is normalised (DeepSeekMath), every segment of every
+    completion of a group is centred and scaled by the mean and (unbiased) std of the group's segments:
+    ``a_i = (x_i - mean) / (std + eps)``. A group of one-segment answers gets exactly its GRPO advantages
+    (``x = R - v(empty)``); a group whose segments are all worth the same, or with one segment in all, gets 0.
+
+    Args:
+        worth: ``N`` float tensors ``[n_j]``, the worth of response j's segments.
+        token_player: int ``[N, T]``: each token's segment, -1 outside every segment.
+        groups: an int ``G`` (consecutive groups of ``G`` responses) or an int tensor ``[N]`` of group ids.
+        eps: added to the std (as :func:`group_advantages`).
+    Returns:
+        float ``[N, T]`` on ``token_player``'s device: each token's segment advantage, 0 outside segments.
+        No host synchronisation.
+    """
+    N, T = token_player.shape
+    device = token_player.device
+    dtype = torch.float64 if any(w.dtype == torch.float64 for w in worth) else torch.float32
+    counts = torch.tensor([w.numel() for w in worth], dtype=torch.long)
+    values = torch.cat([w.to(device=device, dtype=dtype) for w in worth]) if worth else torch.zeros(0, device=device)
+    if isinstance(groups, torch.Tensor):
+        group_of_response = groups.to(device=device, dtype=torch.long)
+        num_groups = N  # an upper bound: ids are taken as given, without reading them on the host
+        if group_of_response.shape != (N,):
+            raise ValueError(f"groups: expected an int tensor [N={N}] of group ids, got {list(groups.shape)}")
+    else:
+        size = check_int(groups, "groups", 1, expected="a group size (int >= 1) or an int tensor [N] of group ids")
+        if N % size:
+            raise ValueError(f"groups: {N} responses are not whole groups of {size}")
+        group_of_response = torch.arange(N, device=device) // size
+        num_groups = max(N // size, 1)
+    group = group_of_response.repeat_interleave(counts.to(device), output_size=values.numel())  # per segment
+    n = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, group, torch.ones_like(values))
+    total = torch.zeros_like(n).index_add_(0, group, values)
+    mean = total / n.clamp(min=1)
+    centred = values - mean[group]
+    var = torch.zeros_like(n).index_add_(0, group, centred * centred) / (n - 1).clamp(min=1)
+    a = centred / (var.sqrt()[group] + eps)
+    # A group whose segments are all worth the same gets exactly 0 (rounding would leave ~1e-13 / eps).
+    low = torch.full_like(n, float("inf")).scatter_reduce_(0, group, values, "amin")
+    high = torch.full_like(n, float("-inf")).scatter_reduce_(0, group, values, "amax")
+    a = torch.where((low == high)[group], torch.zeros_like(a), a)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device)
+    valid = token_player >= 0
+    slot = torch.where(valid, offsets[:-1, None] + token_player.long(), values.numel())
+    padded = torch.cat([a, a.new_zeros(1)])
+    return padded[slot.reshape(-1)].view(N, T)
 
 
 def clip_bounds(clip) -> tuple[float, float] | None:

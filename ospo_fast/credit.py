@@ -23,7 +23,7 @@ import torch
 
 from ._checks import as_real_tensor
 from ._device import to_device
-from .advantages import Redistribution
+from .advantages import Redistribution, group_segment_advantages
 from .attribution import Attributions, OwenAttributor
 from .plans import CoalitionPlan
 from .segment import Segmentation
@@ -220,6 +220,24 @@ def excess_credit(plan: CoalitionPlan, values: torch.Tensor, phi: torch.Tensor) 
 
 
 
+def segment_worth(structure, phi: torch.Tensor) -> torch.Tensor:
+    """Each segment's Owen value scaled to the whole answer: ``phi_i * m * |U_i|``, with ``1 / (m |U_i|)`` the
+    segment's structural share of ``v(N) - v(empty)`` (its weight in the exact Owen value). What the answer
+    would be worth, over the empty one, if all its segments were like this one; for one segment it is
+    ``v(N) - v(empty)``. Under rewards that carry no signal its expectation is the same for every segment,
+    whatever its union's size: the signed mode compares it across a group
+    (:func:`~ospo_fast.advantages.group_segment_advantages`).
+
+    Args:
+        structure: the response's :class:`~ospo_fast.CoalitionStructure`; phi: float ``[n]``, its Owen values.
+    """
+    if structure.num_players == 0:
+        return phi
+    scale = torch.tensor([structure.num_unions * structure.union_sizes[k] for k in structure.union_of],
+                         dtype=phi.dtype, device=phi.device)
+    return phi * scale
+
+
 def spread_credit(
     player_values: Sequence[torch.Tensor] | torch.Tensor,
     token_player: torch.Tensor,
@@ -373,6 +391,8 @@ class CompletionCredit:
         credit: float32 ``[N, T]`` on the ids' device: each segment's excess credit (:func:`excess_credit`, its
             Owen value less its share of v(N) - v(empty)) spread evenly over its tokens; it sums to 0 over a
             completion's segment tokens.
+        worth: ``N`` float32 tensors ``[n_j]``: each segment's :func:`segment_worth`, which the signed mode
+            compares across a group.
     """
 
     texts: list[str]
@@ -380,6 +400,7 @@ class CompletionCredit:
     attributions: Attributions
     token_player: torch.Tensor
     credit: torch.Tensor
+    worth: list[torch.Tensor]
 
     @property
     def full_values(self) -> torch.Tensor:
@@ -440,10 +461,13 @@ def attribute_completions(
     if reserve_last is not None:
         token_player = token_player.masked_fill(reserve_last.bool().to(ids.device), -1)
     excess = [excess_credit(a.plan, a.values, a.phi).float() for a in out.items]
+    worth = [segment_worth(a.segmentation.structure, a.phi).float() for a in out.items]
     if permute is not None:
-        excess = [e[torch.from_numpy(permute.permutation(e.numel())).to(e.device)] for e in excess]
+        orders = [torch.from_numpy(permute.permutation(e.numel())).to(e.device) for e in excess]
+        excess = [e[order] for e, order in zip(excess, orders)]
+        worth = [w[order] for w, order in zip(worth, orders)]
     credit = spread_credit(excess, token_player)
-    return CompletionCredit(texts, offsets, out, token_player, credit)
+    return CompletionCredit(texts, offsets, out, token_player, credit, worth)
 
 
 def token_advantages(
@@ -452,6 +476,7 @@ def token_advantages(
     credit: CompletionCredit | torch.Tensor | None,
     redistribution: Redistribution | None = None,
     segment_mask: torch.Tensor | None = None,
+    groups: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token advantages from each response's (sequence) advantage and its tokens' credit.
 
@@ -464,6 +489,9 @@ def token_advantages(
             checked when it was built); None: the defaults.
         segment_mask: bool ``[N, T]``, the tokens of the answer's segments; only with a credit tensor (None:
             every trained token). A :class:`CompletionCredit` carries its own.
+        groups: the signed mode with a :class:`CompletionCredit` compares each segment with the segments of its
+            group: the group size ``G`` (consecutive groups) or an int tensor ``[N]`` of group ids. (A credit
+            tensor is taken as the segment advantages themselves.)
     Returns:
         ``[N, T]`` in ``advantages``' dtype and device, 0 where ``completion_mask`` is 0. Tokens outside the
         segments get exactly their response's advantage; without ``clip`` each row's mean over its segment
@@ -473,11 +501,18 @@ def token_advantages(
     if credit is None:
         return torch.where(mask, advantages[:, None], torch.zeros((), dtype=advantages.dtype,
                                                                    device=advantages.device))
+    redistribution = redistribution if redistribution is not None else Redistribution()
     if isinstance(credit, CompletionCredit):
         if segment_mask is not None:
             raise ValueError("segment_mask: a CompletionCredit carries its own (credit.segment_mask); pass None")
-        credit, segment_mask = credit.credit, credit.segment_mask
-    redistribution = redistribution if redistribution is not None else Redistribution()
+        if redistribution.mode == "signed":
+            if groups is None:
+                raise ValueError("groups: mode='signed' compares each segment with the segments of its group; pass "
+                                 "the group size or an int tensor [N] of group ids")
+            segment_mask = credit.segment_mask
+            credit = group_segment_advantages(credit.worth, credit.token_player, groups)
+        else:
+            credit, segment_mask = credit.credit, credit.segment_mask
     device = advantages.device
     out = redistribution(advantages, credit.to(device), mask,
                          segment_mask=None if segment_mask is None else segment_mask.to(device))

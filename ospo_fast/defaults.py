@@ -11,8 +11,10 @@ from __future__ import annotations
 # ----------------------------------------------------------------------------------------------------
 # Names an option accepts
 
-#: How a response's advantage is shared out over its segment tokens (:func:`ospo_fast.redistribute`).
-REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid")
+#: How a response's advantage is shared out over its segment tokens (:func:`ospo_fast.redistribute`): the
+#: paper's shares (proportional, rank, hybrid: every token keeps its response's sign) and signed segment
+#: advantages (a segment's Owen value against its group's segments can flip its tokens' sign).
+REDISTRIBUTION_MODES = ("proportional", "rank", "hybrid", "signed")
 #: What GRPO divides the centred rewards by (:func:`ospo_fast.group_advantages`).
 ADVANTAGE_SCALES = ("group", "batch", "none")
 #: How the Owen values are computed (:func:`ospo_fast.make_plan`'s ``method``).
@@ -30,6 +32,8 @@ REDISTRIBUTION = "proportional"
 ALPHA = 0.5
 #: The part of a response's advantage spread uniformly over its segment tokens.
 FLOOR = 0.1
+#: signed mode: the weight of the segment's own advantage, ``Â_t = A + beta * (a_seg(t) - A)``.
+BETA_SIGNED = 1.0
 #: The bound on a token's share ``Â_t / A``, chosen from the shares of ``ospo-fast train`` runs.
 MAX_SHARE = 4.0
 ADVANTAGE_SCALE = "group"

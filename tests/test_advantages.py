@@ -6,7 +6,13 @@ import pytest
 import torch
 from conftest import assert_close
 
-from ospo_fast.advantages import DEFAULT_MAX_SHARE, group_advantages, redistribute
+from ospo_fast.advantages import (
+    DEFAULT_MAX_SHARE,
+    Redistribution,
+    group_advantages,
+    group_segment_advantages,
+    redistribute,
+)
 from ospo_fast.credit import excess_credit, spread_credit
 from ospo_fast.plans import exact_plan
 from ospo_fast.structure import CoalitionStructure
@@ -537,3 +543,136 @@ def test_float32_inputs_give_float32_and_float64_give_float64():
     A, credit, mask = ragged_batch(16)
     assert redistribute(A.float(), credit.float(), mask).dtype == torch.float32
     assert redistribute(A.float(), credit, mask.float()).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------
+# signed: each segment's advantage against its group's segments
+
+
+def _worth_game(groups: int, structure, seed: int, G: int = 8, signal=None):
+    """Random games of one structure: per-response Owen values, segment worth and rewards (v(N))."""
+    from ospo_fast.credit import segment_worth
+
+    g = _gen(seed)
+    s = CoalitionStructure(structure)
+    plan = exact_plan(s)
+    values = torch.rand(groups * G, plan.num_coalitions, generator=g, dtype=torch.float64)
+    if signal is not None:
+        values = signal(plan.masks.double())[None, :].expand_as(values) + 0.05 * values
+    values[:, plan.empty_index] = 0.2
+    phi = values @ plan.weight_matrix()
+    worth = [segment_worth(s, p) for p in phi]
+    return plan, values, phi, worth
+
+
+def test_signed_group_of_one_segment_answers_is_grpo():
+    plan, values, phi, worth = _worth_game(50, [[0]], seed=3)
+    token_player = torch.tensor([-1, -1, 0, 0, 0, -1]).expand(len(worth), -1)
+    a = group_segment_advantages(worth, token_player, 8)
+    A = group_advantages(values[:, plan.full_index], 8)
+    torch.testing.assert_close(a[:, 2], A, rtol=0, atol=1e-9)
+    assert torch.equal(a[:, [0, 1, 5]], torch.zeros(len(worth), 3, dtype=a.dtype))
+    out = redistribute(A, a, torch.ones_like(token_player, dtype=torch.bool), mode="signed",
+                       segment_mask=token_player >= 0)
+    torch.testing.assert_close(out, A[:, None].expand_as(out), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_signed_tokens_outside_the_segments_get_exactly_the_advantage(seed):
+    A, credit, mask = ragged_batch(seed)
+    segment = torch.rand(mask.shape, generator=_gen(seed)) < 0.6
+    out = redistribute(A, credit, mask, mode="signed", segment_mask=segment)
+    outside = mask & ~segment
+    assert torch.equal(out[outside], A[:, None].expand_as(out)[outside])
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_signed_mixes_the_advantage_and_the_segment_advantage_by_beta(beta):
+    A, credit, mask = ragged_batch(4)
+    out = redistribute(A, credit, mask, mode="signed", beta=beta)
+    expected = torch.where(mask, (1 - beta) * A[:, None] + beta * credit, torch.zeros_like(credit))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_signed_flips_the_sign_of_a_decoy_inside_a_better_than_average_answer():
+    # An additive reward: the request phrase is worth +0.5, the hint +0.4, the decoy -0.1. Half the group keeps
+    # the decoy. A decoy kept beside a hint in a better-than-average answer must still be pushed down; the paper's
+    # shares keep every token of that answer positive.
+    from ospo_fast.credit import segment_worth, spread_credit
+
+    weights = {"request": 0.5, "hint": 0.4, "decoy": -0.1}
+    layouts = [["request", "hint", "decoy"], ["request", "hint"], ["request", "decoy"], ["request"]] * 2
+    phi = [torch.tensor([weights[k] for k in layout], dtype=torch.float64) for layout in layouts]
+    rewards = torch.tensor([0.2 + float(p.sum()) for p in phi], dtype=torch.float64)
+    structures = [CoalitionStructure([list(range(len(layout)))]) for layout in layouts]
+    worth = [segment_worth(s, p) for s, p in zip(structures, phi)]
+    T = 3
+    token_player = torch.tensor([[k if k < len(layout) else -1 for k in range(T)] for layout in layouts])
+    mask = token_player >= 0
+    A = group_advantages(rewards, len(layouts))
+    a = group_segment_advantages(worth, token_player, len(layouts))
+    signed = redistribute(A, a, mask, mode="signed", segment_mask=mask)
+    shares = redistribute(A, spread_credit(phi, token_player), mask, mode="proportional", segment_mask=mask)
+    assert A[0] > 0 and signed[0, 2] < 0 < shares[0, 2]  # the decoy of "request, hint, decoy"
+    assert A[2] < 0 and signed[1, 1] > 0  # the hint of "request, hint" is pushed up
+    assert signed[3, 0] > signed[2, 1]  # the request alone beats the decoy beside it
+
+
+def test_group_segment_advantages_take_group_ids_in_any_order():
+    plan, values, phi, worth = _worth_game(6, [[0, 1], [2]], seed=5, G=4)
+    token_player = torch.tensor([0, 0, 1, -1, 2]).expand(len(worth), -1)
+    by_size = group_segment_advantages(worth, token_player, 4)
+    order = torch.randperm(len(worth), generator=_gen(1))
+    ids = (torch.arange(len(worth)) // 4)[order]
+    by_ids = group_segment_advantages([worth[i] for i in order.tolist()], token_player, ids)
+    torch.testing.assert_close(by_ids, by_size[order], rtol=0, atol=1e-12)
+
+
+def test_group_segment_advantages_give_zero_to_a_group_whose_segments_are_alike():
+    worth = [torch.full((3,), 0.4, dtype=torch.float64) for _ in range(4)]
+    token_player = torch.tensor([0, 1, 2]).expand(4, -1)
+    assert torch.equal(group_segment_advantages(worth, token_player, 4), torch.zeros(4, 3, dtype=torch.float64))
+
+
+def test_signed_noise_rewards_move_no_token_class():
+    # The noise game of the share modes: every coalition an independent draw, v(empty) fixed. The worth of a
+    # segment has the same expectation whatever its union's size, so no token class drifts.
+    from ospo_fast.credit import segment_worth
+
+    G, groups = 8, 2000
+    for structure, lengths in (([[0, 1], [2, 3]], [1, 4, 2, 3]), ([[0], [1, 2, 3]], [1, 4, 2, 3])):
+        s = CoalitionStructure(structure)
+        plan = exact_plan(s)
+        values = torch.rand(groups * G, plan.num_coalitions, generator=_gen(7), dtype=torch.float64)
+        values[:, plan.empty_index] = 0.2
+        phi = values @ plan.weight_matrix()
+        worth = [segment_worth(s, p) for p in phi]
+        A = group_advantages(values[:, plan.full_index], G)
+        row = [-1] * 10
+        for i, n in enumerate(lengths):
+            row += [i] * n + ([-1] if i + 1 < len(lengths) else [])
+        row += [-1, -1]
+        token_player = torch.tensor(row).expand(groups * G, -1)
+        a = group_segment_advantages(worth, token_player, G)
+        mask = torch.ones_like(token_player, dtype=torch.bool)
+        out = redistribute(A, a, mask, mode="signed", segment_mask=token_player >= 0)
+        sums = out.view(groups, G, -1).sum(1)
+        mean, stderr = sums.mean(0), sums.std(0) / groups**0.5
+        outside = torch.tensor(row) < 0
+        assert mean[outside].abs().max() < 1e-9, mean
+        assert (mean[~outside].abs() < 4 * stderr[~outside] + 0.05).all(), (structure, mean)
+
+
+def test_signed_mode_without_groups_is_refused_naming_groups():
+    from ospo_fast.credit import CompletionCredit, token_advantages
+
+    credit = CompletionCredit([], [], None, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3), [])
+    with pytest.raises(ValueError, match="^groups: mode='signed'"):
+        token_advantages(torch.zeros(0), torch.zeros(0, 3), credit, Redistribution(mode="signed"))
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan"), True])
+def test_signed_beta_outside_zero_one_is_refused(beta):
+    with pytest.raises(ValueError, match="^beta: expected a finite number in"):
+        Redistribution(mode="signed", beta=beta)
