@@ -97,7 +97,7 @@ def test_redistribution_moves_advantage_between_tokens(tokenizer, tmp_path):
     assert max(spread) > 1  # GRPO would give every token of a completion the same advantage
 
 
-@pytest.mark.parametrize("redistribution", ["proportional", "rank", "hybrid"])
+@pytest.mark.parametrize("redistribution", ["proportional", "rank", "hybrid", "signed"])
 def test_tokens_outside_the_segments_get_trls_advantage(tokenizer, tmp_path, redistribution):
     trainer = train_one_step(tokenizer, tmp_path, word_overlap, redistribution=redistribution)
     for inputs in trainer.loss_inputs:
@@ -106,6 +106,21 @@ def test_tokens_outside_the_segments_get_trls_advantage(tokenizer, tmp_path, red
         assert outside.any()  # the end-of-sequence token and the final "." at least
         expected = inputs["sequence_advantages"][:, None].expand_as(mask)
         assert torch.equal(inputs["advantages"][outside], expected[outside])
+
+
+def test_signed_mode_gives_segment_tokens_their_groups_segment_advantage(tokenizer, tmp_path):
+    from ospo_fast.advantages import group_segment_advantages
+
+    trainer = train_one_step(tokenizer, tmp_path, word_overlap, redistribution="signed")
+    credit = trainer.ospo_last_credit
+    # beta = 1: a segment token's advantage is its segment's advantage against its group's segments. TRL shuffles
+    # the batch before the loss sees it: compare the values of all segment tokens as sorted lists.
+    got = torch.cat([x["advantages"][x["segment_mask"] & x["completion_mask"].bool()] for x in trainer.loss_inputs])
+    expected = group_segment_advantages(credit.worth, credit.token_player, 4)
+    mask = torch.cat([x["completion_mask"] for x in trainer.loss_inputs]).bool()
+    expected = expected[credit.segment_mask.to(expected.device)]
+    assert mask.any() and got.numel() == expected.numel()
+    torch.testing.assert_close(got.sort().values, expected.to(got).sort().values, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_restores_the_attributors_generator(tokenizer, tmp_path):

@@ -124,10 +124,12 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
         ospo_reward: the reward of the attribution game, ``reward(texts, owners) -> float [N]``; None scores
             coalitions with TRL's reward functions (module docstring).
         owner_column: the dataset column holding each example's owner index for ``ospo_reward``.
-        redistribution: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (:mod:`ospo_fast.advantages`). Only
+        redistribution: ``"proportional"``, ``"rank"``, ``"hybrid"`` or ``"signed"`` (docs/credit.md). Only
             the tokens of the answer's segments share out a completion's advantage; every other token
-            (think block, tags, EOS) gets TRL's advantage unchanged.
-        alpha, floor, max_share, clip: see :func:`ospo_fast.redistribute`.
+            (think block, tags, EOS) gets TRL's advantage unchanged. ``"signed"`` compares each segment with
+            the segments of its group of ``num_generations`` completions (one process only: TRL may split a
+            group across processes).
+        alpha, floor, max_share, clip, beta: see :class:`ospo_fast.Redistribution`.
         attribution_method, attribution_budget: the coalition plan ("auto": exact Owen values when they need
             at most ``attribution_budget`` coalitions per completion, else sampled orders).
         segmenter: cuts completions into segments (default :class:`~ospo_fast.Segmenter`).
@@ -160,6 +162,7 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
         floor: float = defaults.FLOOR,
         max_share: float | None = defaults.MAX_SHARE,
         clip: float | tuple[float, float] | None = None,
+        beta: float = defaults.BETA_SIGNED,
         attribution_method: str = defaults.ATTRIBUTION_METHOD,
         attribution_budget: int = defaults.BUDGET,
         segmenter=None,
@@ -172,7 +175,7 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
             raise ValueError("ospo_reward: pass either ospo_attributor or ospo_reward, not both")
         # Checked now, with errors naming the options, rather than at the first generation.
         self.ospo_redistribution = Redistribution(mode=redistribution, alpha=alpha, floor=floor, clip=clip,
-                                                  max_share=max_share)
+                                                  max_share=max_share, beta=beta)
         super().__init__(
             model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, **kwargs,
@@ -187,6 +190,10 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
             )
         self.ospo_attributor = ospo_attributor
         self.owner_column = owner_column
+        if self.ospo_redistribution.mode == "signed" and self.accelerator.num_processes > 1:
+            raise ValueError("redistribution='signed': compares each segment with the segments of its group, and TRL "
+                             f"may split a group over the {self.accelerator.num_processes} processes; run it on one "
+                             "process, or use a share mode (proportional, rank, hybrid)")
 
     def _check_reward_funcs_are_callables(self) -> None:
         for func, name in zip(self.reward_funcs, self.reward_func_names):
@@ -236,12 +243,27 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
         sequence = output["advantages"]
         output["sequence_advantages"] = sequence
         output["segment_mask"] = credit.segment_mask.to(mask.device)  # only these tokens share out the advantage
-        output["advantages"] = token_advantages(sequence, mask, credit, self.ospo_redistribution)
+        output["advantages"] = token_advantages(sequence, mask, credit, self.ospo_redistribution,
+                                                groups=self._ospo_group_size(mode, len(batch.rows)))
+        self.ospo_last_credit = credit  # the batch's segments, Owen values and token credit, for inspection
         elapsed = time.perf_counter() - start
         for name, value in token_statistics(output["advantages"], mask, credit).items():
             self._metrics[mode][name].append(value)
         self._metrics[mode]["ospo/attribution_seconds"].append(elapsed)
         return output
+
+    def _ospo_group_size(self, mode: str, rows: int) -> int | None:
+        """The group size the signed mode compares segments within (this process's rows hold whole groups)."""
+        if self.ospo_redistribution.mode != "signed":
+            return None
+        size = self.num_generations if mode == "train" else self.num_generations_eval
+        if self.accelerator.num_processes > 1 or rows % size:
+            raise ValueError(
+                f"redistribution='signed': compares each segment with the segments of its group of {size} "
+                f"completions, and this process holds {rows} rows of a batch split over "
+                f"{self.accelerator.num_processes} process(es); run it on one process, or use a share mode"
+            )
+        return size
 
     # Checkpoints: the attributor's generator is saved and restored with TRL's random states, so a resumed
     # run draws the sampled plans' orders that an uninterrupted one would.
