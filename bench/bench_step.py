@@ -26,7 +26,8 @@ import torch
 
 import ospo_fast as of
 from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
-from ospo_fast.trainer import OSPOConfig, OSPOTrainer, supervised_warm_start
+from ospo_fast.app.warm_start import supervised_warm_start
+from ospo_fast.trainer import OSPOConfig, OSPOTrainer
 
 
 def main(argv=None):

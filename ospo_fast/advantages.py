@@ -173,9 +173,9 @@ class Redistribution:
         mode: ``"proportional"``, ``"rank"`` or ``"hybrid"`` (the paper's shares: every token keeps its response's
             sign), or ``"signed"``: the token credit is each token's segment advantage ``a`` (its segment's Owen
             value against the segments of its group, :func:`group_segment_advantages`) and a segment token gets
-            ``A + beta * (a - A)``, so a segment's own credit can flip its sign (docs/credit.md).
+            ``A + segment_weight * (a - A)``, so a segment's own credit can flip its sign (docs/credit.md).
         alpha: hybrid only: weight of the proportional shares, in [0, 1].
-        beta: signed only: weight of the segment's own advantage, in [0, 1] (0 is GRPO).
+        segment_weight: signed only: weight of the segment's own advantage, in [0, 1] (0 is GRPO).
         floor: the part of the share spread uniformly over the segment tokens, in [0, 1]; with ``floor > 0``
             no segment token gets zero advantage unless ``A`` is 0.
         clip: None, ``c`` (clamp to ``[-c, c]``) or ``(lo, hi)``, applied last; it can break the mean invariant.
@@ -187,7 +187,7 @@ class Redistribution:
     floor: float = defaults.FLOOR
     clip: float | tuple[float, float] | None = None
     max_share: float | None = DEFAULT_MAX_SHARE
-    beta: float = defaults.BETA_SIGNED
+    segment_weight: float = defaults.SEGMENT_WEIGHT
 
     def __post_init__(self):
         if self.mode not in REDISTRIBUTION_MODES:
@@ -195,7 +195,7 @@ class Redistribution:
             raise ValueError(f"mode: expected one of {REDISTRIBUTION_MODES}, got {self.mode!r}{hint}")
         check_number(self.alpha, "alpha", 0.0, 1.0)
         check_number(self.floor, "floor", 0.0, 1.0)
-        check_number(self.beta, "beta", 0.0, 1.0)
+        check_number(self.segment_weight, "segment_weight", 0.0, 1.0)
         if self.max_share is not None:
             check_number(self.max_share, "max_share", 1.0)
         clip_bounds(self.clip)
@@ -206,7 +206,8 @@ class Redistribution:
         A, c, mask, segment = _check_redistribution_inputs(advantages, token_credit, completion_mask, segment_mask,
                                                            check_finite)
         if self.mode == "signed":
-            out = torch.where(segment, A[:, None] + float(self.beta) * (c - A[:, None]), A[:, None].expand_as(c))
+            mixed = A[:, None] + float(self.segment_weight) * (c - A[:, None])
+            out = torch.where(segment, mixed, A[:, None].expand_as(c))
             return self._clip_and_mask(out, mask)
         length = segment.sum(dim=1, keepdim=True).to(A.dtype)
         u = torch.where(A[:, None] >= 0, c, -c)  # credit in the advantage's direction (sign(0) = +1)
@@ -238,7 +239,7 @@ def redistribute(
     *,
     segment_mask: torch.Tensor | None = None,
     max_share: float | None = DEFAULT_MAX_SHARE,
-    beta: float = defaults.BETA_SIGNED,
+    segment_weight: float = defaults.SEGMENT_WEIGHT,
 ) -> torch.Tensor:
     """Per-token advantages from each response's advantage and its tokens' credit.
 
@@ -247,7 +248,7 @@ def redistribute(
         token_credit: float ``[N, T]``: signed credit of each token (e.g. :func:`ospo_fast.spread_credit`); for
             ``mode="signed"``, each token's segment advantage (:func:`group_segment_advantages`).
         completion_mask: bool or float ``[N, T]``: nonzero on the completion tokens that are trained.
-        mode, alpha, floor, clip, max_share, beta: see :class:`Redistribution`.
+        mode, alpha, floor, clip, max_share, segment_weight: see :class:`Redistribution`.
         check_finite: reject NaN or infinite advantages and credit (None: on CPU tensors only).
         segment_mask: bool ``[N, T]``: True on the tokens that belong to a segment (``token_player >= 0``);
             only they share out the advantage, every other completion token gets exactly ``A``. None: every
@@ -256,7 +257,8 @@ def redistribute(
         float ``[N, T]`` (float64 when an input is, else float32), 0 where the mask is 0. Without ``clip``,
         the mean of each row over its segment tokens, and over its completion tokens, is its advantage.
     """
-    options = Redistribution(mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share, beta=beta)
+    options = Redistribution(mode=mode, alpha=alpha, floor=floor, clip=clip, max_share=max_share,
+                             segment_weight=segment_weight)
     return options(advantages, token_credit, completion_mask, segment_mask=segment_mask, check_finite=check_finite)
 
 

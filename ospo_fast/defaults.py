@@ -32,8 +32,8 @@ REDISTRIBUTION = "proportional"
 ALPHA = 0.5
 #: The part of a response's advantage spread uniformly over its segment tokens.
 FLOOR = 0.1
-#: signed mode: the weight of the segment's own advantage, ``Â_t = A + beta * (a_seg(t) - A)``.
-BETA_SIGNED = 1.0
+#: signed mode: the weight of the segment's own advantage, ``Â_t = A + segment_weight * (a_seg(t) - A)``.
+SEGMENT_WEIGHT = 1.0
 #: The bound on a token's share ``Â_t / A``, chosen from the shares of ``ospo-fast train`` runs.
 MAX_SHARE = 4.0
 ADVANTAGE_SCALE = "group"
@@ -74,7 +74,7 @@ BETA = 0.0
 SAVE_STEPS = 25
 OUTPUT_DIR = "runs/ospo"
 
-#: The supervised warm start to the answer format (:func:`ospo_fast.trainer.supervised_warm_start`), also the
+#: The supervised warm start to the answer format (:func:`ospo_fast.app.warm_start.supervised_warm_start`), also the
 #: tiny policy's warm-start learning rate.
 WARM_START_STEPS = 100
 WARM_START_LR = 1e-3

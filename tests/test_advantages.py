@@ -587,11 +587,11 @@ def test_signed_tokens_outside_the_segments_get_exactly_the_advantage(seed):
     assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_signed_mixes_the_advantage_and_the_segment_advantage_by_beta(beta):
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_signed_mixes_the_advantage_and_the_segment_advantage_by_its_weight(weight):
     A, credit, mask = ragged_batch(4)
-    out = redistribute(A, credit, mask, mode="signed", beta=beta)
-    expected = torch.where(mask, (1 - beta) * A[:, None] + beta * credit, torch.zeros_like(credit))
+    out = redistribute(A, credit, mask, mode="signed", segment_weight=weight)
+    expected = torch.where(mask, (1 - weight) * A[:, None] + weight * credit, torch.zeros_like(credit))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
@@ -672,7 +672,7 @@ def test_signed_mode_without_groups_is_refused_naming_groups():
         token_advantages(torch.zeros(0), torch.zeros(0, 3), credit, Redistribution(mode="signed"))
 
 
-@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan"), True])
-def test_signed_beta_outside_zero_one_is_refused(beta):
-    with pytest.raises(ValueError, match="^beta: expected a finite number in"):
-        Redistribution(mode="signed", beta=beta)
+@pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan"), True])
+def test_signed_segment_weight_outside_zero_one_is_refused(weight):
+    with pytest.raises(ValueError, match="^segment_weight: expected a finite number in"):
+        Redistribution(mode="signed", segment_weight=weight)

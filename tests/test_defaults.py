@@ -8,10 +8,11 @@ import pytest
 
 from ospo_fast import defaults
 from ospo_fast.advantages import DEFAULT_MAX_SHARE, REDISTRIBUTION_MODES, SCALES, group_advantages, redistribute
+from ospo_fast.app.warm_start import supervised_warm_start
 from ospo_fast.attribution import OwenAttributor
 from ospo_fast.loss import LOSS_TYPES
 from ospo_fast.segment import Segmenter, SpacySegmenter
-from ospo_fast.trainer import OSPOConfig, supervised_warm_start
+from ospo_fast.trainer import OSPOConfig
 
 
 def _defaults(func) -> dict:

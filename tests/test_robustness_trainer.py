@@ -135,7 +135,7 @@ def test_a_nan_reward_stops_the_run_before_any_update_and_keeps_the_checkpoint(t
 
 
 def test_a_nan_loss_skips_the_update_with_a_warning_and_a_metric(tokenizer, tmp_path, monkeypatch):
-    import ospo_fast.trainer as trainer_module
+    import ospo_fast.trainer.loop as trainer_module
 
     trainer = make_trainer(tokenizer, tmp_path, mode="grpo", max_steps=1)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -176,9 +176,9 @@ def test_checkpoint_loads_with_weights_only_and_restores_numpy_and_python_genera
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)  # raises on any pickled object
     np_draw, py_draw = np.random.rand(), random.random()
     np.random.seed(123), random.seed(123)
-    from ospo_fast.trainer import _set_rng_states
+    from ospo_fast.trainer.checkpoint import set_rng_states
 
-    _set_rng_states(saved["rng"])
+    set_rng_states(saved["rng"])
     # The generators were saved after step 1; the draws right after saving match those after restoring.
     assert (np.random.rand(), random.random()) == (np_draw, py_draw)
 
@@ -267,7 +267,7 @@ def test_a_damaged_metrics_line_before_the_last_names_the_file_and_line(tmp_path
 def test_metrics_lines_are_written_in_one_flushed_write(tmp_path, monkeypatch):
     import io
 
-    import ospo_fast.trainer as trainer_module
+    import ospo_fast.trainer.checkpoint as checkpoint_module
 
     writes, flushed = [], []
 
@@ -282,9 +282,9 @@ def test_metrics_lines_are_written_in_one_flushed_write(tmp_path, monkeypatch):
         def fileno(self):
             return 0
 
-    monkeypatch.setattr(trainer_module, "open", lambda *a, **k: Recorder(), raising=False)
-    monkeypatch.setattr(trainer_module.os, "fsync", lambda fd: None)
-    trainer_module.append_json_line(tmp_path / METRICS, {"step": 1, "reward": 0.25})
+    monkeypatch.setattr(checkpoint_module, "open", lambda *a, **k: Recorder(), raising=False)
+    monkeypatch.setattr(checkpoint_module.os, "fsync", lambda fd: None)
+    checkpoint_module.append_json_line(tmp_path / METRICS, {"step": 1, "reward": 0.25})
     assert writes == ['{"step": 1, "reward": 0.25}\n'] and flushed == [1]
 
 

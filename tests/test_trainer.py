@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import ospo_fast as of
+from ospo_fast.app.experiment import format_metrics
 from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
+from ospo_fast.app.warm_start import supervised_warm_start
 from ospo_fast.credit import completion_offsets
 from ospo_fast.data import follows_format
-from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer, supervised_warm_start
+from ospo_fast.trainer import CHECKPOINT, METRICS, OSPOConfig, OSPOTrainer
 
 KEYWORDS = [["red", "running", "shoes"], ["usb", "charger", "cable"]]
 PROMPTS = [[{"role": "user", "content": "shoes for a run"}], [{"role": "user", "content": "charge my phone"}]]
@@ -44,20 +46,21 @@ def warm_weights(tokenizer):
 
 @pytest.fixture
 def make_trainer(tokenizer, warm_weights):
-    def make(tmp_path, seed=0, **overrides):
-        return _make_trainer(tokenizer, warm_weights, tmp_path, seed, **overrides)
+    def make(tmp_path, seed=0, answer_metrics=None, **overrides):
+        return _make_trainer(tokenizer, warm_weights, tmp_path, seed, answer_metrics, **overrides)
 
     return make
 
 
-def _make_trainer(tokenizer, warm_weights, tmp_path, seed=0, **overrides):
+def _make_trainer(tokenizer, warm_weights, tmp_path, seed=0, answer_metrics=None, **overrides):
     model = tiny_causal_lm(tokenizer, hidden_size=64, seed=seed)
     if seed == 0:
         model.load_state_dict(warm_weights)
     options = dict(output_dir=str(tmp_path), max_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=12,
                    learning_rate=1e-3, save_steps=1, progress=False, seed=seed)
     options.update(overrides)
-    return OSPOTrainer(model, tokenizer, keyword_reward, PROMPTS, [0, 1], OSPOConfig(**options))
+    return OSPOTrainer(model, tokenizer, keyword_reward, PROMPTS, [0, 1], OSPOConfig(**options),
+                       answer_metrics=answer_metrics)
 
 
 def _rollout(trainer):
@@ -76,19 +79,19 @@ def test_ospo_step_updates_the_policy(make_trainer, tmp_path):
 
 def test_ospo_token_advantages_average_to_the_group_advantage(make_trainer, tmp_path):
     rollout = _rollout(make_trainer(tmp_path, redistribution="rank"))
-    mask = rollout["completion_mask"].float()
-    mean = (rollout["token_advantages"] * mask).sum(1) / mask.sum(1)
-    torch.testing.assert_close(mean, rollout["advantages"].float(), rtol=1e-5, atol=1e-5)
+    mask = rollout.completion_mask.float()
+    mean = (rollout.token_advantages * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(mean, rollout.advantages.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("redistribution", ["proportional", "rank", "hybrid"])
 def test_ospo_gives_tokens_outside_the_segments_their_response_advantage(make_trainer, tmp_path, redistribution):
     rollout = _rollout(make_trainer(tmp_path, redistribution=redistribution))
-    mask, segments = rollout["completion_mask"], rollout["segment_mask"]
+    mask, segments = rollout.completion_mask, rollout.segment_mask
     outside = mask & ~segments
     assert outside.any() and (mask & segments).any()  # tags and EOS, and answer segments, in every batch
-    expected = rollout["advantages"][:, None].expand_as(mask).float()
-    assert torch.equal(rollout["token_advantages"][outside], expected[outside])
+    expected = rollout.advantages[:, None].expand_as(mask).float()
+    assert torch.equal(rollout.token_advantages[outside], expected[outside])
 
 
 def test_shuffled_credit_is_a_permutation_of_each_responses_credit(tokenizer):
@@ -120,32 +123,36 @@ def test_shuffled_credit_is_a_permutation_of_each_responses_credit(tokenizer):
 def test_trainer_with_shuffled_credit_runs_and_checks_the_option(make_trainer, tmp_path):
     trainer = make_trainer(tmp_path, credit="shuffled")
     rollout = _rollout(trainer)
-    assert rollout["credit"].shape == rollout["token_advantages"].shape
+    assert rollout.credit.shape == rollout.token_advantages.shape
     with pytest.raises(ValueError, match="credit: expected one of"):
         make_trainer(tmp_path, credit="random")
 
 
 def test_metrics_log_the_format_rate_and_completion_length(make_trainer, tmp_path):
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, answer_metrics=format_metrics)
     metrics = trainer.train()
-    texts = trainer.last_rollout["texts"]
+    texts = trainer.last_rollout.texts
     assert metrics[-1]["format_rate"] == sum(follows_format(t) for t in texts) / len(texts)
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= x["format_rate"] <= 1 and x["completion_length"] > 0 for x in logged)
 
 
+def test_the_trainer_logs_no_answer_metric_unless_given_one(make_trainer, tmp_path):
+    metrics = make_trainer(tmp_path, mode="grpo", max_steps=1).train()
+    assert "format_rate" not in metrics[-1] and metrics[-1]["completion_length"] > 0
+
 def test_grpo_mode_gives_every_token_its_response_advantage(make_trainer, tmp_path):
     rollout = _rollout(make_trainer(tmp_path, mode="grpo"))
-    mask = rollout["completion_mask"]
-    expected = rollout["advantages"][:, None].expand_as(mask) * mask
-    torch.testing.assert_close(rollout["token_advantages"], expected.float())
+    mask = rollout.completion_mask
+    expected = rollout.advantages[:, None].expand_as(mask) * mask
+    torch.testing.assert_close(rollout.token_advantages, expected.float())
 
 
 def test_sequence_reward_is_the_value_of_all_segments(make_trainer, tmp_path):
     rollout = _rollout(make_trainer(tmp_path))
     segmenter = of.Segmenter()
-    answers = [of.coalition_text(sg, [True] * sg.num_players) for sg in map(segmenter, rollout["texts"])]
-    torch.testing.assert_close(rollout["rewards"].double(), keyword_reward(answers, rollout["owners"]), rtol=1e-6,
+    answers = [of.coalition_text(sg, [True] * sg.num_players) for sg in map(segmenter, rollout.texts)]
+    torch.testing.assert_close(rollout.rewards.double(), keyword_reward(answers, rollout.owners), rtol=1e-6,
                                atol=1e-6)
 
 

@@ -6,7 +6,8 @@
 - :mod:`~ospo_fast.app.comparison`: variants compared seed by seed, with paired intervals;
 - :mod:`~ospo_fast.app.credit`: the credit benchmark (answers whose segments' worth is known);
 - :mod:`~ospo_fast.app.stats`: intervals and power;
-- :mod:`~ospo_fast.app.tiny`: the tiny policy of tests and demos.
+- :mod:`~ospo_fast.app.tiny`: the tiny policy of tests and demos;
+- :mod:`~ospo_fast.app.warm_start`: the supervised warm start to the answer format.
 
 ``import ospo_fast`` does not import this layer (nor matplotlib, pandas or scipy, which it uses).
 """

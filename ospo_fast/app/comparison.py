@@ -35,6 +35,7 @@ from .experiment import (
     RunSettings,
     evaluate_copy_request,
     evaluate_policy,
+    format_metrics,
     load_task,
     make_policy,
     retrievers,
@@ -144,7 +145,8 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
                 curve.append([step, validation_ndcg(trainer.model)])
 
         trainer = OSPOTrainer(model, tokenizer, scorers["dense"], train_task.prompts, train_task.owners,
-                              variant_config(config, variant, seed, out), callbacks=[record])
+                              variant_config(config, variant, seed, out), callbacks=[record],
+                              answer_metrics=format_metrics)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start  # validation included

@@ -50,10 +50,10 @@ from ..trainer import (
     check_resume_config,
     read_checkpoint,
     read_metrics,
-    supervised_warm_start,
 )
 from .stats import bootstrap_interval
 from .tiny import TINY_MODEL, build_tokenizer, tiny_causal_lm
+from .warm_start import supervised_warm_start
 
 KS = (10, 20, 50, 100)
 #: The policies of every evaluation table, in order.
@@ -284,6 +284,12 @@ def repeats_itself(answer: str, segmenter: Segmenter | None = None) -> bool:
     return len(set(phrases)) < len(phrases)
 
 
+def format_metrics(completions: list[str]) -> dict[str, float]:
+    """The share of completions in the answer format: what the trainer logs of each step's samples
+    (``OSPOTrainer(answer_metrics=format_metrics)``, ``format_rate`` in metrics.jsonl)."""
+    return {"format_rate": sum(map(follows_format, completions)) / len(completions)}
+
+
 def answer_stats(completions: list[str], answers: list[str], tokenizer=None) -> dict:
     """Format rate, completion tokens, segments per answer and repetition rate of a policy's answers."""
     segmenter = Segmenter()
@@ -407,7 +413,7 @@ def run(settings: RunSettings, config: OSPOConfig, resume: bool = False, overwri
         (out / METRICS).unlink(missing_ok=True)
         validate(model, 0)
     trainer = OSPOTrainer(model, tokenizer, reward, train_task.prompts, train_task.owners, config,
-                          callbacks=[periodic_validation])
+                          callbacks=[periodic_validation], answer_metrics=format_metrics)
     start = time.perf_counter()
     trainer.train(resume=resume)
     train_seconds = time.perf_counter() - start

@@ -14,7 +14,7 @@ Kaggle competition (:func:`load_hm`). The shipped default dataset (``default/``)
 """
 
 from .gains import ESCI_GAINS, esci_gain  # loaded at once, as the prompts: no pandas
-from .prompts import (  # loaded at once: the trainer reads the answer format, and it needs no pandas
+from .prompts import (  # loaded at once: the application reads the answer format, and it needs no pandas
     ESCI_SYSTEM,
     ESCI_TEMPLATE,
     ESCI_WORKED_EXAMPLES,

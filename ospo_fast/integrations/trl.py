@@ -129,7 +129,7 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
             (think block, tags, EOS) gets TRL's advantage unchanged. ``"signed"`` compares each segment with
             the segments of its group of ``num_generations`` completions (one process only: TRL may split a
             group across processes).
-        alpha, floor, max_share, clip, beta: see :class:`ospo_fast.Redistribution`.
+        alpha, floor, max_share, clip, segment_weight: see :class:`ospo_fast.Redistribution`.
         attribution_method, attribution_budget: the coalition plan ("auto": exact Owen values when they need
             at most ``attribution_budget`` coalitions per completion, else sampled orders).
         segmenter: cuts completions into segments (default :class:`~ospo_fast.Segmenter`).
@@ -162,7 +162,7 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
         floor: float = defaults.FLOOR,
         max_share: float | None = defaults.MAX_SHARE,
         clip: float | tuple[float, float] | None = None,
-        beta: float = defaults.BETA_SIGNED,
+        segment_weight: float = defaults.SEGMENT_WEIGHT,
         attribution_method: str = defaults.ATTRIBUTION_METHOD,
         attribution_budget: int = defaults.BUDGET,
         segmenter=None,
@@ -175,7 +175,7 @@ class OSPOGRPOTrainer(GRPOTrainer, BatchContextHolder):
             raise ValueError("ospo_reward: pass either ospo_attributor or ospo_reward, not both")
         # Checked now, with errors naming the options, rather than at the first generation.
         self.ospo_redistribution = Redistribution(mode=redistribution, alpha=alpha, floor=floor, clip=clip,
-                                                  max_share=max_share, beta=beta)
+                                                  max_share=max_share, segment_weight=segment_weight)
         super().__init__(
             model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, **kwargs,
