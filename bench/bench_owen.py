@@ -102,7 +102,7 @@ def bench_workload(name, plan, games, device, dtype, rows):
         fns[f"ospo_fast {backend}"] = cuda_synced(lambda b=backend: of.owen_from_values(plan, values, backend=b))
     if "ospo_fast cpp" in fns or "ospo_fast cuda" in fns:
         # The registered operator alone, on arguments built once: what owen_from_values adds is Python.
-        batch = plans_module.PlanBatch.repeat(plan, games)
+        batch = of.PlanBatch.repeat(plan, games)
         args = (values.reshape(-1), *batch.kernel_args(values.device, values.dtype), batch.num_rows)
         fns["ospo_fast op (bare torch.ops call)"] = cuda_synced(lambda: torch.ops.ospo_fast.owen_aggregate(*args))
     times = interleaved_medians(fns)

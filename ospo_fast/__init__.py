@@ -6,6 +6,7 @@ token advantages -> loss. This package exposes each stage; see README.md for a t
 
 from . import _extension, rewards
 from .advantages import Redistribution, group_advantages, redistribute
+from .aggregation import PlanBatch, owen_aggregate_reference
 from .attribution import Attribution, Attributions, OwenAttributor
 from .credit import (
     CompletionCredit,
@@ -19,11 +20,10 @@ from .credit import (
     token_player_maps,
 )
 from .loss import grpo_loss, token_logprobs
-from .owen import BACKENDS, owen_aggregate_reference, owen_from_values, owen_values, resolve_backend
+from .owen import BACKENDS, owen_from_values, owen_values, resolve_backend
 from .plans import (
     MAX_EXACT_COALITIONS,
     CoalitionPlan,
-    PlanBatch,
     exact_plan,
     make_plan,
     make_plans,

@@ -1,9 +1,10 @@
 """Loads the compiled extension ``ospo_fast._C`` and says which backends this install has.
 
-``import ospo_fast`` calls :func:`_load`, which registers the operators and their fake (meta) kernels (the
-aggregation's gradient is registered by ``ospo_fast.owen``, which defines it). The
-package works without the extension (pure torch reference); a missing build is reported once, as a warning,
-only when a backend that needs it is asked for.
+``import ospo_fast`` calls :func:`_load`, which registers the operators, and the fake (meta) kernels of the
+encoder's operators (``varlen_attention``, ``layer_norm_rows``, ``bias_gelu_``, called inline by
+``ospo_fast.evaluate.encoder``). The aggregation operator's fake kernel and gradient are registered beside its
+wrapper, in :mod:`ospo_fast.aggregation`. The package works without the extension (pure torch reference); a
+missing build is reported once, as a warning, only when a backend that needs it is asked for.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ def _load():
         from . import _C  # noqa: F401  (importing registers torch.ops.ospo_fast.*)
     except ImportError as exc:
         return None, str(exc)
-
-    @torch.library.register_fake("ospo_fast::owen_aggregate")
-    def _(values, value_offsets, row_offsets, game_ptr_base, player_ptr, term_plus, term_minus, term_weight, num_rows):
-        return values.new_empty(num_rows)
 
     @torch.library.register_fake("ospo_fast::varlen_attention")
     def _(q, k, v, cu_seqlens, max_seqlen, scale, out, qkv_bias=None):

@@ -29,11 +29,10 @@ from .evaluate import (
     packed_support,
 )
 from .owen import owen_from_values
-from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, make_plan, make_plans
+from .plans import MAX_EXACT_COALITIONS, CoalitionPlan, check_plan_options, make_plans
 from .rewards.dense import DenseRetrievalReward
 from .rewards.metrics import check_queries
 from .segment import Segmentation, Segmenter
-from .structure import CoalitionStructure
 
 
 @dataclass
@@ -206,7 +205,7 @@ class OwenAttributor:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
         self.plan_options = dict(method=method, budget=budget, num_permutations=num_permutations, antithetic=antithetic,
                                  max_exact_coalitions=max_exact_coalitions)
-        make_plan(CoalitionStructure([[0, 1]]), **self.plan_options)  # validates the options once, here
+        check_plan_options(**self.plan_options)  # once, here
         self.seed = int(seed)
         #: Draws the orders of every sampled plan (see ``seed``); its state is :meth:`state_dict`.
         self.rng = np.random.Generator(np.random.PCG64(self.seed))

@@ -6,7 +6,7 @@
 op              a caller may ask for              ``"auto"`` picks
 ==============  ===============================  ==========================================================
 ``aggregation`` auto, torch, cpp, cuda, triton    cuda (CUDA kernels built) or triton on CUDA; cpp on the CPU
-                                                  where built; else torch (Owen aggregation, ``owen.py``)
+                                                  where built; else torch (``aggregation.py``)
 ``loss``        auto, torch, triton               triton on CUDA where installed, else torch (``loss.py``)
 ``packing``     auto, torch, triton               triton on CUDA where installed, else torch
 ``pooling``     auto, runs, segments, triton      runs on the CPU; triton on CUDA where installed, else segments

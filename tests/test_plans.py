@@ -14,6 +14,8 @@ from conftest import random_game, random_structure
 import ospo_fast as of
 import ospo_fast.plans as plans_module
 from ospo_fast.plans import PlanCache
+from ospo_fast.plans import cache as cache_module
+from ospo_fast.plans import sampled as sampled_module
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -195,7 +197,7 @@ def test_plan_cache_size_must_be_a_positive_int(maxsize):
 
 def test_plans_come_back_from_the_plan_cache_and_its_bound_holds(monkeypatch):
     cache = PlanCache(maxsize=2)
-    monkeypatch.setattr(plans_module, "plan_cache", cache)
+    monkeypatch.setattr(cache_module, "plan_cache", cache)
     s1, s2, s3 = (of.CoalitionStructure.from_sizes(sizes) for sizes in ([2], [1, 2], [3]))
     p1, p2 = of.exact_plan(s1), of.sampled_plan(s2, 4, seed=1)
     assert of.exact_plan(s1) is p1 and of.sampled_plan(s2, 4, seed=1) is p2
@@ -209,7 +211,7 @@ def test_plans_come_back_from_the_plan_cache_and_its_bound_holds(monkeypatch):
 
 def test_plans_drawn_from_a_generator_stay_out_of_the_plan_cache(monkeypatch):
     cache = PlanCache(maxsize=8)
-    monkeypatch.setattr(plans_module, "plan_cache", cache)
+    monkeypatch.setattr(cache_module, "plan_cache", cache)
     of.sampled_plan(of.CoalitionStructure.from_sizes([2, 2]), 4, rng=np.random.default_rng(0))
     assert len(cache) == 0
 
@@ -307,7 +309,7 @@ def test_make_plans_draws_what_successive_make_plan_calls_draw(chunk_terms, monk
     64 players) gives, plan by plan, bit for bit, what make_plan(rng=...) called in turn gives, and leaves the
     generator in the same state; however the construction is cut into chunks of games."""
     if chunk_terms is not None:
-        monkeypatch.setattr(of.plans, "_CHUNK_TERMS", chunk_terms)
+        monkeypatch.setattr(sampled_module, "_CHUNK_TERMS", chunk_terms)
     g = _gen(11)
     structures = [random_structure(int(torch.randint(1, 13, (1,), generator=g)), g) for _ in range(30)]
     structures += [structures[0], of.CoalitionStructure([]), of.CoalitionStructure.from_sizes([10, 30]),

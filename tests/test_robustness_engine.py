@@ -12,6 +12,8 @@ from conftest import BACKEND_IDS, BACKENDS
 import ospo_fast as of
 from ospo_fast import _extension
 from ospo_fast import plans as plans_module
+from ospo_fast.plans import cache as cache_module
+from ospo_fast.plans import plan as plan_module
 
 needs_cpp = pytest.mark.skipif(not _extension.has_cpp(), reason="ospo_fast._C is not built")
 SIXTEEN = of.CoalitionStructure.from_sizes([16])  # one union of 16 players: 2^16 exact coalitions
@@ -165,8 +167,8 @@ def test_hand_built_bad_plan_raises_naming_the_field(field, bad):
 
 def test_hand_built_good_plan_is_accepted_and_checked_once(monkeypatch):
     calls = []
-    real = plans_module._validate_plan
-    monkeypatch.setattr(plans_module, "_validate_plan", lambda plan: calls.append(plan) or real(plan))
+    real = plan_module._validate_plan
+    monkeypatch.setattr(plan_module, "_validate_plan", lambda plan: calls.append(plan) or real(plan))
     good = _good_plan()
     plan = of.CoalitionPlan(**_fields(good))
     assert len(calls) == 1
@@ -180,7 +182,7 @@ def test_hand_built_good_plan_is_accepted_and_checked_once(monkeypatch):
 
 def test_factory_plans_pay_no_validation(monkeypatch):
     calls = []
-    monkeypatch.setattr(plans_module, "_validate_plan", calls.append)
+    monkeypatch.setattr(plan_module, "_validate_plan", calls.append)
     structures = [of.CoalitionStructure.from_sizes(sizes) for sizes in ([2, 1, 2], [4], [1, 1, 1, 3])]
     rng = np.random.default_rng(0)
     built = [of.sampled_plan(s, 6, rng=rng) for s in structures]
@@ -274,3 +276,37 @@ def test_bool_and_non_positive_counts_are_refused_by_name(bad):
         of.make_plan(s, "sampled", num_permutations=bad)
     with pytest.raises(ValueError, match=r"^budget: expected an int >= 2"):
         of.make_plan(s, "auto", budget=bad)
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="kernelshap"),
+    dict(method="auto", budget=1),
+    dict(method="auto", budget=2.0),
+    dict(method="auto", num_permutations=0),
+    dict(method="sampled", num_permutations=True),
+    dict(method="sampled", num_permutations=plans_module.MAX_PERMUTATIONS + 1),
+    dict(method="exact", max_exact_coalitions=0),
+    dict(method="auto", max_exact_coalitions=plans_module.EXACT_COALITIONS_HARD_LIMIT + 1),
+])
+def test_check_plan_options_raises_what_make_plan_raises(options):
+    """The options' check without a plan: the same error as make_plan on a game too big for the budget."""
+    big = of.CoalitionStructure.from_sizes([8, 8])  # 1020 coalitions: sampled under "auto"
+    with pytest.raises(ValueError) as from_plan:
+        of.make_plan(big, **options)
+    with pytest.raises(ValueError) as from_check:
+        plans_module.check_plan_options(**options)
+    assert str(from_check.value) == str(from_plan.value)
+
+
+def test_check_plan_options_builds_nothing(monkeypatch):
+    cache = plans_module.PlanCache(maxsize=8)
+    monkeypatch.setattr(cache_module, "plan_cache", cache)
+    for method in ("exact", "sampled", "auto"):
+        plans_module.check_plan_options(method)
+    assert len(cache) == 0 and cache.misses == 0
+
+
+def test_check_plan_options_ignores_what_the_method_does_not_use():
+    for method, unused in (("exact", dict(budget=1, num_permutations=0)), ("sampled", dict(budget=1))):
+        plans_module.check_plan_options(method, **unused)
+        of.make_plan(of.CoalitionStructure.from_sizes([2]), method, **unused)

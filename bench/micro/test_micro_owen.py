@@ -2,6 +2,7 @@
 
 Workloads (float64 values, as the attribution uses them):
   exact    B games sharing the exact plan of 3 unions x 4 players (176 coalitions per game)
+  single   one game of that plan, values [C]: a call's fixed cost (Python, dispatch) more than the kernel
   sampled  B games sharing a sampled plan of 4 unions x 4 players, K = 64 antithetic orders
   mixed    a PlanBatch of B games, each its own random structure (1-3 unions of 1-4 players), plans
            from make_plans(method="auto", budget=64), as in a real GRPO batch
@@ -24,6 +25,7 @@ import ospo_fast as of  # noqa: E402
 
 WORKLOADS = {
     "exact": 1024,  # games
+    "single": 1,
     "sampled": 128,
     "mixed": 512,
 }
@@ -38,9 +40,10 @@ def _workload(name: str):
     """(plan or PlanBatch, float64 CPU values, a short description), fixed seeds."""
     games = WORKLOADS[name]
     g = torch.Generator().manual_seed(0)
-    if name == "exact":
+    if name in ("exact", "single"):
         plan = of.exact_plan(of.CoalitionStructure([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]))
-        values = torch.randn(games, plan.num_coalitions, dtype=torch.float64, generator=g)
+        shape = (plan.num_coalitions,) if name == "single" else (games, plan.num_coalitions)
+        values = torch.randn(shape, dtype=torch.float64, generator=g)
         return plan, values, f"3x4 players, {plan.num_coalitions} coalitions, B={games}"
     if name == "sampled":
         structure = of.CoalitionStructure([list(range(4 * u, 4 * u + 4)) for u in range(4)])

@@ -8,7 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..plans import CoalitionPlan, PlanBatch
+from ..aggregation import PlanBatch
+from ..plans import CoalitionPlan
 from ..segment import Segmentation
 
 
