@@ -8,6 +8,7 @@ import pytest
 
 from ospo_fast import defaults
 from ospo_fast.advantages import DEFAULT_MAX_SHARE, REDISTRIBUTION_MODES, SCALES, group_advantages, redistribute
+from ospo_fast.app import defaults as app_defaults
 from ospo_fast.app.warm_start import supervised_warm_start
 from ospo_fast.attribution import OwenAttributor
 from ospo_fast.loss import LOSS_TYPES
@@ -51,7 +52,7 @@ def test_ospo_config_reads_the_defaults():
     )
     assert {name: config[name] for name in expected} == expected
     got = _defaults(supervised_warm_start)
-    assert (got["steps"], got["learning_rate"]) == (defaults.WARM_START_STEPS, defaults.WARM_START_LR)
+    assert (got["steps"], got["learning_rate"]) == (app_defaults.WARM_START_STEPS, app_defaults.WARM_START_LR)
 
 
 @pytest.mark.parametrize("field, names", [("mode", defaults.TRAINING_MODES),
@@ -93,13 +94,13 @@ def test_run_settings_read_the_defaults():
     from ospo_fast.app.tiny import TINY_MODEL
 
     settings = RunSettings()
-    assert (settings.task, settings.eval_every) == (defaults.TASK, defaults.EVAL_EVERY)
+    assert (settings.task, settings.eval_every) == (app_defaults.TASK, app_defaults.EVAL_EVERY)
     tiny = RunSettings(model=TINY_MODEL)
-    assert tiny.warm_start_steps_or_default() == defaults.TINY_WARM_START_STEPS
-    assert tiny.warm_start_lr_or_default() == defaults.WARM_START_LR
-    assert tiny.warm_start_extra_or_default() == defaults.TINY_WARM_START_EXTRA
-    assert RunSettings(task="credit").warm_start_steps_or_default() == defaults.CREDIT_WARM_START_STEPS
-    assert settings.warm_start_lr_or_default() == defaults.PRETRAINED_WARM_START_LR
+    assert tiny.warm_start_steps_or_default() == app_defaults.TINY_WARM_START_STEPS
+    assert tiny.warm_start_lr_or_default() == app_defaults.WARM_START_LR
+    assert tiny.warm_start_extra_or_default() == app_defaults.TINY_WARM_START_EXTRA
+    assert RunSettings(task="credit").warm_start_steps_or_default() == app_defaults.CREDIT_WARM_START_STEPS
+    assert settings.warm_start_lr_or_default() == app_defaults.PRETRAINED_WARM_START_LR
 
 
 @pytest.fixture
@@ -143,19 +144,20 @@ def test_cli_defaults_come_from_the_constants(parsers):
         defaults.LOSS_TYPE, defaults.SEED)
     assert (d["steps"], d["prompts_per_step"], d["group_size"], d["lr"], d["max_new_tokens"], d["temperature"],
             d["eval_every"], d["save_steps"], d["bf16"], d["task"]) == (
-        defaults.MAIN_JOB_STEPS, defaults.PROMPTS_PER_STEP, defaults.MAIN_JOB_GROUP_SIZE,
-        defaults.MAIN_JOB_LEARNING_RATE, defaults.MAIN_JOB_MAX_NEW_TOKENS, defaults.MAIN_JOB_TEMPERATURE,
-        defaults.MAIN_JOB_EVAL_EVERY, defaults.MAIN_JOB_SAVE_STEPS, defaults.MAIN_JOB_BF16, defaults.TASK)
+        app_defaults.MAIN_JOB_STEPS, defaults.PROMPTS_PER_STEP, app_defaults.MAIN_JOB_GROUP_SIZE,
+        app_defaults.MAIN_JOB_LEARNING_RATE, app_defaults.MAIN_JOB_MAX_NEW_TOKENS, app_defaults.MAIN_JOB_TEMPERATURE,
+        app_defaults.MAIN_JOB_EVAL_EVERY, app_defaults.MAIN_JOB_SAVE_STEPS, app_defaults.MAIN_JOB_BF16,
+        app_defaults.TASK)
     assert _action(parsers["train"], "output").default == defaults.OUTPUT_DIR
-    assert _action(parsers["compare"], "output").default == defaults.COMPARE_OUTPUT_DIR
-    assert _action(parsers["compare"], "seeds").default == list(defaults.COMPARE_SEEDS)
+    assert _action(parsers["compare"], "output").default == app_defaults.COMPARE_OUTPUT_DIR
+    assert _action(parsers["compare"], "seeds").default == list(app_defaults.COMPARE_SEEDS)
     assert _action(parsers["compare"], "variants").default == list(VARIANTS)
-    assert _action(parsers["eval"], "max_new_tokens").default == defaults.MAIN_JOB_MAX_NEW_TOKENS
+    assert _action(parsers["eval"], "max_new_tokens").default == app_defaults.MAIN_JOB_MAX_NEW_TOKENS
     attribute = parsers["attribute"]
     assert (_action(attribute, "method").default, _action(attribute, "budget").default) == (
         defaults.ATTRIBUTION_METHOD, defaults.PLAN_BUDGET)
     assert _action(parsers["demo"], "permutations").default == defaults.NUM_PERMUTATIONS
-    assert f"about {defaults.TINY_LEARNING_RATE}" in _action(parsers["train"], "lr").help
+    assert f"about {app_defaults.TINY_LEARNING_RATE}" in _action(parsers["train"], "lr").help
 
 
 def test_defaults_import_nothing_of_the_package():

@@ -9,7 +9,8 @@ import torch
 
 import ospo_fast as of
 from ospo_fast.app import cli
-from ospo_fast.app.experiment import RunSettings, evaluate_queries, retrievers, warm_start_pairs
+from ospo_fast.app.evaluation import evaluate_queries, retrievers
+from ospo_fast.app.experiment import RunSettings, warm_start_pairs
 
 TINY = ["--model", "tiny", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
         "--warm-start-steps", "3", "--eval-every", "1", "--eval-samples", "4", "--save-steps", "1"]
@@ -76,7 +77,7 @@ def test_fitted_parts_never_see_the_held_out_targets():
 
 
 def test_answer_statistics():
-    from ospo_fast.app.experiment import answer_stats, repeats_itself
+    from ospo_fast.app.evaluation import answer_stats, repeats_itself
 
     assert repeats_itself("mama koala, a gentle, a gentle")
     assert repeats_itself("camera camera camera")
@@ -86,7 +87,7 @@ def test_answer_statistics():
 
 
 def test_paired_difference_interval_covers_the_mean():
-    from ospo_fast.app.experiment import paired_difference
+    from ospo_fast.app.evaluation import paired_difference
 
     rng = torch.Generator().manual_seed(0)
     a = torch.rand(41, generator=rng).tolist()

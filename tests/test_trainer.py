@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ospo_fast as of
-from ospo_fast.app.experiment import format_metrics
+from ospo_fast.app.evaluation import format_metrics
 from ospo_fast.app.tiny import build_tokenizer, tiny_causal_lm
 from ospo_fast.app.warm_start import supervised_warm_start
 from ospo_fast.credit import completion_offsets

@@ -26,6 +26,7 @@ from ..owen import owen_from_values
 from ..plans import exact_plan, sampled_plan
 from ..policy import DEFAULT_MODEL
 from ..segment import Segmenter, coalition_texts
+from . import defaults as app_defaults
 
 DEMO_TEXT = (
     "<think>the user wants a charger for an iphone</think><answer>fast iphone charger with usb c cable for car. "
@@ -159,7 +160,8 @@ def _read_json(path: Path, *keys: str):
 
 
 def train(args) -> int:
-    from .experiment import format_table, run
+    from .evaluation import format_table
+    from .experiment import run
 
     if args.resume and args.overwrite:
         raise SystemExit("train: give at most one of --resume and --overwrite")
@@ -209,7 +211,8 @@ def _run_to_evaluate(run: Path) -> tuple[dict, dict, Path]:
 
 def evaluate(args) -> int:
     from ..policy import load_policy
-    from .experiment import RunSettings, evaluate_policy, format_table, load_task, retrievers, training_items
+    from .evaluation import evaluate_policy, format_table, retrievers
+    from .experiment import RunSettings, load_task, training_items
 
     if bool(args.run) == bool(args.model):
         raise SystemExit("eval: give exactly one of --run DIR or --model NAME")
@@ -256,7 +259,7 @@ def compare(args) -> int:
 def attribute(args) -> int:
     from ..attribution import OwenAttributor
     from ..data import default_task
-    from .experiment import request_of
+    from .evaluation import request_of
 
     task = default_task(seed=args.seed)
     if args.request is not None:
@@ -297,22 +300,22 @@ def _max_share(text: str) -> float | None:
 
 
 #: The main job's defaults (``ospo-fast train`` with no arguments; see :mod:`ospo_fast.defaults`).
-MAIN_JOB = dict(steps=defaults.MAIN_JOB_STEPS, prompts_per_step=defaults.PROMPTS_PER_STEP,
-                group_size=defaults.MAIN_JOB_GROUP_SIZE, lr=defaults.MAIN_JOB_LEARNING_RATE,
-                max_new_tokens=defaults.MAIN_JOB_MAX_NEW_TOKENS, temperature=defaults.MAIN_JOB_TEMPERATURE,
-                eval_every=defaults.MAIN_JOB_EVAL_EVERY)
+MAIN_JOB = dict(steps=app_defaults.MAIN_JOB_STEPS, prompts_per_step=defaults.PROMPTS_PER_STEP,
+                group_size=app_defaults.MAIN_JOB_GROUP_SIZE, lr=app_defaults.MAIN_JOB_LEARNING_RATE,
+                max_new_tokens=app_defaults.MAIN_JOB_MAX_NEW_TOKENS, temperature=app_defaults.MAIN_JOB_TEMPERATURE,
+                eval_every=app_defaults.MAIN_JOB_EVAL_EVERY)
 
 
 def _run_defaults() -> dict:
     return dict(
-        model=DEFAULT_MODEL, task=defaults.TASK, esci_examples=None, esci_products=None, hm_articles=None,
+        model=DEFAULT_MODEL, task=app_defaults.TASK, esci_examples=None, esci_products=None, hm_articles=None,
         hm_customers=None, hm_transactions=None, max_samples=None, warm_start_steps=None, warm_start_lr=None,
         eval_every=MAIN_JOB["eval_every"], eval_samples=None,
         mode=defaults.TRAINING_MODE, redistribution=defaults.REDISTRIBUTION, max_share=defaults.MAX_SHARE,
         steps=MAIN_JOB["steps"], prompts_per_step=MAIN_JOB["prompts_per_step"], group_size=MAIN_JOB["group_size"],
         lr=MAIN_JOB["lr"], max_new_tokens=MAIN_JOB["max_new_tokens"], temperature=MAIN_JOB["temperature"],
-        bf16=defaults.MAIN_JOB_BF16, budget=defaults.BUDGET, beta=defaults.BETA, loss_type=defaults.LOSS_TYPE,
-        attribution_dtype=None, save_steps=defaults.MAIN_JOB_SAVE_STEPS, seed=defaults.SEED,
+        bf16=app_defaults.MAIN_JOB_BF16, budget=defaults.BUDGET, beta=defaults.BETA, loss_type=defaults.LOSS_TYPE,
+        attribution_dtype=None, save_steps=app_defaults.MAIN_JOB_SAVE_STEPS, seed=defaults.SEED,
     )
 
 
@@ -359,7 +362,8 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--prompts-per-step", type=int, help=f"default {d['prompts_per_step']}")
     p.add_argument("--group-size", type=int, help=f"default {d['group_size']}")
     p.add_argument("--lr", type=float,
-                   help=f"learning rate (default {d['lr']}; the tiny model needs about {defaults.TINY_LEARNING_RATE})")
+                   help=f"learning rate (default {d['lr']}; the tiny model needs about "
+                        f"{app_defaults.TINY_LEARNING_RATE})")
     p.add_argument("--max-new-tokens", type=int, help=f"default {d['max_new_tokens']}")
     p.add_argument("--temperature", type=float, help=f"sampling temperature in training (default {d['temperature']})")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
@@ -371,11 +375,12 @@ def _add_run_arguments(p, output: str) -> None:
     p.add_argument("--attribution-dtype", help="encoder precision, e.g. bfloat16")
     p.add_argument("--warm-start-steps", type=int,
                    help=f"supervised steps teaching the policy the answer format (default "
-                        f"{defaults.TINY_WARM_START_STEPS} for 'tiny'; {defaults.CREDIT_WARM_START_STEPS} for a "
+                        f"{app_defaults.TINY_WARM_START_STEPS} for 'tiny'; "
+                        f"{app_defaults.CREDIT_WARM_START_STEPS} for a "
                         "pretrained model on --task credit, else 0)")
     p.add_argument("--warm-start-lr", type=float,
-                   help=f"its learning rate (default {defaults.WARM_START_LR:g} for 'tiny', else "
-                        f"{defaults.PRETRAINED_WARM_START_LR:g})")
+                   help=f"its learning rate (default {app_defaults.WARM_START_LR:g} for 'tiny', else "
+                        f"{app_defaults.PRETRAINED_WARM_START_LR:g})")
     p.add_argument("--eval-every", type=int, help=f"validation every this many steps (default {d['eval_every']})")
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--save-steps", type=int, help=f"default {d['save_steps']}")
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("eval", help="NDCG/recall/MRR of a policy's queries with seen and unseen retrievers")
     p.add_argument("--run", help="a run folder written by `ospo-fast train`")
     p.add_argument("--model", help="or a Hugging Face causal LM name or path")
-    p.add_argument("--task", default=defaults.TASK, choices=list(_tasks()))
+    p.add_argument("--task", default=app_defaults.TASK, choices=list(_tasks()))
     for name in ("esci-examples", "esci-products", "hm-articles", "hm-customers", "hm-transactions"):
         p.add_argument(f"--{name}")
     p.add_argument("--max-samples", type=int, default=None)
@@ -407,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=evaluate)
 
     p = commands.add_parser("compare", help="GRPO vs OSPO vs shuffled credit, paired over seeds, with the baselines")
-    _add_run_arguments(p, defaults.COMPARE_OUTPUT_DIR)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(defaults.COMPARE_SEEDS))
+    _add_run_arguments(p, app_defaults.COMPARE_OUTPUT_DIR)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(app_defaults.COMPARE_SEEDS))
     p.add_argument("--variants", nargs="+", default=list(_variants()),
                    help=f"{', '.join(_variants())} (shuffled: Owen credit permuted among each response's segments), "
                         f"or an OSPO redistribution mode ({', '.join(defaults.REDISTRIBUTION_MODES)})")

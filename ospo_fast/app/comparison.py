@@ -28,22 +28,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import defaults
 from ..defaults import REDISTRIBUTION_MODES
 from ..trainer import CHECKPOINT, OSPOConfig, OSPOTrainer
-from .experiment import (
-    RunSettings,
-    evaluate_copy_request,
-    evaluate_policy,
-    format_metrics,
-    load_task,
-    make_policy,
-    retrievers,
-    score_answers,
-    training_items,
-    warm_start,
-    write_json,
-)
+from . import defaults as app_defaults
+from . import experiment
+from .evaluation import evaluate_copy_request, evaluate_policy, format_metrics, retrievers, score_answers
+from .experiment import RunSettings, training_items, warm_start, write_json
 from .stats import detectable_difference, seeds_needed, t_interval
 
 VARIANTS = ("grpo", "ospo", "shuffled")
@@ -99,9 +89,10 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
     """The baselines and every variant not yet in ``done`` for one seed; ``save(results)`` after each."""
     results = dict(done)
     torch.manual_seed(seed)
-    train_task, val_task, test_task = load_task(settings, seed=seed)
+    # Looked up on the module at call time (as the main job does), not bound at import.
+    train_task, val_task, test_task = experiment.load_task(settings, seed=seed)
     items = training_items(train_task, val_task, test_task)
-    model, tokenizer = make_policy(settings, train_task, items, seed=seed)
+    model, tokenizer = experiment.make_policy(settings, train_task, items, seed=seed)
     scorers = retrievers(train_task, fit_items=items)
     if settings.warm_start_steps_or_default() > 0:
         warm_start(model, tokenizer, settings, train_task, seed, config.progress, items, bool(config.bf16))
@@ -160,7 +151,7 @@ def run_seed(settings: RunSettings, config: OSPOConfig, seed: int, variants: Seq
 
 
 def compare(settings: RunSettings, config: OSPOConfig, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
-            output_dir: str = defaults.COMPARE_OUTPUT_DIR) -> dict:
+            output_dir: str = app_defaults.COMPARE_OUTPUT_DIR) -> dict:
     """Runs (or continues) the comparison and writes ``compare.json``, ``compare.md``, ``compare.png`` (paired
     differences) and ``compare_curves.png`` (reward and validation NDCG@10 against steps).
     Returns the contents of ``compare.json`` (see :func:`summarise`)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import defaults
 from ..attribution import OwenAttributor
 from ..trainer import METRICS, read_metrics
-from .experiment import POLICIES, format_table, generate_answers, request_of
+from .evaluation import POLICIES, format_table, generate_answers, request_of
 
 
 def write_attributions(out: Path, model, tokenizer, task, reward, count: int, max_new_tokens: int,

@@ -7,13 +7,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import defaults
 from ..policy import prompt_text
+from . import defaults as app_defaults
 
 
 def supervised_warm_start(
-    model, tokenizer, prompts: Sequence, targets: Sequence[str], steps: int = defaults.WARM_START_STEPS,
-    batch_size: int = 16, learning_rate: float = defaults.WARM_START_LR, seed: int = 0, progress: bool = True,
+    model, tokenizer, prompts: Sequence, targets: Sequence[str], steps: int = app_defaults.WARM_START_STEPS,
+    batch_size: int = 16, learning_rate: float = app_defaults.WARM_START_LR, seed: int = 0, progress: bool = True,
     bf16: bool = False,
 ) -> list[float]:
     """A short supervised fine-tune on (prompt, target completion) pairs, so a fresh policy writes the
