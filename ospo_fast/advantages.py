@@ -28,7 +28,7 @@ from .defaults import REDISTRIBUTION_MODES
 
 SCALES = defaults.ADVANTAGE_SCALES
 
-#: The default bound on a token's share ``Â_t / A`` (module docstring, "The bound").
+#: The default bound on a token's share ``Â_t / A`` (docs/credit.md, "The bound").
 DEFAULT_MAX_SHARE = defaults.MAX_SHARE
 
 

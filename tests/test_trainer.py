@@ -84,7 +84,7 @@ def test_ospo_token_advantages_average_to_the_group_advantage(make_trainer, tmp_
     torch.testing.assert_close(mean, rollout.advantages.float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("redistribution", ["proportional", "rank", "hybrid"])
+@pytest.mark.parametrize("redistribution", ["proportional", "rank", "hybrid", "signed"])
 def test_ospo_gives_tokens_outside_the_segments_their_response_advantage(make_trainer, tmp_path, redistribution):
     rollout = _rollout(make_trainer(tmp_path, redistribution=redistribution))
     mask, segments = rollout.completion_mask, rollout.segment_mask
@@ -92,6 +92,18 @@ def test_ospo_gives_tokens_outside_the_segments_their_response_advantage(make_tr
     assert outside.any() and (mask & segments).any()  # tags and EOS, and answer segments, in every batch
     expected = rollout.advantages[:, None].expand_as(mask).float()
     assert torch.equal(rollout.token_advantages[outside], expected[outside])
+
+
+def test_signed_mode_compares_segments_within_the_group_and_weight_zero_is_grpo(make_trainer, tmp_path):
+    signed = _rollout(make_trainer(tmp_path / "signed", redistribution="signed"))
+    grpo_like = _rollout(make_trainer(tmp_path / "zero", redistribution="signed", segment_weight=0.0))
+    mask = grpo_like.completion_mask
+    assert torch.equal(grpo_like.token_advantages, torch.where(mask, grpo_like.advantages[:, None], 0.0))
+    segment = signed.segment_mask & signed.completion_mask
+    assert segment.any()
+    # segment_weight = 1: the segment tokens carry their segments' advantages, not their responses'.
+    expected_grpo = signed.advantages[:, None].expand_as(segment)
+    assert not torch.equal(signed.token_advantages[segment], expected_grpo[segment])
 
 
 def test_shuffled_credit_is_a_permutation_of_each_responses_credit(tokenizer):

@@ -78,8 +78,8 @@ def spread_credit(
             (as :func:`ospo_fast.token_player_maps` returns).
         player_offsets: int ``[N + 1]``: response j's values are ``player_values[offsets[j]:offsets[j + 1]]``;
             only with a flat tensor.
-        check_indices: check that every index lies in ``[-1, n_j)`` (None: on CPU tensors only; see the
-            module docstring).
+        check_indices: check that every index lies in ``[-1, n_j)`` (None: on CPU tensors only, where the check
+            costs no device synchronisation).
     Returns:
         float ``[N, T]`` on ``token_player``'s device (float64 when the values are, else float32): each token
         gets its segment's value divided by the segment's token count, so a segment's credit sums to its

@@ -25,7 +25,7 @@ class OSPOConfig:
 
     output_dir: str = defaults.OUTPUT_DIR
     mode: str = defaults.TRAINING_MODE  # "ospo" or "grpo"
-    redistribution: str = defaults.REDISTRIBUTION  # see ospo_fast.advantages
+    redistribution: str = defaults.REDISTRIBUTION  # see ospo_fast.Redistribution and docs/credit.md
     alpha: float = defaults.ALPHA
     floor: float = defaults.FLOOR
     max_share: float | None = defaults.MAX_SHARE  # bound on a token's advantage / its response's
